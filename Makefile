@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS := torch,tensorflow,sidecar,operator,dev
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test lint unit bench testbed testbed-down dev-cluster clean
+
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(PY) examples/demo.py
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# pytest exits non-zero when it collects no test, so an empty run never passes.
+test: lint
+	$(PY) -m pytest
+
+unit: $(INSTALLED)
+	$(PY) -m pytest -m "not integration and not e2e"
+
+bench: $(INSTALLED)
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS),bench]'
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""sluicegate: stream versioned, access-controlled training data into PyTorch and TensorFlow.
+
+The public API is what ``__all__`` lists; every other module is private.
+"""
+
+from ._exceptions import (
+    ConfigError,
+    ConflictError,
+    ImportError_,
+    IntegrityError,
+    ItemNotInShard,
+    NotFoundError,
+    QueryError,
+    SidecarUnavailable,
+    SluicegateError,
+    StoreError,
+    StreamError,
+)
+from ._manifest import Annotation, ItemRecord, VersionInfo
+from ._partition import Remainder
+from ._query import Query
+from ._query import parse as parse_query
+from ._store import S3Options, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Annotation",
+    "ConfigError",
+    "ConflictError",
+    "ImportError_",
+    "IntegrityError",
+    "ItemNotInShard",
+    "ItemRecord",
+    "NotFoundError",
+    "QueryError",
+    "Remainder",
+    "S3Options",
+    "SidecarUnavailable",
+    "SluicegateError",
+    "Store",
+    "StoreError",
+    "StreamError",
+    "VersionInfo",
+    "parse_query",
+    "Query",
+]

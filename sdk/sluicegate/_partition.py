@@ -1,0 +1,92 @@
+"""Sharding and shuffling as pure functions of (item count, seed, epoch, rank, world size, worker).
+
+No I/O and no environment here: :func:`sluicegate._env.detect` reads ranks from the environment,
+these functions do the arithmetic, and tests check their invariants directly.
+
+The plan, for ``n`` items in query order:
+
+1. *Assignment.* Positions ``0..n-1`` are permuted once with ``seed`` (if shuffling) and cut into
+   ``world_size`` contiguous blocks, one per rank; a rank keeps its block for every epoch, so its
+   sidecar caches only that block.
+2. *Equal length.* Every rank gets the same count: ``ceil(n / world_size)`` with ``pad`` (short
+   blocks repeat items from the start of the assignment), ``floor(n / world_size)`` with ``drop``
+   (the last ``n mod world_size`` items of the assignment are left out).
+3. *Epoch order.* Each epoch, a rank visits its block in an order permuted by ``(seed, epoch, rank)``.
+4. *Workers.* DataLoader worker ``w`` of ``k`` takes every ``k``-th position of the rank's epoch
+   order starting at ``w``: disjoint, and together exactly the rank's order.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+import numpy.typing as npt
+
+from ._exceptions import ConfigError
+
+Positions = npt.NDArray[np.int64]
+
+
+class Remainder(str, Enum):
+    """What to do when items do not divide evenly among ranks."""
+
+    PAD = "pad"
+    DROP = "drop"
+
+
+def _check(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+def permutation(n: int, seed: int, *stream: int) -> Positions:
+    """A permutation of ``0..n-1`` determined by ``seed`` and the ``stream`` integers."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & (2**63 - 1), *stream])))
+    return rng.permutation(n).astype(np.int64)
+
+
+def per_rank(n: int, world_size: int, remainder: Remainder) -> int:
+    """How many items each rank gets per epoch."""
+    return -(-n // world_size) if remainder is Remainder.PAD else n // world_size
+
+
+def shard(
+    n: int,
+    rank: int,
+    world_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    remainder: Remainder = Remainder.PAD,
+) -> Positions:
+    """The positions (into the ``n`` query results) that ``rank`` owns, in assignment order."""
+    _check(rank, world_size)
+    order = permutation(n, seed) if shuffle else np.arange(n, dtype=np.int64)
+    count = per_rank(n, world_size, remainder)
+    if n == 0 or count == 0:
+        return np.empty(0, dtype=np.int64)
+    # Blocks are as even as they can be: the first n % world_size ranks hold one more item.
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    block = order[start : start + base + (rank < extra)]
+    if len(block) >= count:
+        return block[:count]
+    pad = np.resize(order, count - len(block))  # wraps around the assignment when n < world_size
+    return np.concatenate([block, pad])
+
+
+def epoch_order(count: int, *, seed: int, epoch: int, rank: int = 0, shuffle: bool = True) -> Positions:
+    """The order in which a rank visits its ``count`` items in ``epoch`` (indexes into its shard)."""
+    if epoch < 0:
+        raise ConfigError(f"epoch must be >= 0, got {epoch}")
+    return permutation(count, seed, epoch, rank) if shuffle else np.arange(count, dtype=np.int64)
+
+
+def worker_split(order: Positions, worker: int, num_workers: int) -> Positions:
+    """The part of ``order`` that DataLoader worker ``worker`` of ``num_workers`` reads."""
+    if num_workers < 1 or not 0 <= worker < num_workers:
+        raise ConfigError(f"worker must be in [0, {num_workers}), got {worker}")
+    return order[worker::num_workers]

@@ -1,0 +1,388 @@
+"""The versioned dataset store: content-addressed blobs and immutable manifest versions.
+
+Layout under a dataset's root (a local directory or an object-store prefix)::
+
+    blobs/<sha256>          the files, addressed by the sha256 of their bytes
+    versions/<n>.parquet    manifest of version n (1, 2, 3, ...), written once, never replaced
+    refs/latest             the newest version number, a hint for readers
+
+Commits are linearised by creating ``versions/<n>.parquet`` with a create-only conditional write
+(``If-None-Match: *`` on object stores, no-clobber link on a filesystem): of two writers racing for
+``n`` exactly one succeeds, and the other rebuilds its change on top of the winner and tries ``n+1``.
+``refs/latest`` is advanced afterwards with compare-and-swap where the backend has it; readers still
+probe past it, so a writer that dies between the two steps loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import obstore
+import pyarrow as pa
+import pyarrow.parquet as pq
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    NotFoundError as _ObsNotFound,
+    NotSupportedError,
+    PreconditionError,
+)
+from obstore.store import LocalStore, S3Store
+
+from . import _manifest
+from ._exceptions import ConfigError, ConflictError, IntegrityError, NotFoundError, StoreError
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+_LATEST = "refs/latest"
+_COMMIT_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Where and how to reach an S3-compatible store; unset fields come from the AWS_* environment."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def blob_key(sha: str) -> str:
+    return f"blobs/{sha}"
+
+
+def _version_key(version: int) -> str:
+    return f"versions/{version}.parquet"
+
+
+class Store:
+    """One dataset's store. Construction does no I/O; every method talks to the backend."""
+
+    def __init__(self, uri: str | os.PathLike[str], s3: S3Options | None = None) -> None:
+        self.uri, self._backend = _parse(uri, s3 or S3Options())
+        self._manifests: dict[int, tuple[pa.Table, _manifest.VersionInfo]] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self._backend, LocalStore)
+
+    @property
+    def local_root(self) -> Path | None:
+        """The directory of a filesystem store (``None`` for object stores)."""
+        return Path(urlparse(self.uri).path) if self.is_local else None
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def existing_blobs(self) -> set[str]:
+        """The hashes of every blob already stored (one listing, for imports to skip them)."""
+        found: set[str] = set()
+        try:
+            for chunk in obstore.list(self._backend, "blobs/", chunk_size=10_000):
+                found.update(meta["path"].rsplit("/", 1)[-1] for meta in chunk)
+        except _ObsNotFound:
+            return found
+        except BaseError as exc:
+            raise StoreError(f"cannot list blobs of {self.uri}: {exc}") from exc
+        return found
+
+    def put_blob(self, data: bytes, sha: str | None = None) -> str:
+        """Store ``data`` under its sha256 (kept as is when present) and return the hash."""
+        sha = sha or sha256_hex(data)
+        try:
+            obstore.put(self._backend, blob_key(sha), data, mode="create")
+        except AlreadyExistsError:
+            pass  # content-addressed: the bytes there are these bytes
+        except BaseError as exc:
+            raise StoreError(f"cannot write blob {sha} to {self.uri}: {exc}") from exc
+        return sha
+
+    async def put_blobs_async(self, blobs: Iterable[tuple[str, Path]], concurrency: int = 32) -> int:
+        """Upload files under their (already computed) hashes, ``concurrency`` at a time."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(sha: str, path: Path) -> None:
+            async with sem:
+                try:
+                    await obstore.put_async(self._backend, blob_key(sha), path, mode="create")
+                except AlreadyExistsError:
+                    pass
+                except BaseError as exc:
+                    raise StoreError(f"cannot upload {path} to {self.uri}: {exc}") from exc
+
+        tasks = [asyncio.ensure_future(one(sha, path)) for sha, path in blobs]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        return len(tasks)
+
+    def get_blob(self, sha: str) -> bytes:
+        """The bytes of blob ``sha``, checked against the hash."""
+        try:
+            data = obstore.get(self._backend, blob_key(sha)).bytes().to_bytes()
+        except _ObsNotFound as exc:
+            raise NotFoundError(f"blob {sha} is missing from {self.uri}") from exc
+        except BaseError as exc:
+            raise StoreError(f"cannot read blob {sha} from {self.uri}: {exc}") from exc
+        verify(sha, data)
+        return data
+
+    async def get_blob_async(self, sha: str) -> bytes:
+        """Like :meth:`get_blob`, without verifying (the caller verifies and retries)."""
+        try:
+            result = await obstore.get_async(self._backend, blob_key(sha))
+            return (await result.bytes_async()).to_bytes()
+        except _ObsNotFound as exc:
+            raise NotFoundError(f"blob {sha} is missing from {self.uri}") from exc
+        except BaseError as exc:
+            raise StoreError(f"cannot read blob {sha} from {self.uri}: {exc}") from exc
+
+    def presign(self, key: str, expires_in: timedelta) -> str:
+        """A presigned GET URL for ``key`` (object stores only)."""
+        if not isinstance(self._backend, S3Store):
+            raise ConfigError(f"{self.uri} is a local store; presigned URLs need an object store")
+        try:
+            return obstore.sign(self._backend, "GET", key, expires_in)
+        except BaseError as exc:
+            raise StoreError(f"cannot presign {key} on {self.uri}: {exc}") from exc
+
+    def presign_many(self, keys: list[str], expires_in: timedelta) -> list[str]:
+        """Presigned GET URLs for many keys at once."""
+        if not isinstance(self._backend, S3Store):
+            raise ConfigError(f"{self.uri} is a local store; presigned URLs need an object store")
+        try:
+            return obstore.sign(self._backend, "GET", keys, expires_in)
+        except BaseError as exc:
+            raise StoreError(f"cannot presign on {self.uri}: {exc}") from exc
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def latest_version(self) -> int:
+        """The newest committed version, 0 for an empty dataset."""
+        n = self._read_latest_ref()
+        while self._exists(_version_key(n + 1)):
+            n += 1
+        return n
+
+    def resolve(self, version: int | None) -> int:
+        """``version`` checked to exist, or the latest one when ``None``."""
+        if version is None:
+            latest = self.latest_version()
+            if latest == 0:
+                raise NotFoundError(f"{self.uri} has no versions yet; import data into it first")
+            return latest
+        if version < 1:
+            raise NotFoundError(f"version {version} does not exist: versions are numbered from 1")
+        if version not in self._manifests and not self._exists(_version_key(version)):
+            raise NotFoundError(f"{self.uri} has no version {version} (latest is {self.latest_version()})")
+        return version
+
+    def manifest(self, version: int | None = None) -> tuple[pa.Table, _manifest.VersionInfo]:
+        """The manifest table and version info of ``version`` (default: latest); cached, immutable."""
+        n = self.resolve(version)
+        if n not in self._manifests:
+            key = _version_key(n)
+            try:
+                data = obstore.get(self._backend, key).bytes().to_bytes()
+            except _ObsNotFound as exc:
+                raise NotFoundError(f"{self.uri} has no version {n}") from exc
+            except BaseError as exc:
+                raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
+            self._manifests[n] = _manifest.from_parquet(data, f"{self.uri}/{key}")
+        return self._manifests[n]
+
+    def version_info(self, version: int) -> _manifest.VersionInfo:
+        """A version's info from its Parquet footer alone (a few small range reads)."""
+        if version in self._manifests:
+            return self._manifests[version][1]
+        key = _version_key(version)
+        try:
+            meta = pq.read_metadata(_RangeFile(self._backend, key))
+        except (_ObsNotFound, FileNotFoundError) as exc:
+            raise NotFoundError(f"{self.uri} has no version {version}") from exc
+        except (BaseError, pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
+        return _manifest.info_from_metadata(meta.metadata, f"{self.uri}/{key}")
+
+    def log(self) -> list[_manifest.VersionInfo]:
+        return [self.version_info(n) for n in range(1, self.latest_version() + 1)]
+
+    def commit(self, change: Callable[[pa.Table | None], pa.Table], message: str = "") -> int:
+        """Commit ``change(latest manifest)`` as the next version and return its number.
+
+        ``change`` must be a pure function of the base table: when another writer commits first, it
+        is called again on top of that writer's version.
+        """
+        for _ in range(_COMMIT_ATTEMPTS):
+            parent = self.latest_version()
+            base = self.manifest(parent)[0] if parent else None
+            table = change(base)
+            n = parent + 1
+            info = _manifest.VersionInfo(
+                version=n,
+                parent=parent or None,
+                items=table.num_rows,
+                created_at=_manifest.now(),
+                message=message,
+            )
+            try:
+                obstore.put(self._backend, _version_key(n), _manifest.to_parquet(table, info), mode="create")
+            except AlreadyExistsError:
+                continue  # another writer took n: rebuild on top of it
+            except BaseError as exc:
+                raise StoreError(f"cannot write version {n} to {self.uri}: {exc}") from exc
+            self._advance_latest(n)
+            return n
+        raise ConflictError(
+            f"{self.uri}: {_COMMIT_ATTEMPTS} concurrent commits won before this one; try again"
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _exists(self, key: str) -> bool:
+        try:
+            obstore.head(self._backend, key)
+        except (_ObsNotFound, FileNotFoundError):
+            return False
+        except BaseError as exc:
+            raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
+        return True
+
+    def _read_latest_ref(self) -> int:
+        try:
+            raw = obstore.get(self._backend, _LATEST).bytes().to_bytes()
+        except (_ObsNotFound, FileNotFoundError):
+            return 0
+        except BaseError as exc:
+            raise StoreError(f"cannot read {_LATEST} from {self.uri}: {exc}") from exc
+        text = raw.decode("ascii", "replace").strip()
+        if not text.isdigit():
+            raise StoreError(f"{self.uri}/{_LATEST} holds {text[:40]!r}, not a version number")
+        return int(text)
+
+    def _advance_latest(self, n: int) -> None:
+        """Move refs/latest forward to ``n`` unless a later version already got there."""
+        for _ in range(_COMMIT_ATTEMPTS):
+            try:
+                got = obstore.get(self._backend, _LATEST)
+                current, etag = int(got.bytes().to_bytes()), got.meta["e_tag"]
+            except (_ObsNotFound, FileNotFoundError):
+                current, etag = 0, None
+            except (BaseError, ValueError) as exc:
+                raise StoreError(f"cannot read {_LATEST} from {self.uri}: {exc}") from exc
+            if current >= n:
+                return
+            mode: Any = "create" if etag is None else {"e_tag": etag}
+            try:
+                obstore.put(self._backend, _LATEST, str(n).encode(), mode=mode)
+                return
+            except (AlreadyExistsError, PreconditionError):
+                continue
+            except (NotSupportedError, NotImplementedError):
+                # Filesystems have no compare-and-swap; an atomic rename is the best there is, and
+                # readers probe past a stale ref anyway.
+                obstore.put(self._backend, _LATEST, str(n).encode())
+                return
+            except BaseError as exc:
+                raise StoreError(f"cannot update {_LATEST} on {self.uri}: {exc}") from exc
+
+
+def verify(sha: str, data: bytes | memoryview) -> None:
+    got = sha256_hex(data)
+    if got != sha:
+        raise IntegrityError(f"blob {sha} is corrupt: its bytes hash to {got}")
+
+
+class _RangeFile:
+    """A read-only, seekable file over an object, for Parquet footers (pyarrow reads through it)."""
+
+    def __init__(self, backend: ObjectStore, key: str) -> None:
+        self._backend, self._key, self._pos = backend, key, 0
+        self._size = int(obstore.head(backend, key)["size"])
+        self.closed = False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: offset, 1: self._pos + offset, 2: self._size + offset}[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n < 0 else min(self._size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        data = obstore.get_range(self._backend, self._key, start=self._pos, end=end).to_bytes()
+        self._pos = end
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _parse(uri: str | os.PathLike[str], s3: S3Options) -> tuple[str, ObjectStore]:
+    text = os.fspath(uri)
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file"):
+        root = Path(parsed.path if parsed.scheme else text).expanduser().absolute()
+        return root.as_uri(), LocalStore(root, mkdir=True)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"{text!r} names no bucket; write s3://BUCKET/PREFIX")
+        endpoint = s3.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config: dict[str, str] = {"conditional_put": "etag"}
+        for key, value in (
+            ("endpoint", endpoint),
+            ("region", s3.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")),
+            ("access_key_id", s3.access_key_id),
+            ("secret_access_key", s3.secret_access_key),
+            ("session_token", s3.session_token),
+        ):
+            if value:
+                config[key] = value
+        config.setdefault("region", "us-east-1")
+        prefix = parsed.path.strip("/") or None
+        try:
+            store = S3Store(
+                parsed.netloc,
+                prefix=prefix,
+                config=config,  # type: ignore[arg-type]
+                client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
+            )
+        except BaseError as exc:
+            raise ConfigError(f"cannot configure S3 store for {text!r}: {exc}") from exc
+        return f"s3://{parsed.netloc}/{prefix or ''}".rstrip("/"), store
+    raise ConfigError(f"unsupported store URI {text!r}: use a local path, file:///PATH or s3://BUCKET/PREFIX")
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` in a stable (sorted) order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
