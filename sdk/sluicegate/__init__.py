@@ -33,6 +33,7 @@ __all__ = [
     "ItemNotInShard",
     "ItemRecord",
     "NotFoundError",
+    "Query",
     "QueryError",
     "Remainder",
     "S3Options",
@@ -43,5 +44,4 @@ __all__ = [
     "StreamError",
     "VersionInfo",
     "parse_query",
-    "Query",
 ]

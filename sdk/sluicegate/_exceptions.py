@@ -58,7 +58,7 @@ class QueryError(SluicegateError, ValueError):
         return f"{self.message} (at column {self.position + 1})\n  {line}\n  {' ' * self.position}^"
 
 
-class ImportError_(SluicegateError, ValueError):  # noqa: N801 - the builtin ImportError means something else
+class ImportError_(SluicegateError, ValueError):
     """Importer input that is malformed; the message names the file and the line or id."""
 
 

@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import pyarrow as pa
@@ -43,7 +43,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MetaValue = bool | int | float | str
 
 
-class FieldType(str, Enum):
+class FieldType(StrEnum):
     """The type of a query field, as the query language sees it."""
 
     INT = "int"
@@ -112,7 +112,9 @@ class Annotation(BaseModel):
 
     @field_validator("bbox")
     @classmethod
-    def _positive_box(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+    def _positive_box(
+        cls, v: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
         if v is not None and (v[2] < 0 or v[3] < 0):
             raise ValueError(f"bbox width and height must be >= 0, got {list(v)}")
         return v
@@ -164,7 +166,8 @@ def _meta_type(key: str, values: Iterable[tuple[str, MetaValue]]) -> FieldType:
             raise ImportError_(f"item {item_id!r}: metadata {key!r} must be a bool, number or string")
         if len({"number" if t.numeric else t for t in seen}) > 1:
             raise ImportError_(
-                f"item {item_id!r}: metadata {key!r} mixes types ({', '.join(sorted(t.value for t in seen))}); "
+                f"item {item_id!r}: metadata {key!r} mixes types "
+                f"({', '.join(sorted(t.value for t in seen))}); "
                 "give every item the same type for one key"
             )
     if seen == {FieldType.INT, FieldType.FLOAT}:

@@ -18,7 +18,7 @@ The plan, for ``n`` items in query order:
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +28,7 @@ from ._exceptions import ConfigError
 Positions = npt.NDArray[np.int64]
 
 
-class Remainder(str, Enum):
+class Remainder(StrEnum):
     """What to do when items do not divide evenly among ranks."""
 
     PAD = "pad"

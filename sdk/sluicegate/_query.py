@@ -93,7 +93,8 @@ def _tokenize(text: str) -> Iterator[Token]:
 
 
 def _read_string(text: str, start: int) -> tuple[str, int]:
-    quote, out, i = text[start], [], start + 1
+    quote, i = text[start], start + 1
+    out: list[str] = []
     while i < len(text):
         c = text[i]
         if c == quote:
@@ -269,7 +270,7 @@ class _Parser:
         raise self._error(f"expected a number, a quoted string, true or false, found {_describe(tok)}")
 
     def _list(self) -> tuple[Literal, ...]:
-        self._expect_punct("[", "'[' to start the list (as in meta.split in [\"train\", \"val\"])")
+        self._expect_punct("[", '\'[\' to start the list (as in meta.split in ["train", "val"])')
         items = [self._literal()]
         while self.tok.kind == "punct" and self.tok.text == ",":
             self.i += 1

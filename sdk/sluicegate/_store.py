@@ -31,9 +31,11 @@ import pyarrow.parquet as pq
 from obstore.exceptions import (
     AlreadyExistsError,
     BaseError,
-    NotFoundError as _ObsNotFound,
     NotSupportedError,
     PreconditionError,
+)
+from obstore.exceptions import (
+    NotFoundError as _ObsNotFound,
 )
 from obstore.store import LocalStore, S3Store
 
@@ -170,7 +172,7 @@ class Store:
         if not isinstance(self._backend, S3Store):
             raise ConfigError(f"{self.uri} is a local store; presigned URLs need an object store")
         try:
-            return obstore.sign(self._backend, "GET", keys, expires_in)
+            return list(obstore.sign(self._backend, "GET", keys, expires_in))
         except BaseError as exc:
             raise StoreError(f"cannot presign on {self.uri}: {exc}") from exc
 
