@@ -116,8 +116,16 @@ class Store:
             raise StoreError(f"cannot write blob {sha} to {self.uri}: {exc}") from exc
         return sha
 
-    async def put_blobs_async(self, blobs: Iterable[tuple[str, Path]], concurrency: int = 32) -> int:
-        """Upload files under their (already computed) hashes, ``concurrency`` at a time."""
+    async def put_blobs_async(
+        self,
+        blobs: Iterable[tuple[str, Path]],
+        concurrency: int = 32,
+        on_done: Callable[[], None] | None = None,
+    ) -> int:
+        """Upload files under their (already computed) hashes, ``concurrency`` at a time.
+
+        ``on_done`` is called after each file is stored (for progress bars).
+        """
         sem = asyncio.Semaphore(concurrency)
 
         async def one(sha: str, path: Path) -> None:
@@ -128,6 +136,8 @@ class Store:
                     pass
                 except BaseError as exc:
                     raise StoreError(f"cannot upload {path} to {self.uri}: {exc}") from exc
+            if on_done is not None:
+                on_done()
 
         tasks = [asyncio.ensure_future(one(sha, path)) for sha, path in blobs]
         try:
@@ -232,12 +242,16 @@ class Store:
         """Commit ``change(latest manifest)`` as the next version and return its number.
 
         ``change`` must be a pure function of the base table: when another writer commits first, it
-        is called again on top of that writer's version.
+        is called again on top of that writer's version. A change that returns the base table itself
+        (``change(base) is base``) has nothing to commit: no version is written and the base's
+        number is returned.
         """
         for _ in range(_COMMIT_ATTEMPTS):
             parent = self.latest_version()
             base = self.manifest(parent)[0] if parent else None
             table = change(base)
+            if base is not None and table is base:
+                return parent
             n = parent + 1
             info = _manifest.VersionInfo(
                 version=n,
@@ -246,12 +260,9 @@ class Store:
                 created_at=_manifest.now(),
                 message=message,
             )
-            try:
-                obstore.put(self._backend, _version_key(n), _manifest.to_parquet(table, info), mode="create")
-            except AlreadyExistsError:
+            data = _manifest.to_parquet(table, info)
+            if not self._create(_version_key(n), data):
                 continue  # another writer took n: rebuild on top of it
-            except BaseError as exc:
-                raise StoreError(f"cannot write version {n} to {self.uri}: {exc}") from exc
             self._advance_latest(n)
             return n
         raise ConflictError(
@@ -259,6 +270,22 @@ class Store:
         )
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if absent; ``False`` when another writer's object is there."""
+        try:
+            obstore.put(self._backend, key, data, mode="create")
+            return True
+        except AlreadyExistsError:
+            return False
+        except BaseError as exc:
+            # Some servers answer a refused conditional write by closing the connection before the
+            # body is sent, and a lost response looks the same: what is stored now tells which.
+            try:
+                stored = obstore.get(self._backend, key).bytes().to_bytes()
+            except BaseError:
+                raise StoreError(f"cannot write {key} to {self.uri}: {exc}") from exc
+            return stored == data
 
     def _exists(self, key: str) -> bool:
         try:
