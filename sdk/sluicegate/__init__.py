@@ -3,6 +3,7 @@
 The public API is what ``__all__`` lists; every other module is private.
 """
 
+from ._dataset import Dataset, Item, connect, open
 from ._exceptions import (
     ConfigError,
     ConflictError,
@@ -16,6 +17,7 @@ from ._exceptions import (
     StoreError,
     StreamError,
 )
+from ._importers import ImportResult, import_dataset
 from ._manifest import Annotation, ItemRecord, VersionInfo
 from ._partition import Remainder
 from ._query import Query
@@ -28,8 +30,11 @@ __all__ = [
     "Annotation",
     "ConfigError",
     "ConflictError",
+    "Dataset",
     "ImportError_",
+    "ImportResult",
     "IntegrityError",
+    "Item",
     "ItemNotInShard",
     "ItemRecord",
     "NotFoundError",
@@ -43,5 +48,8 @@ __all__ = [
     "StoreError",
     "StreamError",
     "VersionInfo",
+    "connect",
+    "import_dataset",
+    "open",
     "parse_query",
 ]

@@ -29,7 +29,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -241,16 +243,21 @@ def query_fields(schema: pa.Schema) -> dict[str, tuple[str, FieldType]]:
 def merge(base: pa.Table | None, new: pa.Table) -> pa.Table:
     """``base`` with the rows of ``new`` added, an id present in both taking the row from ``new``.
 
-    Base rows keep their order, new ids follow in their own order; label columns missing on one side
+    Base rows keep their order (a replaced row stays where it was, so re-importing unchanged items
+    yields the same table), new ids follow in their own order; label columns missing on one side
     count 0, metadata columns missing on one side are null.
     """
     if base is None or base.num_rows == 0:
         return new
-    new_ids = set(new.column("id").to_pylist())
-    keep = pa.array([i not in new_ids for i in base.column("id").to_pylist()], pa.bool_())
-    kept = base.filter(keep)
-    schema = unify_schemas(kept.schema, new.schema)
-    return pa.concat_tables([_conform(kept, schema), _conform(new, schema)])
+    schema = unify_schemas(base.schema, new.schema)
+    both = pa.concat_tables([_conform(base, schema), _conform(new, schema)])
+    n_base = base.num_rows
+    # Row positions into `both`: each base row, or its replacement from `new`; then the new ids.
+    base_ids, new_ids = base.column("id").combine_chunks(), new.column("id").combine_chunks()
+    in_new = pc.fill_null(pc.index_in(base_ids, value_set=new_ids), -1).to_numpy()
+    order = np.where(in_new >= 0, in_new + n_base, np.arange(n_base))
+    added = np.flatnonzero(~pc.is_in(new_ids, value_set=base_ids).to_numpy(zero_copy_only=False)) + n_base
+    return both.take(pa.array(np.concatenate([order, added]), pa.int64())).combine_chunks()
 
 
 def unify_schemas(a: pa.Schema, b: pa.Schema) -> pa.Schema:
@@ -325,30 +332,30 @@ def now() -> datetime:
 
 def rows(table: pa.Table) -> list[ItemRecord]:
     """Manifest rows back as records (small tables: the SDK reads single rows, not whole tables)."""
-    labels = [c for c in table.column_names if c.startswith(LABEL_PREFIX)]
-    metas = [c for c in table.column_names if c.startswith(META_PREFIX)]
-    out = []
-    for row in table.to_pylist():
-        out.append(
-            ItemRecord(
-                id=row["id"],
-                blob=row["blob"],
-                size=row["size"],
-                media_type=row["media_type"],
-                width=row["width"],
-                height=row["height"],
-                metadata={c[len(META_PREFIX) :]: row[c] for c in metas if row[c] is not None},
-                labels={c[len(LABEL_PREFIX) :]: row[c] for c in labels if row[c]},
-                annotations=[
-                    Annotation(
-                        label=a["label"],
-                        bbox=tuple(a["bbox"]) if a["bbox"] is not None else None,
-                        polygon=a["polygon"],
-                        iscrowd=a["iscrowd"],
-                        attributes=json.loads(a["attributes"]),
-                    )
-                    for a in row["annotations"]
-                ],
+    return [record_from_row(row) for row in table.to_pylist()]
+
+
+def record_from_row(row: Mapping[str, Any]) -> ItemRecord:
+    """One manifest row (a ``Table.to_pylist()`` dict, as the sidecar's wire carries it) as a record."""
+    return ItemRecord(
+        id=row["id"],
+        blob=row["blob"],
+        size=row["size"],
+        media_type=row["media_type"],
+        width=row["width"],
+        height=row["height"],
+        metadata={
+            c[len(META_PREFIX) :]: v for c, v in row.items() if c.startswith(META_PREFIX) and v is not None
+        },
+        labels={c[len(LABEL_PREFIX) :]: v for c, v in row.items() if c.startswith(LABEL_PREFIX) and v},
+        annotations=[
+            Annotation(
+                label=a["label"],
+                bbox=tuple(a["bbox"]) if a["bbox"] is not None else None,
+                polygon=a["polygon"],
+                iscrowd=a["iscrowd"],
+                attributes=json.loads(a["attributes"]),
             )
-        )
-    return out
+            for a in row["annotations"]
+        ],
+    )

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
 _LATEST = "refs/latest"
+# obstore raises its NotFoundError for object stores but the builtin FileNotFoundError for local paths.
+_NOT_FOUND = (_ObsNotFound, FileNotFoundError)
 _COMMIT_ATTEMPTS = 20
 
 
@@ -58,6 +60,9 @@ class S3Options:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     session_token: str | None = None
+    # The client's own retries of 5xx/connection faults; None keeps obstore's default. The streaming
+    # engine sets 0 because it retries (and counts the retries) itself.
+    max_retries: int | None = None
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -99,7 +104,7 @@ class Store:
         try:
             for chunk in obstore.list(self._backend, "blobs/", chunk_size=10_000):
                 found.update(meta["path"].rsplit("/", 1)[-1] for meta in chunk)
-        except _ObsNotFound:
+        except _NOT_FOUND:
             return found
         except BaseError as exc:
             raise StoreError(f"cannot list blobs of {self.uri}: {exc}") from exc
@@ -151,7 +156,7 @@ class Store:
         """The bytes of blob ``sha``, checked against the hash."""
         try:
             data = obstore.get(self._backend, blob_key(sha)).bytes().to_bytes()
-        except _ObsNotFound as exc:
+        except _NOT_FOUND as exc:
             raise NotFoundError(f"blob {sha} is missing from {self.uri}") from exc
         except BaseError as exc:
             raise StoreError(f"cannot read blob {sha} from {self.uri}: {exc}") from exc
@@ -163,7 +168,7 @@ class Store:
         try:
             result = await obstore.get_async(self._backend, blob_key(sha))
             return (await result.bytes_async()).to_bytes()
-        except _ObsNotFound as exc:
+        except _NOT_FOUND as exc:
             raise NotFoundError(f"blob {sha} is missing from {self.uri}") from exc
         except BaseError as exc:
             raise StoreError(f"cannot read blob {sha} from {self.uri}: {exc}") from exc
@@ -215,7 +220,7 @@ class Store:
             key = _version_key(n)
             try:
                 data = obstore.get(self._backend, key).bytes().to_bytes()
-            except _ObsNotFound as exc:
+            except _NOT_FOUND as exc:
                 raise NotFoundError(f"{self.uri} has no version {n}") from exc
             except BaseError as exc:
                 raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
@@ -229,7 +234,7 @@ class Store:
         key = _version_key(version)
         try:
             meta = pq.read_metadata(_RangeFile(self._backend, key))
-        except (_ObsNotFound, FileNotFoundError) as exc:
+        except _NOT_FOUND as exc:
             raise NotFoundError(f"{self.uri} has no version {version}") from exc
         except (BaseError, pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
@@ -290,7 +295,7 @@ class Store:
     def _exists(self, key: str) -> bool:
         try:
             obstore.head(self._backend, key)
-        except (_ObsNotFound, FileNotFoundError):
+        except _NOT_FOUND:
             return False
         except BaseError as exc:
             raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
@@ -299,7 +304,7 @@ class Store:
     def _read_latest_ref(self) -> int:
         try:
             raw = obstore.get(self._backend, _LATEST).bytes().to_bytes()
-        except (_ObsNotFound, FileNotFoundError):
+        except _NOT_FOUND:
             return 0
         except BaseError as exc:
             raise StoreError(f"cannot read {_LATEST} from {self.uri}: {exc}") from exc
@@ -314,7 +319,7 @@ class Store:
             try:
                 got = obstore.get(self._backend, _LATEST)
                 current, etag = int(got.bytes().to_bytes()), got.meta["e_tag"]
-            except (_ObsNotFound, FileNotFoundError):
+            except _NOT_FOUND:
                 current, etag = 0, None
             except (BaseError, ValueError) as exc:
                 raise StoreError(f"cannot read {_LATEST} from {self.uri}: {exc}") from exc
@@ -402,6 +407,7 @@ def _parse(uri: str | os.PathLike[str], s3: S3Options) -> tuple[str, ObjectStore
                 prefix=prefix,
                 config=config,  # type: ignore[arg-type]
                 client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
+                retry_config=None if s3.max_retries is None else {"max_retries": s3.max_retries},
             )
         except BaseError as exc:
             raise ConfigError(f"cannot configure S3 store for {text!r}: {exc}") from exc

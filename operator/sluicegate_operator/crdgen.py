@@ -1,0 +1,266 @@
+"""Generate ``crds/*.yaml`` from the pydantic models (``python -m sluicegate_operator.crdgen``).
+
+pydantic writes JSON Schema; a CRD wants a *structural* OpenAPI v3 schema: no ``$ref``, no
+``anyOf`` with null for optional fields (absent is how Kubernetes says unset), ``const`` spelled as
+an ``enum``. This module does that translation and wraps the schemas in CRDs with the status
+subresource and printer columns. ``--check`` exits non-zero when the committed files differ, and
+``tests/operator/test_crdgen.py`` runs the same comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+from pydantic import BaseModel
+
+from .models import GROUP, VERSION, DatasetSpec, DatasetStatus, DatasetStreamSpec, DatasetStreamStatus
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO_ROOT / "crds"
+_DROP = {"title"}
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str
+    plural: str
+    short_names: tuple[str, ...]
+    description: str
+    spec: type[BaseModel]
+    status: type[BaseModel]
+    columns: tuple[dict[str, Any], ...]
+
+    @property
+    def filename(self) -> str:
+        return f"{GROUP}_{self.plural}.yaml"
+
+
+def _ready(priority: int = 0) -> dict[str, Any]:
+    column: dict[str, Any] = {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "Whether the object is ready to be streamed.",
+    }
+    if priority:
+        column["priority"] = priority
+    return column
+
+
+_AGE: dict[str, Any] = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+_REASON: dict[str, Any] = {
+    "name": "Reason",
+    "type": "string",
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+    "priority": 1,
+    "description": "Why the object is (not) ready.",
+}
+
+KINDS = (
+    Kind(
+        kind="Dataset",
+        plural="datasets",
+        short_names=("sgds",),
+        description="A versioned dataset store that streams can read, with its credentials and "
+        "row-level policies. Grant the verb 'stream' on it to let a ServiceAccount read it.",
+        spec=DatasetSpec,
+        status=DatasetStatus,
+        columns=(
+            _ready(),
+            {
+                "name": "Version",
+                "type": "integer",
+                "jsonPath": ".status.latestVersion",
+                "description": "Newest version of the store.",
+            },
+            {
+                "name": "Items",
+                "type": "integer",
+                "jsonPath": ".status.items",
+                "description": "Items in the newest version.",
+            },
+            {
+                "name": "Source",
+                "type": "string",
+                "jsonPath": ".spec.source.uri",
+                "priority": 1,
+                "description": "Store URI.",
+            },
+            _REASON,
+            _AGE,
+        ),
+    ),
+    Kind(
+        kind="DatasetStream",
+        plural="datasetstreams",
+        short_names=("sgs",),
+        description="A query slice of one pinned Dataset version, sharded across the pods labelled "
+        "sluicegate.io/stream=<name> in this namespace.",
+        spec=DatasetStreamSpec,
+        status=DatasetStreamStatus,
+        columns=(
+            _ready(),
+            {
+                "name": "Dataset",
+                "type": "string",
+                "jsonPath": ".spec.dataset.name",
+                "description": "The Dataset streamed.",
+            },
+            {
+                "name": "Version",
+                "type": "integer",
+                "jsonPath": ".status.resolvedVersion",
+                "description": "The pinned manifest version.",
+            },
+            {
+                "name": "Items",
+                "type": "integer",
+                "jsonPath": ".status.matchedItems",
+                "description": "Items matching the query.",
+            },
+            {
+                "name": "Shards",
+                "type": "integer",
+                "jsonPath": ".status.shards",
+                "description": "Shards (ranks) when the world size is known.",
+            },
+            {
+                "name": "Pods",
+                "type": "integer",
+                "jsonPath": ".status.injectedPods",
+                "description": "Live pods with the sidecar injected.",
+            },
+            _REASON,
+            _AGE,
+        ),
+    ),
+)
+
+
+def structural(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema as a structural OpenAPI v3 schema."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    defs = schema.pop("$defs", {})
+    converted: dict[str, Any] = _convert(schema, defs)
+    return converted
+
+
+def _convert(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_convert(x, defs) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        # Keywords beside the $ref (description, default) describe this use and win over the target's.
+        node = {**target, **node}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        options = [o for o in any_of if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express anyOf {any_of} structurally; use WithJsonSchema")
+        node = {**_convert(options[0], defs), **node}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if node.get("default", 0) is None:
+        del node["default"]
+    if isinstance(node.get("default"), dict) and node.get("type") == "object":
+        node["default"] = {}  # the API server fills nested defaults itself
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
+        else:
+            out[key] = _convert(value, defs)
+    return out
+
+
+def crd(kind: Kind) -> dict[str, Any]:
+    spec = structural(kind.spec)
+    status = structural(kind.status)
+    root = {
+        "type": "object",
+        "description": kind.description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version: sluicegate.io/v1alpha1."},
+            "kind": {"type": "string", "description": f"Kind: {kind.kind}."},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{kind.plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "sluicegate"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind.kind,
+                "listKind": f"{kind.kind}List",
+                "plural": kind.plural,
+                "singular": kind.kind.lower(),
+                "shortNames": list(kind.short_names),
+                "categories": ["sluicegate"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [dict(c) for c in kind.columns],
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+_HEADER = (
+    "# Generated by `python -m sluicegate_operator.crdgen` from sluicegate_operator/models.py; do not edit.\n"
+)
+
+
+def render(kind: Kind) -> str:
+    body: str = yaml.safe_dump(crd(kind), sort_keys=False, width=100, allow_unicode=True)
+    return _HEADER + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=CRD_DIR, help="directory to write (default: crds/)")
+    parser.add_argument("--check", action="store_true", help="fail if the files there are out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for kind in KINDS:
+        path = args.out / kind.filename
+        text = render(kind)
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+            continue
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    if stale:
+        print(f"out of date: {', '.join(stale)}; run python -m sluicegate_operator.crdgen", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

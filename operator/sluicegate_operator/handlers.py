@@ -1,0 +1,213 @@
+"""kopf handlers: thin glue from watch events to the pure reconcilers in ``status``.
+
+Reconciliation is level-triggered: every event of a Dataset or DatasetStream (including the initial
+listing after a restart and the echo of our own status writes) recomputes the desired status from
+scratch and writes only the difference, so repeating it or restarting mid-way changes nothing. A
+timer retries objects that are not Ready (e.g. a stream created before its Dataset). Pods are watched
+only through a server-side label selector on injected pods, to count them per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
+
+from . import status as st
+from .catalog import Catalog
+from .inject import INJECTED_LABEL, STREAM_LABEL
+from .kube import Kube
+from .metrics import RECONCILES
+from .models import GROUP, ConditionStatus, Dataset, DatasetStatus, DatasetStream, DatasetStreamStatus
+from .pods import PodCounter
+from .resolve import load_dataset, open_store
+from .settings import Settings
+
+log = logging.getLogger("sluicegate.operator")
+COUNT_FLUSH_S = 1.0
+
+
+@dataclass
+class Context:
+    kube: Kube
+    catalog: Catalog
+    settings: Settings
+    pods: PodCounter = field(default_factory=PodCounter)
+    # The watch event and the retry timer of one object may fire together; one reconcile at a time per
+    # object, and the last Ready condition announced per object, keep Events one per transition.
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    announced: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _write(
+    ctx: Context,
+    plural: str,
+    body: dict[str, Any],
+    before: DatasetStatus | DatasetStreamStatus,
+    after: DatasetStatus | DatasetStreamStatus,
+) -> None:
+    patch = st.status_patch(before, after)
+    meta = body["metadata"]
+    old, new = st.ready_condition(before.conditions), st.ready_condition(after.conditions)
+    assert new is not None
+    RECONCILES.labels(plural, new.reason).inc()
+    if patch is None:
+        return
+    await ctx.kube.patch_status(plural, meta["namespace"], meta["name"], patch)
+    seen = (new.status.value, new.reason, new.message)
+    if ctx.announced.get(meta["uid"]) == seen:
+        return
+    ctx.announced[meta["uid"]] = seen
+    if old is None or (old.status, old.reason, old.message) != (new.status, new.reason, new.message):
+        ok = new.status is ConditionStatus.TRUE
+        log.info(
+            "%s %s/%s: %s %s: %s",
+            plural,
+            meta["namespace"],
+            meta["name"],
+            "Ready" if ok else "NotReady",
+            new.reason,
+            new.message,
+        )
+        await ctx.kube.event(
+            body, type_="Normal" if ok else "Warning", reason=new.reason, message=new.message
+        )
+
+
+async def reconcile_dataset(ctx: Context, body: dict[str, Any]) -> None:
+    ds = Dataset.model_validate(body)
+    now = _now()
+    reason = st.Reason.STORE_UNREACHABLE
+    try:
+        store = await open_store(ctx.kube, ctx.catalog, ds)
+        latest = await asyncio.to_thread(store.latest_version)
+        if latest == 0:
+            after = st.dataset_failed(
+                ds,
+                reason=st.Reason.STORE_EMPTY,
+                message=f"{store.uri} has no versions yet: import data into it",
+                now=now,
+            )
+        else:
+            table, _ = await asyncio.to_thread(store.manifest, latest)
+            after = st.dataset_ready(
+                ds, latest_version=latest, items=table.num_rows, labels=st.label_summary(table), now=now
+            )
+    except ConfigError as exc:
+        after = st.dataset_failed(ds, reason=st.Reason.CREDENTIALS_INVALID, message=str(exc), now=now)
+    except StoreError as exc:
+        after = st.dataset_failed(ds, reason=reason, message=str(exc), now=now)
+    await _write(ctx, "datasets", body, ds.status, after)
+
+
+async def reconcile_stream(ctx: Context, body: dict[str, Any]) -> None:
+    stream = DatasetStream.model_validate(body)
+    now = _now()
+    ns, name = stream.dataset_namespace(), stream.spec.dataset.name
+
+    def failed(reason: str, message: str) -> DatasetStreamStatus:
+        return st.stream_failed(stream, reason=reason, message=message, now=now)
+
+    dataset = await load_dataset(ctx.kube, ns, name)
+    if dataset is None:
+        after = failed(st.Reason.DATASET_NOT_FOUND, f"Dataset {ns}/{name} does not exist")
+    else:
+        try:
+            store = await open_store(ctx.kube, ctx.catalog, dataset)
+            version, pinned_from = await asyncio.to_thread(st.pin_version, stream, store.latest_version)
+            await asyncio.to_thread(store.resolve, version)
+            selected = await asyncio.to_thread(ctx.catalog.select, store, version, (stream.spec.query,))
+            after = st.stream_ready(
+                stream, version=version, pinned_from=pinned_from, matched=len(selected), now=now
+            )
+        except ConfigError as exc:
+            after = failed(st.Reason.CREDENTIALS_INVALID, str(exc))
+        except QueryError as exc:
+            after = failed(st.Reason.INVALID_QUERY, f"spec.query does not fit Dataset {ns}/{name}: {exc}")
+        except NotFoundError as exc:
+            after = failed(st.Reason.VERSION_NOT_FOUND, str(exc))
+        except StoreError as exc:
+            after = failed(st.Reason.STORE_UNREACHABLE, str(exc))
+    await _write(ctx, "datasetstreams", body, stream.status, after)
+
+
+async def flush_pod_counts(ctx: Context) -> None:
+    """Write changed injected-pod counts to stream status, at most once per second per stream."""
+    while True:
+        await asyncio.sleep(COUNT_FLUSH_S)
+        for (namespace, stream), count in ctx.pods.take_changes().items():
+            try:
+                await ctx.kube.patch_status("datasetstreams", namespace, stream, {"injectedPods": count})
+            except Exception:
+                log.exception("cannot update injectedPods of %s/%s", namespace, stream)
+                ctx.pods.mark_dirty(namespace, stream)
+
+
+def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
+    """Register every handler on ``registry``, bound to ``ctx``."""
+
+    def on_event(fn: Callable[[Context, dict[str, Any]], Awaitable[None]]) -> Any:
+        async def handler(body: kopf.Body, type: str | None, uid: str, **_: Any) -> None:
+            if type == "DELETED":
+                ctx.locks.pop(uid, None)
+                ctx.announced.pop(uid, None)
+                return
+            async with ctx.lock(uid):
+                await fn(ctx, dict(body))
+
+        return handler
+
+    def on_timer(fn: Callable[[Context, dict[str, Any]], Awaitable[None]], *, only_unready: bool) -> Any:
+        async def handler(body: kopf.Body, uid: str, **_: Any) -> None:
+            raw = dict(body)
+            conditions = (raw.get("status") or {}).get("conditions") or []
+            ready = any(c.get("type") == st.READY and c.get("status") == "True" for c in conditions)
+            if not (only_unready and ready):
+                async with ctx.lock(uid):
+                    await fn(ctx, raw)
+
+        return handler
+
+    resync = ctx.settings.dataset_resync_s
+    kopf.on.event(GROUP, "datasets", registry=registry, id="reconcile")(on_event(reconcile_dataset))
+    # Datasets are re-read periodically: new versions appear in the store without any Kubernetes event.
+    kopf.timer(GROUP, "datasets", registry=registry, id="resync", interval=resync, idle=None)(
+        on_timer(reconcile_dataset, only_unready=False)
+    )
+    kopf.on.event(GROUP, "datasetstreams", registry=registry, id="reconcile")(on_event(reconcile_stream))
+    kopf.timer(GROUP, "datasetstreams", registry=registry, id="retry", interval=min(resync, 10.0))(
+        on_timer(reconcile_stream, only_unready=True)
+    )
+
+    @kopf.on.event("v1", "pods", labels={INJECTED_LABEL: "true"}, registry=registry, id="count")
+    async def count(body: kopf.Body, type: str | None, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        stream = (meta.get("labels") or {}).get(STREAM_LABEL)
+        if stream:
+            phase = body.get("status", {}).get("phase")
+            alive = type != "DELETED" and phase not in ("Succeeded", "Failed")
+            ctx.pods.observe(meta["namespace"], stream, meta["uid"], alive=alive)
+
+
+def configure_on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """kopf settings: no finalizers, progress kept under our own annotations, pods filtered server-side."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.watching.label_selectors["v1", "pods"] = f"{INJECTED_LABEL}=true"
+    settings.posting.level = logging.WARNING
+    # kopf logs every handler run at INFO; our own log lines say what changed.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    settings.execution.max_workers = 8

@@ -1,0 +1,341 @@
+"""The custom resources as pydantic models: the single source of truth for the CRDs.
+
+``crdgen`` turns these models into the OpenAPI schemas of ``crds/*.yaml`` (descriptions included, so
+``kubectl explain`` is useful); CEL rules for what a schema alone cannot say ride along in
+``json_schema_extra`` under ``x-kubernetes-validations``. The operator parses objects it reads with
+the same models, so a field the CRD accepts is a field the operator understands.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema
+from pydantic.alias_generators import to_camel
+from sluicegate._partition import Remainder
+
+GROUP = "sluicegate.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+# The custom RBAC verb that grants a ServiceAccount the right to stream a Dataset.
+STREAM_VERB = "stream"
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+def _cel(rule: str, message: str) -> dict[str, JsonValue]:
+    return {"rule": rule, "message": message}
+
+
+class _Model(BaseModel):
+    """camelCase on the wire (Kubernetes conventions), snake_case in Python; unknown fields ignored
+    because the API server already prunes what the schema does not declare."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        """The object as the API server stores it (camelCase, unset optionals left out)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# -- shared ---------------------------------------------------------------------------------------
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(_Model):
+    """One aspect of the object's state, following the Kubernetes API conventions."""
+
+    type: str = Field(description="Kind of condition, e.g. Ready.", min_length=1)
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word saying why, for machines.", min_length=1)
+    message: str = Field(default="", description="What happened and what to do about it, for humans.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation this condition was computed from."
+    )
+
+
+Conditions = Annotated[
+    list[Condition],
+    Field(
+        description="The latest observations of the object's state.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    ),
+]
+
+
+class SubjectKind(StrEnum):
+    SERVICE_ACCOUNT = "ServiceAccount"
+    GROUP = "Group"
+    USER = "User"
+
+
+class Subject(_Model):
+    """Who a policy applies to, spelled like a RoleBinding subject."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.kind != 'ServiceAccount' || has(self.namespace)",
+                    "a ServiceAccount subject needs a namespace",
+                )
+            ]
+        }
+    )
+
+    kind: SubjectKind = Field(description="ServiceAccount, Group or User.")
+    name: str = Field(description="Name of the ServiceAccount, group or user.", min_length=1)
+    namespace: str | None = Field(default=None, description="Namespace of a ServiceAccount subject.")
+
+    def username(self) -> str | None:
+        """The authenticated username this subject denotes (``None`` for a group)."""
+        if self.kind is SubjectKind.SERVICE_ACCOUNT:
+            return f"system:serviceaccount:{self.namespace}:{self.name}"
+        return self.name if self.kind is SubjectKind.USER else None
+
+
+# -- Dataset ----------------------------------------------------------------------------------------
+
+
+class Source(_Model):
+    """Where the dataset store lives."""
+
+    uri: str = Field(
+        description="Store root: s3://BUCKET/PREFIX for an object store, file:///PATH for a volume "
+        "the operator mounts (file stores cannot be streamed through presigned URLs).",
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?|file:///.+)$",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, ...); omit for AWS S3.",
+        pattern=r"^https?://.+",
+    )
+    region: str | None = Field(default=None, description="Object-store region, e.g. eu-west-1.")
+
+
+class SecretRef(_Model):
+    """A Secret in the Dataset's own namespace."""
+
+    name: str = Field(description="Name of the Secret.", min_length=1)
+
+
+class Credentials(_Model):
+    """Storage credentials; only the operator reads them, training pods never see them."""
+
+    secret_ref: SecretRef = Field(
+        description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_SESSION_TOKEN) in the Dataset's namespace."
+    )
+
+
+class Policy(_Model):
+    """A row-level filter: its query is AND-ed into every stream read by one of its subjects."""
+
+    name: str = Field(description="Name of the policy, shown in broker decisions and logs.", min_length=1)
+    subjects: list[Subject] = Field(description="Who the policy applies to.", min_length=1)
+    query: str = Field(
+        description='Slice query the subjects are limited to, e.g. meta.license = "open".', min_length=1
+    )
+
+
+class DatasetSpec(_Model):
+    """A published, versioned dataset store."""
+
+    source: Source = Field(description="Where the store lives.")
+    credentials: Credentials | None = Field(
+        default=None, description="Storage credentials; omit for stores the operator can read without."
+    )
+    policies: list[Policy] = Field(
+        default_factory=list,
+        description="Row-level policies AND-ed into the queries of their subjects' streams.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+class DatasetStatus(_Model):
+    """What the operator last observed about the store."""
+
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    latest_version: int | None = Field(default=None, description="Newest committed version of the store.")
+    items: int | None = Field(default=None, description="Items in the latest version.")
+    labels: dict[str, int] | None = Field(
+        default=None, description="Items per label in the latest version (the most common labels)."
+    )
+    conditions: Conditions = Field(default_factory=list)
+
+
+# -- DatasetStream ----------------------------------------------------------------------------------
+
+
+class DatasetRef(_Model):
+    """Which Dataset to stream."""
+
+    namespace: str | None = Field(
+        default=None, description="Namespace of the Dataset; defaults to the stream's namespace."
+    )
+    name: str = Field(description="Name of the Dataset.", min_length=1)
+
+
+class RankSource(StrEnum):
+    AUTO = "auto"
+    INDEXED_JOB = "indexedJob"
+    TORCHRUN = "torchrun"
+    SPEC = "spec"
+
+
+class Sharding(_Model):
+    """How the query result is split among the pods (ranks) of a training job."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.rankSource) || self.rankSource != 'spec' || has(self.worldSize)",
+                    "sharding.rankSource 'spec' needs sharding.worldSize",
+                )
+            ]
+        }
+    )
+
+    rank_source: RankSource = Field(
+        default=RankSource.AUTO,
+        description="Where a pod's rank and world size come from: indexedJob (completion index and "
+        "completions), torchrun (RANK/WORLD_SIZE or PET_NODE_RANK/PET_NNODES in the pod's env), spec "
+        "(annotation sluicegate.io/rank, default 0, and worldSize), or auto (the first that applies).",
+    )
+    world_size: int | None = Field(
+        default=None, ge=1, description="Number of ranks; overrides the world size a rank source reports."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the deterministic shuffle.")
+    shuffle: bool = Field(default=True, description="Shuffle before cutting shards and every epoch.")
+    remainder: Remainder = Field(
+        default=Remainder.PAD,
+        description="pad: every rank gets ceil(n/worldSize) items, short ranks repeat items; "
+        "drop: every rank gets floor(n/worldSize) items.",
+    )
+
+
+class Cache(_Model):
+    """Byte budgets of each sidecar's read-ahead cache."""
+
+    memory: str = Field(default="512Mi", pattern=_QUANTITY, description="Memory budget, e.g. 2Gi.")
+    disk: str = Field(
+        default="0", pattern=_QUANTITY, description="Disk budget (emptyDir), e.g. 20Gi; 0 for none."
+    )
+
+
+class Resources(_Model):
+    """Container resources, as in a Pod spec."""
+
+    requests: dict[str, str] | None = Field(default=None, description="Minimum resources, e.g. cpu: 500m.")
+    limits: dict[str, str] | None = Field(default=None, description="Maximum resources, e.g. memory: 2Gi.")
+
+
+class SidecarOverrides(_Model):
+    """Per-stream changes to the injected sidecar."""
+
+    image: str | None = Field(default=None, description="Sidecar image; defaults to the operator's.")
+    resources: Resources | None = Field(default=None, description="Sidecar container resources.")
+
+
+VersionSpec = Annotated[
+    int | Literal["latest"],
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "description": 'Manifest version to stream: a number, or "latest" (pinned when first '
+            "resolved and moved only by editing this field).",
+            "x-kubernetes-validations": [
+                _cel(
+                    "type(self) == int ? self >= 1 : self == 'latest'",
+                    'version must be a positive integer or "latest"',
+                )
+            ],
+        }
+    ),
+]
+
+
+class DatasetStreamSpec(_Model):
+    """A slice of one Dataset version, sharded across the pods labelled sluicegate.io/stream=<name>."""
+
+    dataset: DatasetRef = Field(
+        description="The Dataset to stream.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self == oldSelf", "spec.dataset is immutable: create a new DatasetStream instead")
+            ]
+        },
+    )
+    version: VersionSpec = "latest"
+    query: str = Field(
+        default="",
+        description='Slice query, e.g. labels.car > 3 and meta.split = "train"; empty: every item.',
+    )
+    # A schema default {} makes the API server fill in the nested defaults (shown by `kubectl get -o yaml`).
+    sharding: Sharding = Field(
+        default_factory=Sharding,
+        description="How items are split among ranks.",
+        json_schema_extra={"default": {}},
+    )
+    cache: Cache = Field(
+        default_factory=Cache,
+        description="Read-ahead cache budgets of each sidecar.",
+        json_schema_extra={"default": {}},
+    )
+    sidecar: SidecarOverrides | None = Field(default=None, description="Overrides for the injected sidecar.")
+
+
+class DatasetStreamStatus(_Model):
+    """What the operator resolved for the stream."""
+
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    resolved_version: int | None = Field(
+        default=None, description="The manifest version the stream is pinned to."
+    )
+    pinned_from: str | None = Field(
+        default=None, description="The spec.version the pin was resolved from; re-pinned when that changes."
+    )
+    matched_items: int | None = Field(
+        default=None, description="Items matching spec.query (before per-subject row-level policies)."
+    )
+    world_size: int | None = Field(default=None, description="Ranks the shards were cut for, when known.")
+    shards: int | None = Field(default=None, description="Number of shards (the world size), when known.")
+    items_per_shard: int | None = Field(default=None, description="Items each rank reads per epoch.")
+    injected_pods: int | None = Field(default=None, description="Live pods the sidecar was injected into.")
+    conditions: Conditions = Field(default_factory=list)
+
+
+# -- whole objects ------------------------------------------------------------------------------------
+
+
+class ObjectMeta(_Model):
+    name: str
+    namespace: str = ""
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Dataset(_Model):
+    metadata: ObjectMeta
+    spec: DatasetSpec
+    status: DatasetStatus = Field(default_factory=DatasetStatus)
+
+
+class DatasetStream(_Model):
+    metadata: ObjectMeta
+    spec: DatasetStreamSpec
+    status: DatasetStreamStatus = Field(default_factory=DatasetStreamStatus)
+
+    def dataset_namespace(self) -> str:
+        return self.spec.dataset.namespace or self.metadata.namespace

@@ -1,0 +1,55 @@
+"""Operator settings: command-line flags with environment defaults, validated once at start."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    namespace: str = Field(default="sluicegate-system", description="namespace the operator runs in")
+    service_name: str = Field(default="sluicegate-operator", description="Service in front of the operator")
+    listen_host: str = "0.0.0.0"
+    listen_port: int = Field(default=8443, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None,
+        description="base URL the API server and sidecars reach the webhook and broker at; "
+        "default https://SERVICE.NAMESPACE.svc",
+        pattern=r"^https://[^/]+$",
+    )
+    webhook_configuration: str = Field(default="sluicegate", description="MutatingWebhookConfiguration name")
+    manage_webhook: bool = Field(
+        default=False,
+        description="create and own the whole webhook configuration (development without Helm); "
+        "otherwise only its caBundle is kept up to date",
+    )
+    tls_secret: str = "sluicegate-operator-tls"
+    extra_sans: tuple[str, ...] = ()
+    sidecar_image: str = "ghcr.io/sluicegate/sluicegate:0.1.0"
+    presign_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    cert_valid_days: float = Field(default=90, gt=0)
+    ca_valid_days: float = Field(default=3650, gt=0)
+    tls_check_interval_s: float = Field(default=3600, gt=0)
+    dataset_resync_s: float = Field(default=60, gt=0)
+    kubeconfig: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.public_url or f"https://{self.service_name}.{self.namespace}.svc"
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Names the serving certificate must cover: the public URL's host first, then the Service's."""
+        svc = self.service_name
+        names = [
+            urlparse(self.url).hostname or "",
+            svc,
+            f"{svc}.{self.namespace}",
+            f"{svc}.{self.namespace}.svc",
+            f"{svc}.{self.namespace}.svc.cluster.local",
+            *self.extra_sans,
+        ]
+        return tuple(dict.fromkeys(n for n in names if n))

@@ -1,0 +1,146 @@
+"""The wire protocol between a sidecar and the operator's broker, and the injection contract.
+
+The one definition both sides import: the operator (``sluicegate_operator.broker``) serves it, the
+sidecar in *broker mode* calls it. Every request carries the pod's projected ServiceAccount token
+(audience :data:`AUDIENCE`) as ``Authorization: Bearer <token>``. The broker derives the stream,
+the rank and the world size from the pod the token is bound to, never from the request body, so a
+pod can only ever obtain its own shard.
+
+Errors are JSON :class:`BrokerError` with status 400 (bad request), 401 (token not accepted),
+403 (authenticated but not allowed), 404 (stream or dataset gone), 409 (stream not Ready yet),
+503 (storage unreachable).
+
+The injection contract (:class:`SidecarEnv`, :class:`TrainerEnv`, :data:`SOCKET_DIR`...) names the
+environment and paths the admission webhook puts into a labelled pod, so the sidecar and the SDK
+read exactly what the webhook writes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._partition import Remainder
+from ._protocol import WireRow
+
+__all__ = [
+    "AUDIENCE",
+    "MAX_URLS_PER_REQUEST",
+    "SOCKET_DIR",
+    "SOCKET_PATH",
+    "TOKEN_DIR",
+    "TOKEN_PATH",
+    "BrokerError",
+    "BrokerErrorCode",
+    "BrokerPaths",
+    "PlanRequest",
+    "PlanResponse",
+    "SidecarEnv",
+    "TrainerEnv",
+    "UrlsRequest",
+    "UrlsResponse",
+]
+
+AUDIENCE = "sluicegate.io"
+"""The audience of the projected ServiceAccount token the sidecar presents; the broker accepts no other."""
+
+MAX_URLS_PER_REQUEST = 100_000
+
+# Paths inside an injected pod.
+TOKEN_DIR = "/var/run/secrets/sluicegate.io"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
+SOCKET_DIR = "/var/run/sluicegate"
+SOCKET_PATH = f"{SOCKET_DIR}/sidecar.sock"
+
+
+class SidecarEnv:
+    """Environment of the injected sidecar container."""
+
+    BROKER_URL = "SLUICEGATE_BROKER_URL"  # https://... of the operator's broker
+    BROKER_CA = "SLUICEGATE_BROKER_CA"  # PEM of the CA that signed the broker's certificate
+    TOKEN_FILE = "SLUICEGATE_TOKEN_FILE"  # projected token, re-read on every request (the kubelet rotates it)
+    LISTEN = "SLUICEGATE_LISTEN"  # unix:///var/run/sluicegate/sidecar.sock
+    STREAM = "SLUICEGATE_STREAM"  # name of the DatasetStream
+    NAMESPACE = "SLUICEGATE_NAMESPACE"  # namespace of the pod and the stream
+    CACHE_MEMORY = "SLUICEGATE_CACHE_MEMORY"  # Kubernetes quantity, e.g. 512Mi
+    CACHE_DISK = "SLUICEGATE_CACHE_DISK"  # Kubernetes quantity, 0 for none
+    CACHE_DIR = "SLUICEGATE_CACHE_DIR"  # set when CACHE_DISK is not 0
+
+
+class TrainerEnv:
+    """Environment added to every other container of an injected pod (what ``sluicegate.connect()`` reads)."""
+
+    ADDRESS = "SLUICEGATE_ADDRESS"  # unix:///var/run/sluicegate/sidecar.sock
+    STREAM = "SLUICEGATE_STREAM"
+    RANK = "SLUICEGATE_RANK"  # informational: the sidecar's plan is authoritative
+    WORLD_SIZE = "SLUICEGATE_WORLD_SIZE"
+
+
+class BrokerPaths:
+    PLAN = "/v1/plan"  # POST PlanRequest -> PlanResponse
+    URLS = "/v1/urls"  # POST UrlsRequest -> UrlsResponse (fresh URLs for blobs of the pod's own shard)
+    HEALTHZ = "/healthz"
+    METRICS = "/metrics"
+
+
+class BrokerErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    NOT_READY = "not_ready"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal_error"
+
+
+class BrokerError(BaseModel):
+    code: BrokerErrorCode
+    message: str = Field(description="what was refused and what to do about it")
+
+
+class PlanRequest(BaseModel):
+    """Asks for the calling pod's shard plan. ``stream`` is a consistency check only: the broker answers
+    400 when it differs from the stream the pod is labelled with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: str | None = None
+
+
+class PlanResponse(BaseModel):
+    """One pod's shard of one pinned dataset version, with short-lived read access to its blobs.
+
+    ``rows`` are in *assignment* order (shard index ``i`` is ``rows[i]``; padding may repeat rows);
+    the epoch order is :func:`sluicegate._partition.epoch_order` of ``(seed, epoch, rank)``.
+    ``urls`` maps each distinct blob hash in ``rows`` to a presigned GET URL valid until ``expires_at``;
+    ask :data:`BrokerPaths.URLS` for fresh ones before then.
+    """
+
+    namespace: str
+    stream: str
+    dataset: str = Field(description="NAMESPACE/NAME of the Dataset")
+    version: int
+    query: str = Field(description="the stream's query")
+    policies: list[str] = Field(description="names of the row-level policies AND-ed in for this pod")
+    total: int = Field(description="items selected (query and policies), before sharding")
+    rank: int
+    world_size: int
+    seed: int
+    shuffle: bool
+    remainder: Remainder
+    rows: list[WireRow]
+    urls: dict[str, str]
+    expires_at: datetime
+
+
+class UrlsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    blobs: list[str] = Field(min_length=1, max_length=MAX_URLS_PER_REQUEST)
+
+
+class UrlsResponse(BaseModel):
+    urls: dict[str, str]
+    expires_at: datetime

@@ -1,0 +1,632 @@
+"""The Dataset API: ``sluicegate.open()`` (embedded) and ``sluicegate.connect()`` (a pod's sidecar).
+
+A :class:`Dataset` is a *view* over a source of items: the source's items, narrowed by slice queries,
+cut to one rank's shard, visited each epoch in a deterministic order. The view is a spec (queries, shard,
+seed, epoch), so ``ds.shard(...).shuffle(7)`` and ``ds.shuffle(7).shard(...)`` are the same dataset and a
+pickled copy (a DataLoader worker) is a few hundred bytes that reconnects on first use.
+
+Index spaces: ``ds[i]`` and :meth:`Dataset.get_many` take indexes ``0 .. len(ds)-1`` in *assignment*
+order (stable across epochs); :meth:`Dataset.epoch_positions` gives this epoch's visiting order as such
+indexes; iteration walks that order with read-ahead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import io
+import os
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Self, SupportsIndex
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from . import _partition
+from ._engine import BlobRef, Engine, EngineConfig, LoopThread, Plan, StoreUpstream
+from ._exceptions import ConfigError
+from ._manifest import Annotation, ItemRecord, record_from_row
+from ._partition import Positions, Remainder
+from ._query import Query, select_rows
+from ._store import S3Options, Store
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["Dataset", "Item", "Source", "connect", "open"]
+
+_FIRST_BATCH = 8  # a small first request keeps the time to the first item low
+_MAX_BATCH = 512
+_BATCH_BYTES = 16 * 2**20  # target bytes per request once item sizes are known
+_MIN_DEPTH = 2
+
+
+# -- items -------------------------------------------------------------------------------------------
+
+
+class Rows(ABC):
+    """Manifest rows of one batch, materialised on first access and shared by the batch's items."""
+
+    @abstractmethod
+    def row(self, i: int) -> dict[str, Any]: ...
+
+
+class ListRows(Rows):
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._rows = rows
+
+    def row(self, i: int) -> dict[str, Any]:
+        return dict(self._rows[i])
+
+
+class _PlanRows(Rows):
+    def __init__(self, plan: Plan, positions: Positions) -> None:
+        self._plan, self._positions = plan, positions
+        self._rows: list[dict[str, Any]] | None = None
+
+    def row(self, i: int) -> dict[str, Any]:
+        if self._rows is None:
+            self._rows = self._plan.rows(self._positions)
+        return self._rows[i]
+
+
+class Item:
+    """One item: its bytes and its manifest row (annotations, labels, metadata) built on first access."""
+
+    __slots__ = ("_i", "_record", "_rows", "data", "id")
+
+    def __init__(self, id: str, data: bytes, rows: Rows, i: int) -> None:
+        self.id = id
+        self.data = data
+        self._rows, self._i = rows, i
+        self._record: ItemRecord | None = None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The raw manifest row (column name -> value)."""
+        return self._rows.row(self._i)
+
+    @property
+    def record(self) -> ItemRecord:
+        if self._record is None:
+            self._record = record_from_row(self.row)
+        return self._record
+
+    @property
+    def blob(self) -> str:
+        return str(self.row["blob"])
+
+    @property
+    def media_type(self) -> str:
+        return str(self.row["media_type"])
+
+    @property
+    def width(self) -> int | None:
+        value = self.row["width"]
+        return None if value is None else int(value)
+
+    @property
+    def height(self) -> int | None:
+        value = self.row["height"]
+        return None if value is None else int(value)
+
+    @property
+    def annotations(self) -> list[Annotation]:
+        return self.record.annotations
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Instance count per label."""
+        return self.record.labels
+
+    @property
+    def metadata(self) -> dict[str, bool | int | float | str]:
+        return self.record.metadata
+
+    def image(self) -> Image.Image:
+        """The bytes decoded as an image (PIL), decoded now, not cached."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            img = Image.open(io.BytesIO(self.data))
+            img.load()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ConfigError(
+                f"item {self.id!r} ({self.media_type}) is not an image PIL can decode: {exc}"
+            ) from exc
+        return img
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Item(id={self.id!r}, {len(self.data)} bytes)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crossing a process boundary takes the row along, not the batch (or the whole manifest) behind it.
+        return (_restore_item, (self.id, self.data, self.row))
+
+
+def _restore_item(item_id: str, data: bytes, row: dict[str, Any]) -> Item:
+    return Item(item_id, data, ListRows([row]), 0)
+
+
+# -- sources -----------------------------------------------------------------------------------------
+
+
+class Pending(ABC):
+    """A batch on its way; :meth:`result` waits for it and builds the items in the caller's thread."""
+
+    @abstractmethod
+    def result(self) -> list[Item]: ...
+
+    @abstractmethod
+    def cancel(self) -> None: ...
+
+
+class Source(ABC):
+    """Where a Dataset's items come from: an embedded engine or a sidecar. Pickles without live state."""
+
+    @property
+    def rank(self) -> int:
+        """The rank the epoch order is drawn for when the dataset itself is not sharded."""
+        return 0
+
+    @property
+    def seed(self) -> int | None:
+        """The source's own shuffle seed (a sidecar's); None: no shuffle."""
+        return None
+
+    @property
+    @abstractmethod
+    def version(self) -> int: ...
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def select(self, queries: Sequence[str]) -> Positions:
+        """Positions (ascending) of the source's items that match every query."""
+
+    @abstractmethod
+    def fetch(self, positions: Positions, readahead: Positions) -> Pending:
+        """Start fetching ``positions``; ``readahead`` are the positions that will be asked for next."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    def close(self) -> None:
+        return None
+
+
+class _LocalPending(Pending):
+    def __init__(
+        self, future: concurrent.futures.Future[list[bytes]], refs: list[BlobRef], rows: Rows
+    ) -> None:
+        self._future, self._refs, self._rows = future, refs, rows
+
+    def result(self) -> list[Item]:
+        blobs = self._future.result()
+        rows = self._rows
+        return [
+            Item(ref.item_id, data, rows, i)
+            for i, (ref, data) in enumerate(zip(self._refs, blobs, strict=True))
+        ]
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+
+class _Live:
+    """What a LocalSource holds while in use in one process: never pickled, rebuilt after fork."""
+
+    def __init__(self, store: Store, config: EngineConfig) -> None:
+        self.pid = os.getpid()
+        self.loop = LoopThread("sluicegate-engine")
+        self.engine = Engine(StoreUpstream(store), config)
+
+
+class LocalSource(Source):
+    """The embedded data path: the same :class:`Engine` the sidecar runs, on a private loop thread."""
+
+    def __init__(self, uri: str, s3: S3Options | None, version: int, config: EngineConfig) -> None:
+        self._uri, self._s3, self._version, self._config = uri, s3, version, config
+        self._store: Store | None = None
+        self._plan: Plan | None = None
+        self._live: _Live | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_uri": self._uri, "_s3": self._s3, "_version": self._version, "_config": self._config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_uri"], state["_s3"], state["_version"], state["_config"])  # type: ignore[misc]
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self._uri, self._s3)
+        return self._store
+
+    @property
+    def plan(self) -> Plan:
+        if self._plan is None:
+            self._plan = Plan(self._version, self.store.manifest(self._version)[0])
+        return self._plan
+
+    def _running(self) -> _Live:
+        if self._live is None or self._live.pid != os.getpid():
+            if self._live is not None:
+                # A forked child: the parent's loop thread and object-store client do not exist here.
+                self._store = None
+            self._live = _Live(self.store, self._config)
+        return self._live
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def engine(self) -> Engine:
+        return self._running().engine
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def select(self, queries: Sequence[str]) -> Positions:
+        return np.asarray(select_rows(self.plan.table, list(queries)), dtype=np.int64)
+
+    def fetch(self, positions: Positions, readahead: Positions) -> Pending:
+        live = self._running()
+        plan = self.plan
+        refs = plan.refs(positions)
+        ahead = plan.refs(readahead) if len(readahead) else []
+        engine = live.engine
+
+        async def run() -> list[bytes]:
+            if ahead:
+                engine.readahead("embedded", ahead)
+            return await engine.get_many(refs)
+
+        return _LocalPending(live.loop.submit(run()), refs, _PlanRows(plan, positions))
+
+    def describe(self) -> str:
+        return f"{self._uri} version {self._version}"
+
+    def close(self) -> None:
+        live, self._live = self._live, None
+        if live is not None and live.pid == os.getpid():
+            live.loop.run(live.engine.aclose())
+            live.loop.stop()
+
+
+# -- the dataset -------------------------------------------------------------------------------------
+
+
+class _ShardSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rank: int
+    world_size: int
+    remainder: Remainder
+
+
+class _State(BaseModel):
+    """What :meth:`Dataset.state_dict` saves; checked on load so a resume never silently reorders."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    position: int
+    length: int
+    seed: int | None
+    version: int
+
+
+class Dataset:
+    """A view of a dataset version: ``len(ds)``, ``ds[i]``, ``for item in ds``; see the module docstring.
+
+    ``prefetch`` is the read-ahead budget in bytes: iteration keeps that much requested ahead of the item
+    it hands out.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        queries: tuple[str, ...] = (),
+        shard: _ShardSpec | None = None,
+        seed: int | None = None,
+        prefetch: int = 64 * 2**20,
+    ) -> None:
+        self._source = source
+        self._queries = queries
+        self._shard = shard
+        self._seed = seed
+        self._prefetch = prefetch
+        self._epoch = 0
+        self._position = 0
+        self._view: Positions | None = None
+
+    def _derive(self, **changes: Any) -> Dataset:
+        spec: dict[str, Any] = {
+            "queries": self._queries,
+            "shard": self._shard,
+            "seed": self._seed,
+            "prefetch": self._prefetch,
+        }
+        spec.update(changes)
+        ds = Dataset(self._source, **spec)
+        ds._epoch = self._epoch
+        return ds
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_view"] = None  # recomputed on demand: cheaper than shipping a million positions
+        return state
+
+    # -- views ---------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The pinned dataset version this view reads."""
+        return self._source.version
+
+    @property
+    def source(self) -> Source:
+        return self._source
+
+    def slice(self, query: str) -> Dataset:
+        """The items that also match ``query`` (AND-ed with earlier slices); syntax is checked now."""
+        Query.parse(query)
+        return self._derive(queries=(*self._queries, query))
+
+    def shard(self, rank: int, world_size: int, remainder: Remainder | str = Remainder.PAD) -> Dataset:
+        """Rank ``rank``'s part of ``world_size``: disjoint, equal-length parts covering the view."""
+        if self._shard is not None:
+            raise ConfigError(
+                f"this dataset is already shard {self._shard.rank} of {self._shard.world_size}; shard the "
+                "unsharded dataset instead"
+            )
+        try:
+            rem = Remainder(remainder)
+        except ValueError:
+            raise ConfigError(f"remainder must be 'pad' or 'drop', got {remainder!r}") from None
+        _partition.shard(0, rank, world_size)  # validates rank and world size now
+        return self._derive(shard=_ShardSpec(rank=rank, world_size=world_size, remainder=rem))
+
+    def shuffle(self, seed: int = 0) -> Dataset:
+        """Visit items in an order that changes each epoch, deterministically from ``(seed, epoch)``."""
+        return self._derive(seed=int(seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order iteration follows (from its start)."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        self._epoch, self._position = int(epoch), 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _positions(self) -> Positions:
+        """Source positions of this view, in assignment order."""
+        if self._view is None:
+            if self._queries:
+                view = self._source.select(self._queries)
+            else:
+                view = np.arange(len(self._source), dtype=np.int64)
+            if self._shard is not None:
+                s = self._shard
+                view = view[
+                    _partition.shard(
+                        len(view),
+                        s.rank,
+                        s.world_size,
+                        seed=self._seed or 0,
+                        shuffle=self._seed is not None,
+                        remainder=s.remainder,
+                    )
+                ]
+            self._view = view
+        return self._view
+
+    def __len__(self) -> int:
+        return len(self._positions())
+
+    def epoch_positions(self, worker: int = 0, num_workers: int = 1) -> Positions:
+        """This epoch's order as indexes into the dataset; worker ``worker``'s part of it if split."""
+        order = _partition.epoch_order(
+            len(self),
+            seed=self._seed or 0,
+            epoch=self._epoch,
+            rank=self._shard.rank if self._shard is not None else self._source.rank,
+            shuffle=self._seed is not None,
+        )
+        return _partition.worker_split(order, worker, num_workers)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _resolve(self, indexes: Sequence[SupportsIndex] | Positions) -> Positions:
+        idx = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = int(idx[(idx < -n) | (idx >= n)][0])
+            raise IndexError(f"index {bad} is out of range for a dataset of {n} items")
+        return self._positions()[np.where(idx < 0, idx + n, idx)]
+
+    def __getitem__(self, index: SupportsIndex) -> Item:
+        if isinstance(index, slice | str | bytes):
+            raise TypeError(
+                f"dataset indexes are integers, got {type(index).__name__}; use get_many() for many"
+            )
+        return self.get_many([index])[0]
+
+    def get_many(self, indexes: Sequence[SupportsIndex] | Positions) -> list[Item]:
+        """Items at ``indexes`` (negative allowed), fetched together."""
+        return self._source.fetch(self._resolve(indexes), np.empty(0, np.int64)).result()
+
+    def iter_positions(self, indexes: Sequence[SupportsIndex] | Positions) -> Iterator[Item]:
+        """Items at ``indexes`` in that order, with batches requested ahead of the consumer."""
+        positions = self._resolve(indexes)
+        pending: deque[tuple[Pending, int]] = deque()
+        sent = 0
+        batch = _FIRST_BATCH
+        item_bytes = 0.0  # running mean, sizes the batches and the read-ahead depth
+        depth = _MIN_DEPTH
+        try:
+            while sent < len(positions) or pending:
+                while sent < len(positions) and len(pending) < depth:
+                    chunk = positions[sent : sent + batch]
+                    ahead = positions[sent + batch : sent + 2 * batch]
+                    pending.append((self._source.fetch(chunk, ahead), len(chunk)))
+                    sent += len(chunk)
+                head, count = pending.popleft()
+                items = head.result()
+                total = sum(len(it.data) for it in items)
+                item_bytes = total / count if not item_bytes else 0.8 * item_bytes + 0.2 * total / count
+                batch = int(min(_MAX_BATCH, max(1, _BATCH_BYTES // max(item_bytes, 1.0))))
+                depth = int(max(_MIN_DEPTH, self._prefetch // max(batch * item_bytes, 1.0)))
+                yield from items
+        finally:
+            for p, _ in pending:
+                p.cancel()
+
+    def __iter__(self) -> Iterator[Item]:
+        """This epoch's items from the saved position on; a complete pass moves to the next epoch."""
+        order = self.epoch_positions()
+        for item in self.iter_positions(order[self._position :]):
+            self._position += 1
+            yield item
+        self._epoch, self._position = self._epoch + 1, 0
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch and position within it, to resume mid-epoch with nothing lost or repeated."""
+        return _State(
+            epoch=self._epoch,
+            position=self._position,
+            length=len(self),
+            seed=self._seed,
+            version=self.version,
+        ).model_dump()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = _State.model_validate(dict(state))
+        mismatch = [
+            f"{name} {saved_value} (now {now})"
+            for name, saved_value, now in (
+                ("version", saved.version, self.version),
+                ("length", saved.length, len(self)),
+                ("seed", saved.seed, self._seed),
+            )
+            if saved_value != now
+        ]
+        if mismatch:
+            raise ConfigError(
+                "this state was saved from a different dataset view: "
+                + ", ".join(mismatch)
+                + "; resume with "
+                "the same version, query, shard and seed"
+            )
+        if not 0 <= saved.position <= saved.length:
+            raise ConfigError(f"saved position {saved.position} is outside [0, {saved.length}]")
+        self._epoch, self._position = saved.epoch, saved.position
+
+    # -- adapters and lifecycle ----------------------------------------------------------------
+
+    def to_pytorch(self, **kwargs: Any) -> Any:
+        """A torch DataLoader/IterableDataset over this view (see :mod:`sluicegate.torch`)."""
+        return _adapter("torch").to_pytorch(self, **kwargs)
+
+    def to_tensorflow(self, **kwargs: Any) -> Any:
+        """A ``tf.data.Dataset`` over this view (see :mod:`sluicegate.tensorflow`)."""
+        return _adapter("tensorflow").to_tensorflow(self, **kwargs)
+
+    def close(self) -> None:
+        """Stop the data path's background work (threads, connections); the dataset reopens on use."""
+        self._source.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        parts = [self._source.describe()]
+        if self._queries:
+            parts.append("query " + " and ".join(f"({q})" for q in self._queries))
+        if self._shard is not None:
+            parts.append(f"shard {self._shard.rank}/{self._shard.world_size} ({self._shard.remainder.value})")
+        if self._seed is not None:
+            parts.append(f"shuffled (seed {self._seed})")
+        return f"<sluicegate.Dataset {', '.join(parts)}, epoch {self._epoch}>"
+
+
+def _adapter(name: str) -> Any:
+    """Import an adapter module only when asked for: torch and tensorflow are optional extras."""
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name in (name, f"{__package__}.{name}"):
+            raise ConfigError(f"{name} is not installed: pip install 'sluicegate[{name}]'") from exc
+        raise
+
+
+def open(
+    uri: str | os.PathLike[str],
+    version: int | None = None,
+    query: str | None = None,
+    *,
+    cache_bytes: int = 512 * 2**20,
+    disk_cache: str | os.PathLike[str] | None = None,
+    disk_cache_bytes: int = 8 * 2**30,
+    s3: S3Options | None = None,
+    prefetch: int = 64 * 2**20,
+    concurrency: int = 16,
+) -> Dataset:
+    """Open a dataset store in this process (no sidecar), pinned to ``version`` (default: latest).
+
+    Resolving the version is the only I/O done here (so the dataset and every pickled copy of it read
+    the same version); the manifest is read on first use. ``cache_bytes`` bounds the memory cache,
+    ``disk_cache`` adds a disk tier in that directory, ``prefetch`` is the read-ahead in bytes.
+    """
+    store = Store(uri, s3)
+    pinned = store.resolve(version)
+    config = EngineConfig(
+        memory_bytes=cache_bytes,
+        disk_dir=None if disk_cache is None else os.fspath(disk_cache),
+        disk_bytes=disk_cache_bytes,
+        concurrency=concurrency,
+    )
+    source = LocalSource(store.uri, s3, pinned, config)
+    source._store = store  # reuse the client that resolved the version
+    ds = Dataset(source, prefetch=prefetch)
+    return ds.slice(query) if query else ds
+
+
+def connect(address: str | None = None, *, timeout: float = 60.0, prefetch: int = 64 * 2**20) -> Dataset:
+    """The pod's shard, served by its sidecar at ``address`` (default: ``$SLUICEGATE_ADDRESS``).
+
+    Waits up to ``timeout`` seconds for the sidecar to be ready. When several trainer processes share
+    the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1), each gets its ``LOCAL_RANK``'s part of the shard.
+    """
+    from ._client import RemoteSource
+    from ._env import detect
+
+    env = detect()
+    target = address or env.address
+    if not target:
+        raise ConfigError(
+            "no sidecar address: pass connect(address) or set SLUICEGATE_ADDRESS (unix:///PATH or "
+            "http://127.0.0.1:PORT); without a sidecar use sluicegate.open(URI)"
+        )
+    source = RemoteSource(target, timeout=timeout)
+    source.wait_ready()
+    ds = Dataset(source, seed=source.seed, prefetch=prefetch)
+    if env.local_world_size > 1:
+        ds = ds.shard(env.local_rank, env.local_world_size)
+    return ds

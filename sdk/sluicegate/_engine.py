@@ -1,0 +1,648 @@
+"""The data path shared by embedded mode and the sidecar: fetch, verify, cache and prefetch blobs.
+
+An :class:`Engine` lives on one asyncio loop (the sidecar's, or a private :class:`LoopThread` in embedded
+mode) and touches its state only from that loop, so it needs no locks. What it guarantees:
+
+* **one upstream fetch per blob** however many requests wait for it (single flight);
+* **retries** of transient upstream faults with exponential backoff and full jitter, counted;
+* **verification**: every blob is checked against its sha256 before it is served; a mismatch is refetched
+  once, then raises :class:`IntegrityError` naming the item, and the bytes are never delivered;
+* **a byte budget**: the memory tier never holds more than ``memory_bytes``; what the consumer has
+  already been served is evicted first; evicted blobs spill to an optional disk tier with its own budget;
+* **read-ahead**: callers announce what they will ask for next (:meth:`Engine.readahead`) and the engine
+  fetches it in the background while the announced-but-unserved bytes fit the budget.
+
+The upstream is pluggable (:class:`StoreUpstream` reads the dataset store, :class:`UrlUpstream` GETs
+presigned URLs such as a broker hands out), and so is the plan: a :class:`Plan` is just manifest rows in
+shard order, whether a local query or a broker response produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._exceptions import IntegrityError, NotFoundError, StoreError
+from ._partition import Positions
+from ._store import Store
+
+__all__ = [
+    "BlobRef",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "LoopThread",
+    "Plan",
+    "StoreUpstream",
+    "Upstream",
+    "UrlUpstream",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_HASH_INLINE_BYTES = (
+    256 * 1024
+)  # smaller blobs hash on the loop; bigger ones in a thread (hashlib drops the GIL)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """What the engine needs to fetch one item's bytes; ``item_id`` names the item in errors."""
+
+    sha: str
+    size: int
+    item_id: str
+    url: str | None = None
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory_bytes: int = Field(default=512 * 2**20, ge=0, description="memory tier budget")
+    disk_dir: Path | None = Field(default=None, description="directory of the disk tier (None: no disk tier)")
+    disk_bytes: int = Field(default=8 * 2**30, ge=0, description="disk tier budget")
+    concurrency: int = Field(default=16, ge=1, description="upstream fetches in flight at once")
+    attempts: int = Field(default=5, ge=1, description="tries per blob for transient upstream faults")
+    backoff_s: float = Field(default=0.05, gt=0, description="first retry's backoff ceiling")
+    max_backoff_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="limit on one upstream fetch")
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics) without a dependency on prometheus-client."""
+
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class EngineStats:
+    """Counters the sidecar exports as Prometheus metrics (and tests read directly)."""
+
+    items_served: int = 0
+    bytes_served: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    disk_hits: int = 0
+    evictions: int = 0
+    upstream_fetches: int = 0
+    upstream_bytes: int = 0
+    upstream_errors: int = 0
+    retries: int = 0
+    integrity_failures: int = 0
+    prefetched: int = 0
+    wait_seconds: float = 0.0
+    upstream_latency: Histogram = field(default_factory=Histogram)
+
+
+# -- upstreams ---------------------------------------------------------------------------------------
+
+
+class Upstream(Protocol):
+    """Where blobs come from. ``fetch`` returns the bytes unverified; the engine verifies and retries."""
+
+    async def fetch(self, ref: BlobRef) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Permanent(StoreError):
+    """An upstream refusal that retrying will not change (e.g. HTTP 403 on an expired URL)."""
+
+
+class StoreUpstream:
+    """Reads ``blobs/<sha256>`` from the dataset store (local directory or object store)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def fetch(self, ref: BlobRef) -> bytes:
+        return await self.store.get_blob_async(ref.sha)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class UrlUpstream:
+    """GETs each blob from its own (presigned) URL, as the broker hands them out."""
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self._timeout_s = timeout_s
+        self._client: httpx.AsyncClient | None = None  # created on the loop that uses it
+
+    async def fetch(self, ref: BlobRef) -> bytes:
+        if ref.url is None:
+            raise _Permanent(
+                f"item {ref.item_id!r} has no URL in the plan; the broker must send one per blob"
+            )
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout_s, trust_env=False)
+        try:
+            response = await self._client.get(ref.url)
+        except httpx.HTTPError as exc:
+            raise StoreError(f"cannot GET blob {ref.sha}: {exc!r}") from exc
+        if response.status_code == 404:
+            raise NotFoundError(f"blob {ref.sha} of item {ref.item_id!r} is missing upstream (HTTP 404)")
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            raise StoreError(f"upstream answered HTTP {response.status_code} for blob {ref.sha}")
+        if response.status_code != 200:
+            raise _Permanent(
+                f"upstream refused blob {ref.sha} of item {ref.item_id!r}: HTTP {response.status_code} "
+                f"{response.text[:200]}"
+            )
+        return response.content
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, NotFoundError | IntegrityError | _Permanent):
+        return False
+    return isinstance(exc, StoreError | TimeoutError | OSError)
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+
+class Plan:
+    """Manifest rows in shard order (a local query's result or a broker's response), plus blob URLs.
+
+    Stays Arrow: nothing per item is built up front, so a million-row plan is ready at once. ``urls``
+    maps a blob's sha256 to the (presigned) URL :class:`UrlUpstream` reads it from.
+    """
+
+    def __init__(self, version: int, table: pa.Table, urls: Mapping[str, str] | None = None) -> None:
+        self.version = version
+        self.table = table.combine_chunks()
+        self.urls = urls
+        self._blob = self.table.column("blob")
+        self._size = self.table.column("size")
+        self._id = self.table.column("id")
+        self._ids: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def refs(self, positions: Positions | Sequence[int]) -> list[BlobRef]:
+        idx = pa.array(np.asarray(positions, dtype=np.int64))
+        shas = self._blob.take(idx).to_pylist()
+        sizes = self._size.take(idx).to_pylist()
+        ids = self._id.take(idx).to_pylist()
+        if self.urls is None:
+            return [BlobRef(s, n, i) for s, n, i in zip(shas, sizes, ids, strict=True)]
+        urls = self.urls
+        return [BlobRef(s, n, i, urls.get(s)) for s, n, i in zip(shas, sizes, ids, strict=True)]
+
+    def rows(self, positions: Positions | Sequence[int]) -> list[dict[str, Any]]:
+        """Full manifest rows (plain dicts, as the wire carries them)."""
+        rows: list[dict[str, Any]] = self.table.take(
+            pa.array(np.asarray(positions, dtype=np.int64))
+        ).to_pylist()
+        return rows
+
+    def position_of(self, item_id: str) -> int | None:
+        """The position of ``item_id`` in the plan (an index built on first use)."""
+        if self._ids is None:
+            self._ids = {v: i for i, v in enumerate(self._id.to_pylist())}
+        return self._ids.get(item_id)
+
+
+# -- cache tiers -------------------------------------------------------------------------------------
+
+
+class MemoryCache:
+    """Blobs in memory under a byte budget; consumed blobs are evicted first, then least recently used."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.nbytes = 0
+        self.consumed_bytes = 0
+        self._fresh: OrderedDict[str, bytes] = OrderedDict()  # not yet served since they arrived
+        self._consumed: OrderedDict[str, bytes] = OrderedDict()
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._fresh or sha in self._consumed
+
+    def __len__(self) -> int:
+        return len(self._fresh) + len(self._consumed)
+
+    @property
+    def fresh_bytes(self) -> int:
+        return self.nbytes - self.consumed_bytes
+
+    def get(self, sha: str) -> bytes | None:
+        data = self._fresh.get(sha)
+        if data is not None:
+            self._fresh.move_to_end(sha)
+            return data
+        data = self._consumed.get(sha)
+        if data is not None:
+            self._consumed.move_to_end(sha)
+        return data
+
+    def consume(self, sha: str) -> None:
+        data = self._fresh.pop(sha, None)
+        if data is not None:
+            self._consumed[sha] = data
+            self.consumed_bytes += len(data)
+
+    def put(self, sha: str, data: bytes) -> list[tuple[str, bytes]]:
+        """Insert ``data``; returns what was evicted to make room (or ``data`` itself if it cannot fit)."""
+        if sha in self:
+            return []
+        if len(data) > self.budget:
+            return [(sha, data)]
+        evicted = []
+        while self.nbytes + len(data) > self.budget:
+            if self._consumed:
+                old, old_data = self._consumed.popitem(last=False)
+                self.consumed_bytes -= len(old_data)
+            else:
+                old, old_data = self._fresh.popitem(last=False)
+            self.nbytes -= len(old_data)
+            evicted.append((old, old_data))
+        self._fresh[sha] = data
+        self.nbytes += len(data)
+        return evicted
+
+    def order(self) -> list[str]:
+        """Eviction order, first out first (for tests and debugging)."""
+        return [*self._consumed, *self._fresh]
+
+
+class DiskCache:
+    """Blobs as files ``<dir>/<sha256>`` under a byte budget (LRU); re-verified on every read.
+
+    Blocking; the engine calls it from worker threads. Files left by an earlier run are adopted.
+    """
+
+    def __init__(self, root: Path, budget: int) -> None:
+        self.root = root
+        self.budget = budget
+        self.nbytes = 0
+        self._index: OrderedDict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def _entries(self) -> OrderedDict[str, int]:
+        if self._index is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            found = sorted(
+                (p.stat().st_mtime, p.name, p.stat().st_size)
+                for p in self.root.iterdir()
+                if p.is_file() and len(p.name) == 64
+            )
+            self._index = OrderedDict((name, size) for _, name, size in found)
+            self.nbytes = sum(self._index.values())
+        return self._index
+
+    def get(self, sha: str) -> bytes | None:
+        with self._lock:
+            if sha not in self._entries():
+                return None
+            self._entries().move_to_end(sha)
+        try:
+            data = (self.root / sha).read_bytes()
+        except OSError:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != sha:
+            self._drop(sha)  # torn write or bit rot: the caller fetches it again
+            return None
+        return data
+
+    def put(self, sha: str, data: bytes) -> int:
+        """Store ``data``; returns how many files were evicted."""
+        if len(data) > self.budget:
+            return 0
+        with self._lock:
+            entries = self._entries()
+            if sha in entries:
+                return 0
+            victims = []
+            while entries and self.nbytes + len(data) > self.budget:
+                old, size = entries.popitem(last=False)
+                self.nbytes -= size
+                victims.append(old)
+            entries[sha] = len(data)
+            self.nbytes += len(data)
+        for old in victims:
+            (self.root / old).unlink(missing_ok=True)
+        tmp = self.root / f".{sha}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_bytes(data)
+        tmp.replace(self.root / sha)  # atomic: a reader never sees half a file under the final name
+        return len(victims)
+
+    def _drop(self, sha: str) -> None:
+        with self._lock:
+            size = self._entries().pop(sha, None)
+            if size is not None:
+                self.nbytes -= size
+        (self.root / sha).unlink(missing_ok=True)
+
+
+# -- the engine --------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Fetch/verify/cache/prefetch on one asyncio loop. Construction is cheap; tasks start on first use."""
+
+    def __init__(self, upstream: Upstream, config: EngineConfig | None = None) -> None:
+        self.upstream = upstream
+        self.config = config or EngineConfig()
+        self.stats = EngineStats()
+        self.memory = MemoryCache(self.config.memory_bytes)
+        self.disk = DiskCache(self.config.disk_dir, self.config.disk_bytes) if self.config.disk_dir else None
+        self._inflight: dict[str, asyncio.Task[bytes]] = {}
+        self._inflight_bytes = 0
+        self._hints: dict[str, deque[BlobRef]] = {}
+        self._prefetcher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._upstream_slots: asyncio.Semaphore | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def get(self, ref: BlobRef) -> bytes:
+        """The verified bytes of one blob (from cache, or fetched once however many callers wait)."""
+        return (await self.get_many([ref]))[0]
+
+    async def get_many(self, refs: Sequence[BlobRef]) -> list[bytes]:
+        """Verified bytes of many blobs, fetched concurrently; the served blobs become evictable first."""
+        started = time.perf_counter()
+        out: list[bytes | None] = [self.memory.get(ref.sha) for ref in refs]
+        missing = [i for i, data in enumerate(out) if data is None]
+        self.stats.cache_hits += len(refs) - len(missing)
+        self.stats.cache_misses += len(missing)
+        if missing:
+            results = await asyncio.gather(*(self._join(refs[i]) for i in missing))
+            for i, data in zip(missing, results, strict=True):
+                out[i] = data
+            self.stats.wait_seconds += time.perf_counter() - started
+        served = [d for d in out if d is not None]
+        for ref in refs:
+            self.memory.consume(ref.sha)
+        self.stats.items_served += len(served)
+        self.stats.bytes_served += sum(len(d) for d in served)
+        if self._room is not None:
+            self._room.set()
+        return served
+
+    def _join(self, ref: BlobRef) -> asyncio.Future[bytes]:
+        task = self._inflight.get(ref.sha)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(ref))
+            self._inflight[ref.sha] = task
+            self._inflight_bytes += ref.size
+
+            def done(_: asyncio.Task[bytes], sha: str = ref.sha, size: int = ref.size) -> None:
+                self._inflight.pop(sha, None)
+                self._inflight_bytes -= size
+
+            task.add_done_callback(done)
+        # A cancelled waiter (client went away) must not cancel the fetch other waiters share.
+        return asyncio.shield(task)
+
+    async def _load(self, ref: BlobRef) -> bytes:
+        if self.disk is not None:
+            data = await asyncio.to_thread(self.disk.get, ref.sha)
+            if data is not None:
+                self.stats.disk_hits += 1
+                self._remember(ref.sha, data)
+                return data
+        data = await self._fetch_verified(ref)
+        self._remember(ref.sha, data)
+        return data
+
+    def _remember(self, sha: str, data: bytes) -> None:
+        evicted = self.memory.put(sha, data)
+        self.stats.evictions += sum(1 for old, _ in evicted if old != sha)
+        if self.disk is not None and evicted:
+            self._spawn(self._spill(evicted))
+
+    async def _spill(self, blobs: list[tuple[str, bytes]]) -> None:
+        assert self.disk is not None
+        for sha, data in blobs:
+            self.stats.evictions += await asyncio.to_thread(self.disk.put, sha, data)
+
+    # -- upstream ------------------------------------------------------------------------------
+
+    async def _fetch_verified(self, ref: BlobRef) -> bytes:
+        got = ""
+        for _ in range(2):
+            data = await self._fetch_retrying(ref)
+            got = await _sha256(data)
+            if got == ref.sha:
+                return data
+            self.stats.integrity_failures += 1
+            log.warning("item %r: blob %s hashed to %s; fetching it again", ref.item_id, ref.sha, got)
+        raise IntegrityError(
+            f"item {ref.item_id!r}: blob {ref.sha} is corrupt upstream (fetched twice, its bytes hash to "
+            f"{got}); it was not delivered. Repair the store (re-import the item) or exclude it with a query"
+        )
+
+    async def _fetch_retrying(self, ref: BlobRef) -> bytes:
+        if self._upstream_slots is None:
+            self._upstream_slots = asyncio.Semaphore(self.config.concurrency)
+        cfg = self.config
+        for attempt in range(cfg.attempts):
+            started = time.perf_counter()
+            try:
+                async with self._upstream_slots, asyncio.timeout(cfg.timeout_s):
+                    data = await self.upstream.fetch(ref)
+            except Exception as exc:
+                self.stats.upstream_errors += 1
+                if not _transient(exc):
+                    raise
+                if attempt + 1 == cfg.attempts:
+                    raise StoreError(
+                        f"item {ref.item_id!r}: blob {ref.sha} could not be fetched after {cfg.attempts} "
+                        f"attempts; last error: {exc}"
+                    ) from exc
+                self.stats.retries += 1
+                # Full jitter: concurrent retries spread out instead of hammering the store in step.
+                await asyncio.sleep(random.uniform(0, min(cfg.max_backoff_s, cfg.backoff_s * 2**attempt)))
+                continue
+            self.stats.upstream_latency.observe(time.perf_counter() - started)
+            self.stats.upstream_fetches += 1
+            self.stats.upstream_bytes += len(data)
+            return data
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    # -- read-ahead ----------------------------------------------------------------------------
+
+    def readahead(self, key: str, refs: Sequence[BlobRef]) -> None:
+        """Announce that consumer ``key`` will ask for ``refs`` next, in order (replaces its last hint)."""
+        if self._closed:
+            return
+        if refs:
+            self._hints[key] = deque(refs)
+        else:
+            self._hints.pop(key, None)
+        if self._prefetcher is None:
+            self._wake, self._room = asyncio.Event(), asyncio.Event()
+            self._prefetcher = asyncio.get_running_loop().create_task(self._prefetch_loop())
+        assert self._wake is not None
+        self._wake.set()
+
+    def _next_hint(self) -> BlobRef | None:
+        """The next announced blob that is neither cached nor on its way, round-robin over consumers."""
+        for key in list(self._hints):
+            queue = self._hints[key]
+            while queue and (queue[0].sha in self.memory or queue[0].sha in self._inflight):
+                queue.popleft()
+            if not queue:
+                del self._hints[key]
+                continue
+            # Rotate so the next call serves another consumer first.
+            self._hints[key] = self._hints.pop(key)
+            return queue[0]
+        return None
+
+    def _has_room(self, size: int) -> bool:
+        pending = self.memory.fresh_bytes + self._inflight_bytes
+        return pending == 0 or pending + size <= self.memory.budget
+
+    async def _prefetch_loop(self) -> None:
+        assert self._wake is not None
+        assert self._room is not None
+        while not self._closed:
+            ref = self._next_hint()
+            if ref is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self._has_room(ref.size) or len(self._inflight) >= self.config.concurrency:
+                # Wait for the consumer to take something (or a fetch to land) before reading further.
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), timeout=0.05)
+                continue
+            self._hints[next(k for k, q in self._hints.items() if q and q[0] is ref)].popleft()
+            self.stats.prefetched += 1
+            # Joined here, not in the task, so the fetch counts as in flight before the next room check.
+            self._spawn(self._prefetch_one(ref, self._join(ref)))
+
+    async def _prefetch_one(self, ref: BlobRef, fetch: asyncio.Future[bytes]) -> None:
+        try:
+            await fetch
+        except Exception as exc:  # the consumer's own request will retry and report it
+            log.debug("prefetch of item %r failed: %s", ref.item_id, exc)
+        finally:
+            if self._room is not None:
+                self._room.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Stop prefetching, let spills finish, close the upstream."""
+        self._closed = True
+        self._hints.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prefetcher
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.upstream.aclose()
+
+
+async def _sha256(data: bytes) -> str:
+    if len(data) < _HASH_INLINE_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread, for synchronous callers (embedded mode, the HTTP client).
+
+    Started on first use. A forked child (DataLoader worker) does not inherit threads, so it starts its
+    own loop instead of waiting forever on the parent's.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
+                thread.start()
+                self._loop, self._pid = loop, os.getpid()
+                atexit.register(_shutdown, loop, thread)
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None and self._pid == os.getpid():
+            loop.call_soon_threadsafe(loop.stop)
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Cancel what still runs on ``loop`` at interpreter exit, so no task is destroyed while pending."""
+    if not loop.is_running() or not thread.is_alive():
+        return
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)

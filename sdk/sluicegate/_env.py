@@ -1,0 +1,101 @@
+"""Where this process sits in a training job, read from the environment in one place.
+
+Sources, first match wins for rank and world size:
+
+1. ``SLUICEGATE_RANK`` / ``SLUICEGATE_WORLD_SIZE``: what the operator injects into a pod;
+2. ``RANK`` / ``WORLD_SIZE``: torchrun, PyTorchJob and JobSet set these;
+3. ``JOB_COMPLETION_INDEX``: an Indexed Job's pod index (world size then from ``SLUICEGATE_WORLD_SIZE``);
+4. otherwise rank 0 of 1.
+
+``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (torchrun) say how many trainer processes share one pod's sidecar.
+DataLoader worker info cannot come from the environment; adapters pass it in. The arithmetic on these
+numbers lives in :mod:`sluicegate._partition`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from ._exceptions import ConfigError
+
+__all__ = ["ADDRESS_VAR", "Environment", "detect"]
+
+ADDRESS_VAR = "SLUICEGATE_ADDRESS"
+
+
+class Environment(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+    pod: str | None = None
+    address: str | None = None
+    source: str = "default"  # which variables rank and world size came from
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ConfigError(f"environment variable {name}={raw!r} must be >= 0")
+    return value
+
+
+def detect(environ: Mapping[str, str] | None = None, *, worker: int = 0, num_workers: int = 1) -> Environment:
+    """Rank, world size, pod and sidecar address from ``environ`` (default ``os.environ``).
+
+    ``worker``/``num_workers`` come from the caller (``torch.utils.data.get_worker_info()``).
+    """
+    env = os.environ if environ is None else environ
+    rank: int | None = None
+    world: int | None = None
+    source = "default"
+    for rank_var, world_var in (("SLUICEGATE_RANK", "SLUICEGATE_WORLD_SIZE"), ("RANK", "WORLD_SIZE")):
+        r, w = _int(env, rank_var), _int(env, world_var)
+        if r is not None or w is not None:
+            if r is None or w is None:
+                missing = rank_var if r is None else world_var
+                raise ConfigError(f"{rank_var} and {world_var} go together, but {missing} is not set")
+            rank, world, source = r, w, rank_var
+            break
+    if rank is None:
+        index = _int(env, "JOB_COMPLETION_INDEX")
+        if index is not None:
+            rank, world, source = index, _int(env, "SLUICEGATE_WORLD_SIZE"), "JOB_COMPLETION_INDEX"
+            if world is None:
+                raise ConfigError(
+                    "JOB_COMPLETION_INDEX is set but the world size is not: set SLUICEGATE_WORLD_SIZE to the "
+                    "Job's completions"
+                )
+    rank, world = (0, 1) if rank is None or world is None else (rank, world)
+    local_rank, local_world = _int(env, "LOCAL_RANK") or 0, _int(env, "LOCAL_WORLD_SIZE") or 1
+    for name, value, size in (
+        ("rank", rank, world),
+        ("local rank", local_rank, local_world),
+        ("worker", worker, num_workers),
+    ):
+        if size < 1 or not 0 <= value < size:
+            raise ConfigError(f"{name} {value} is outside [0, {size})")
+    return Environment(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        worker=worker,
+        num_workers=num_workers,
+        pod=env.get("SLUICEGATE_POD") or env.get("POD_NAME") or env.get("HOSTNAME"),
+        address=env.get(ADDRESS_VAR) or None,
+        source=source,
+    )

@@ -1,0 +1,554 @@
+"""Importers: COCO, image folders and JSON Lines into a dataset store.
+
+Every importer works in three steps, so that bad input never becomes a version:
+
+1. *Plan*: read the format's index (COCO JSON, folder tree, JSONL) into entries (id, file,
+   annotations, metadata), rejecting malformed input with its file and line or id.
+2. *Scan*: hash and stat every file and read its image header (size, format) in a thread pool;
+   check boxes against the image size.
+3. *Store*: upload the blobs the store lacks (one listing, create-only writes, so an interrupted
+   import resumes by uploading only what is missing), then commit once with a pure change
+   function that merges the new items into whatever version is latest at that moment. When the
+   merge changes nothing, no version is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import _manifest
+from ._exceptions import ImportError_
+from ._manifest import Annotation, ItemRecord, MetaValue
+from ._store import S3Options, Store, iter_files
+
+__all__ = ["Format", "ImportResult", "import_dataset"]
+
+PathLike = str | os.PathLike[str]
+# Boxes may overshoot the image by rounding (COCO's float boxes do); more than this is an error.
+_BOX_TOLERANCE = 1.0
+_SCAN_CHUNK = 128
+_MAX_REPORTED = 1  # problems named in the message; the rest are counted
+
+
+class Format(StrEnum):
+    """The input formats :func:`import_dataset` reads."""
+
+    COCO = "coco"
+    IMAGEFOLDER = "imagefolder"
+    JSONL = "jsonl"
+
+
+class ImportResult(BaseModel):
+    """What an import did: the version that holds the items and how much was new."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int = Field(description="the version containing the imported items")
+    committed: bool = Field(description="False when the store already held exactly these items")
+    items: int
+    blobs_uploaded: int
+    blobs_present: int = Field(description="distinct files the store already had (skipped)")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One item to import, before its file has been looked at."""
+
+    id: str
+    path: Path
+    where: str  # names the input that declared it, for error messages
+    annotations: tuple[Annotation, ...] = ()
+    metadata: Mapping[str, MetaValue] | None = None
+    declared_size: tuple[int, int] | None = None  # (width, height) the index claims
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    sha: str
+    size: int
+    media_type: str
+    width: int
+    height: int
+
+
+class _Problems:
+    """Collects malformed-input messages and raises them as one :class:`ImportError_`."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def raise_if_any(self) -> None:
+        if not self.messages:
+            return
+        more = len(self.messages) - _MAX_REPORTED
+        suffix = (
+            f" (and {more} more problem{'s' if more > 1 else ''}; nothing was imported)" if more > 0 else ""
+        )
+        raise ImportError_("; ".join(self.messages[:_MAX_REPORTED]) + suffix)
+
+
+# -- public entry ----------------------------------------------------------------------------------
+
+
+def import_dataset(
+    format: Format | str,
+    sources: PathLike | Sequence[PathLike],
+    uri: PathLike,
+    *,
+    images: PathLike | None = None,
+    s3: S3Options | None = None,
+    message: str | None = None,
+    progress: bool = False,
+    workers: int = 8,
+) -> ImportResult:
+    """Import ``sources`` in ``format`` into the dataset at ``uri`` as one new version.
+
+    - ``coco``: ``sources`` are COCO instances JSON files, ``images`` the directory their
+      ``file_name`` entries are relative to. Item ids are the file names.
+    - ``imagefolder``: ``sources`` are directories with one sub-folder per class; every image gets
+      one annotation with its folder's name. Item ids are paths relative to the source.
+    - ``jsonl``: ``sources`` are JSON Lines files, one item per line:
+      ``{"path": ..., "id": ..., "labels": [...], "annotations": [...], "metadata": {...}}``
+      (only ``path`` is required; relative paths are relative to the JSONL file).
+
+    Items whose id is already in the dataset are replaced, others are added. Raises
+    :class:`ImportError_` (naming file and line or id) for malformed input, before anything is
+    uploaded or committed.
+    """
+    try:
+        fmt = Format(format)
+    except ValueError:
+        choices = ", ".join(f.value for f in Format)
+        raise ImportError_(f"unknown import format {format!r}: use one of {choices}") from None
+    paths = [Path(sources)] if isinstance(sources, str | os.PathLike) else [Path(s) for s in sources]
+    if not paths:
+        raise ImportError_(f"no sources given: name the {_SOURCE_WORD[fmt]} to import")
+    if fmt is Format.COCO:
+        if images is None:
+            raise ImportError_("COCO import needs the image directory (images=... / --images DIR)")
+        entries = _plan_coco(paths, Path(images))
+    elif images is not None:
+        raise ImportError_(f"images= applies to COCO imports only, not {fmt.value}")
+    else:
+        entries = _PLANNERS[fmt](paths)
+    if not entries:
+        raise ImportError_(f"no items in {', '.join(map(str, paths))}: nothing to import")
+    store = Store(uri, s3)
+    with _progress_bars(progress) as bars:
+        scanned = _scan(entries, workers, bars)
+        table = _manifest.records_to_table(
+            [_record(entry, found) for entry, found in zip(entries, scanned, strict=True)]
+        )
+        uploaded, present = _upload(store, entries, scanned, bars)
+    change = _MergeInto(table)
+    version = store.commit(change, message=message or f"import {fmt.value} from {', '.join(map(str, paths))}")
+    return ImportResult(
+        version=version,
+        committed=not change.unchanged,
+        items=table.num_rows,
+        blobs_uploaded=uploaded,
+        blobs_present=present,
+    )
+
+
+_SOURCE_WORD = {
+    Format.COCO: "COCO annotation files",
+    Format.IMAGEFOLDER: "image folders",
+    Format.JSONL: "JSON Lines files",
+}
+
+
+class _MergeInto:
+    """The pure change function of an import: ``new`` merged into the base, or the base itself
+    (nothing to commit) when that merge changes nothing; ``unchanged`` tells which, for the last call."""
+
+    def __init__(self, new: pa.Table) -> None:
+        self.new = new
+        self.unchanged = False
+
+    def __call__(self, base: pa.Table | None) -> pa.Table:
+        merged = _manifest.merge(base, self.new)
+        self.unchanged = base is not None and merged.equals(base)
+        return base if base is not None and self.unchanged else merged
+
+
+# -- planning: one function per format -------------------------------------------------------------
+
+
+def _check_ids(entries: list[_Entry]) -> None:
+    seen: dict[str, str] = {}
+    problems = _Problems()
+    for entry in entries:
+        first = seen.setdefault(entry.id, entry.where)
+        if first != entry.where:
+            problems.add(f"{entry.where}: duplicate item id {entry.id!r} (first at {first})")
+    problems.raise_if_any()
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _plan_imagefolder(roots: Sequence[Path]) -> list[_Entry]:
+    entries: list[_Entry] = []
+    problems = _Problems()
+    for root in roots:
+        if not root.is_dir():
+            raise ImportError_(f"{root}: not a directory; an image folder has one sub-folder per class")
+        for path in iter_files(root):
+            if _is_hidden(path, root):
+                continue  # .DS_Store, editor swap files, ...
+            rel = path.relative_to(root)
+            if len(rel.parts) < 2:
+                problems.add(f"{path}: file outside a class folder; put it in {root}/<class>/")
+                continue
+            label = rel.parts[0]
+            entries.append(_Entry(rel.as_posix(), path, str(path), (Annotation(label=label),)))
+    problems.raise_if_any()
+    if not entries:
+        raise ImportError_(f"no images under {', '.join(map(str, roots))}: expected <root>/<class>/<image>")
+    _check_ids(entries)
+    return entries
+
+
+class _JsonlItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    id: str | None = Field(default=None, min_length=1)
+    labels: list[str] = Field(default_factory=list)
+    annotations: list[Annotation] = Field(default_factory=list)
+    metadata: dict[str, MetaValue] = Field(default_factory=dict)
+
+
+def _plan_jsonl(files: Sequence[Path]) -> list[_Entry]:
+    entries: list[_Entry] = []
+    problems = _Problems()
+    for file in files:
+        for lineno, line in _read_lines(file):
+            where = f"{file}:{lineno}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.add(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            try:
+                item = _JsonlItem.model_validate(raw)
+            except ValidationError as exc:
+                problems.add(f"{where}: {_pydantic_problem(exc)}")
+                continue
+            annotations = tuple(Annotation(label=label) for label in item.labels) + tuple(item.annotations)
+            entries.append(
+                _Entry(
+                    item.id or Path(item.path).as_posix(),
+                    file.parent / item.path,
+                    where,
+                    annotations,
+                    item.metadata,
+                )
+            )
+    problems.raise_if_any()
+    _check_ids(entries)
+    return entries
+
+
+def _read_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of a text file with their 1-based numbers."""
+    try:
+        with file.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    yield lineno, line
+    except FileNotFoundError:
+        raise ImportError_(f"{file}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise ImportError_(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ImportError_(f"{file}: cannot read ({exc.strerror})") from exc
+
+
+class _CocoImage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    file_name: str = Field(min_length=1)
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+
+
+class _CocoCategory(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    name: str = Field(min_length=1)
+
+
+class _CocoRle(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    counts: list[int] | str
+    size: tuple[int, int]
+
+
+class _CocoAnnotation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float] | None = None
+    segmentation: list[list[float]] | _CocoRle | None = None
+    iscrowd: int = Field(default=0, ge=0, le=1)
+
+
+class _CocoFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    images: list[_CocoImage]
+    annotations: list[_CocoAnnotation] = Field(default_factory=list)
+    categories: list[_CocoCategory]
+
+
+def _plan_coco(files: Sequence[Path], images: Path) -> list[_Entry]:
+    if not images.is_dir():
+        raise ImportError_(f"{images}: not a directory (the COCO images directory)")
+    entries: list[_Entry] = []
+    for file in files:
+        entries.extend(_plan_coco_file(file, images))
+    _check_ids(entries)
+    return entries
+
+
+def _plan_coco_file(file: Path, images: Path) -> list[_Entry]:
+    try:
+        raw = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise ImportError_(f"{file}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ImportError_(f"{file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImportError_(f"{file}: cannot read as JSON ({exc})") from exc
+    try:
+        coco = _CocoFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ImportError_(f"{file}: {_pydantic_problem(exc, raw)}") from None
+    problems = _Problems()
+    names: dict[int, str] = {}
+    for cat in coco.categories:
+        if cat.name in names.values():
+            problems.add(f"{file}: category {cat.id} repeats the name {cat.name!r} of another category")
+        names[cat.id] = cat.name
+    per_image: dict[int, list[Annotation]] = {img.id: [] for img in coco.images}
+    for ann in coco.annotations:
+        where = f"{file}: annotation {ann.id}"
+        if ann.category_id not in names:
+            problems.add(f"{where}: unknown category_id {ann.category_id} (not in 'categories')")
+            continue
+        if ann.image_id not in per_image:
+            problems.add(f"{where}: unknown image_id {ann.image_id} (not in 'images')")
+            continue
+        attributes: dict[str, Any] = {"coco_id": ann.id}
+        polygon = None
+        if isinstance(ann.segmentation, _CocoRle):
+            attributes["segmentation"] = "rle"  # masks are not kept; the box is
+        elif ann.segmentation:
+            bad = [ring for ring in ann.segmentation if len(ring) < 6 or len(ring) % 2]
+            if bad:
+                problems.add(
+                    f"{where}: a polygon needs an even number (>= 6) of coordinates, got {len(bad[0])}"
+                )
+                continue
+            polygon = ann.segmentation
+        per_image[ann.image_id].append(
+            Annotation(
+                label=names[ann.category_id],
+                bbox=ann.bbox,
+                polygon=polygon,
+                iscrowd=bool(ann.iscrowd),
+                attributes=attributes,
+            )
+        )
+    problems.raise_if_any()
+    entries = []
+    for img in coco.images:
+        declared = (img.width, img.height) if img.width and img.height else None
+        entries.append(
+            _Entry(
+                Path(img.file_name).as_posix(),
+                images / img.file_name,
+                f"{file}: image {img.id} ({img.file_name})",
+                tuple(per_image[img.id]),
+                {"coco_id": img.id},
+                declared,
+            )
+        )
+    return entries
+
+
+def _pydantic_problem(exc: ValidationError, raw: Any = None) -> str:
+    """The first validation error as ``where: what``, naming list entries by their own id."""
+    err = exc.errors()[0]
+    where, node = "", raw
+    for loc in err["loc"]:
+        if isinstance(loc, int):
+            where += f"[{loc}]"
+            node = node[loc] if isinstance(node, list) and loc < len(node) else None
+            if isinstance(node, dict) and "id" in node:
+                where += f" (id {node['id']})"
+        else:
+            where += f".{loc}" if where else str(loc)
+            node = node.get(loc) if isinstance(node, dict) else None
+    return f"{where or 'value'}: {err['msg']}"
+
+
+_PLANNERS: dict[Format, Callable[[Sequence[Path]], list[_Entry]]] = {
+    Format.IMAGEFOLDER: _plan_imagefolder,
+    Format.JSONL: _plan_jsonl,
+}
+
+# -- scanning ------------------------------------------------------------------------------------
+
+
+def _scan_file(path: Path) -> _Scanned:
+    """Hash, stat and read the image header of one file (raises OSError or PIL's errors)."""
+    with path.open("rb") as fh:
+        image = Image.open(fh)  # reads the header only; pixels are never decoded here
+        width, height = image.size
+        kind = image.format or "unknown"
+        fh.seek(0)
+        sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        size = os.fstat(fh.fileno()).st_size
+    return _Scanned(sha, size, Image.MIME.get(kind, f"image/{kind.lower()}"), width, height)
+
+
+def _scan_one(entry: _Entry) -> _Scanned | str:
+    """The file's facts, or a message saying what is wrong with it."""
+    try:
+        found = _scan_file(entry.path)
+    except FileNotFoundError:
+        return f"{entry.where}: image file {entry.path} does not exist"
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        return f"{entry.where}: {entry.path} is not an image (Pillow cannot read its header)"
+    except OSError as exc:
+        return f"{entry.where}: cannot read {entry.path} ({exc.strerror or exc})"
+    if entry.declared_size is not None and entry.declared_size != (found.width, found.height):
+        w, h = entry.declared_size
+        return f"{entry.where}: declared size {w}x{h} but the file is {found.width}x{found.height}"
+    for ann in entry.annotations:
+        if ann.bbox is not None and not _box_inside(ann.bbox, found.width, found.height):
+            which = f" (annotation {ann.attributes['coco_id']})" if "coco_id" in ann.attributes else ""
+            return (
+                f"{entry.where}: box {list(ann.bbox)} of {ann.label!r}{which} lies outside the "
+                f"{found.width}x{found.height} image"
+            )
+    return found
+
+
+def _box_inside(bbox: tuple[float, float, float, float], width: int, height: int) -> bool:
+    x, y, w, h = bbox
+    return (
+        x >= -_BOX_TOLERANCE
+        and y >= -_BOX_TOLERANCE
+        and x + w <= width + _BOX_TOLERANCE
+        and (y + h <= height + _BOX_TOLERANCE)
+    )
+
+
+def _scan(entries: Sequence[_Entry], workers: int, bars: _Bars) -> list[_Scanned]:
+    """Scan every entry in a thread pool (file reads and hashing release the GIL)."""
+    advance = bars.task("scanning", len(entries))
+
+    def chunk(part: Sequence[_Entry]) -> list[_Scanned | str]:
+        out = [_scan_one(e) for e in part]
+        advance(len(part))
+        return out
+
+    parts = [entries[i : i + _SCAN_CHUNK] for i in range(0, len(entries), _SCAN_CHUNK)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = [r for part in pool.map(chunk, parts) for r in part]
+    problems = _Problems()
+    for r in results:
+        if isinstance(r, str):
+            problems.add(r)
+    problems.raise_if_any()
+    return [r for r in results if isinstance(r, _Scanned)]
+
+
+def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
+    return ItemRecord(
+        id=entry.id,
+        blob=found.sha,
+        size=found.size,
+        media_type=found.media_type,
+        width=found.width,
+        height=found.height,
+        metadata=dict(entry.metadata or {}),
+        labels=_manifest.label_counts(entry.annotations),
+        annotations=list(entry.annotations),
+    )
+
+
+# -- uploading -------------------------------------------------------------------------------------
+
+
+def _upload(
+    store: Store, entries: Sequence[_Entry], scanned: Sequence[_Scanned], bars: _Bars
+) -> tuple[int, int]:
+    """Upload the distinct blobs the store lacks; returns (uploaded, already present)."""
+    wanted = {found.sha: entry.path for entry, found in zip(entries, scanned, strict=True)}
+    present = store.existing_blobs()
+    missing = [(sha, path) for sha, path in wanted.items() if sha not in present]
+    advance = bars.task("uploading", len(missing))
+    asyncio.run(store.put_blobs_async(missing, on_done=lambda: advance(1)))
+    return len(missing), len(wanted) - len(missing)
+
+
+# -- progress --------------------------------------------------------------------------------------
+
+
+class _Bars:
+    """Progress bars on stderr, or nothing when ``progress`` is off."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+
+    def task(self, what: str, total: int) -> Callable[[int], None]:
+        if self._progress is None:
+            return lambda n: None
+        bars = self._progress
+        task_id = bars.add_task(what, total=total)
+        return lambda n: bars.advance(task_id, n)
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[_Bars]:
+    if not enabled:
+        yield _Bars(None)
+        return
+    with Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bars:
+        yield _Bars(bars)

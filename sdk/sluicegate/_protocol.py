@@ -1,0 +1,174 @@
+"""The wire protocol between the SDK and a sidecar: the one source of truth for paths, models and framing.
+
+Every path is versioned (``/v1/...``). Errors are JSON ``{"code": ..., "message": ...}`` with a 4xx status
+for a bad request (the sidecar keeps serving) and 5xx for a fault of the data path.
+
+Items travel in *batches*, one response carrying many items, because one HTTP request per item cannot keep
+up with a training loop (see ARCHITECTURE "Speed"). A batch body (``BATCH_CONTENT_TYPE``) is::
+
+    u32 big-endian  header length N
+    N bytes         BatchHeader as JSON: one manifest row per item (keys are manifest column names)
+    ...             the items' bytes, concatenated in header order; item i is ``rows[i]["size"]`` long
+
+Indexes on the wire are positions in the sidecar's shard in *assignment* order (``0 .. items-1``); the
+epoch order is computed on both sides by the pure functions of :mod:`sluicegate._partition`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._partition import Remainder
+
+__all__ = [
+    "BATCH_CONTENT_TYPE",
+    "MAX_BATCH_ITEMS",
+    "BatchHeader",
+    "BatchRequest",
+    "ErrorBody",
+    "ErrorCode",
+    "Info",
+    "Paths",
+    "SelectRequest",
+    "SelectResponse",
+    "StreamParams",
+    "WireRow",
+    "decode_batch",
+    "encode_header",
+]
+
+BATCH_CONTENT_TYPE = "application/x-sluicegate-batch"
+MAX_BATCH_ITEMS = 4096  # bounds one response's size and the server's memory per request
+_LEN = struct.Struct(">I")
+
+
+class Paths:
+    """The sidecar's endpoints."""
+
+    INFO = "/v1/info"
+    ITEM = "/v1/items/{index}"  # GET: one item by shard index
+    ITEM_BY_ID = "/v1/items"  # GET ?id=...: one item by id (404 not_in_shard when another rank owns it)
+    BATCH = "/v1/batch"  # POST BatchRequest -> batch body
+    STREAM = "/v1/stream"  # GET StreamParams -> batch body: a stretch of the shard's epoch order
+    SELECT = "/v1/select"  # POST SelectRequest -> SelectResponse
+    METRICS = "/metrics"
+    HEALTHZ = "/healthz"
+    READYZ = "/readyz"
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    NOT_IN_SHARD = "not_in_shard"
+    QUERY = "query_error"
+    INTEGRITY = "integrity_error"
+    UPSTREAM = "upstream_error"
+    NOT_READY = "not_ready"
+    INTERNAL = "internal_error"
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class Info(BaseModel):
+    """What a sidecar serves: one shard of one pinned version of one dataset."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dataset: str
+    version: int
+    query: str | None
+    total: int = Field(description="items the query selects, before sharding")
+    items: int = Field(description="items in this rank's shard (every rank has the same count)")
+    rank: int
+    world_size: int
+    seed: int
+    shuffle: bool
+    remainder: Remainder
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    indexes: list[int] = Field(max_length=MAX_BATCH_ITEMS, description="shard indexes, in response order")
+    readahead: list[int] = Field(
+        default_factory=list,
+        max_length=16 * MAX_BATCH_ITEMS,
+        description="shard indexes the client will ask for next; the sidecar prefetches them",
+    )
+    client: str = Field(
+        default="", max_length=64, description="the caller's id: read-ahead is kept per client"
+    )
+
+
+class StreamParams(BaseModel):
+    """A stretch ``[start, start + count)`` of worker ``worker``'s part of the shard's order in ``epoch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(default=0, ge=0)
+    start: int = Field(default=0, ge=0)
+    count: int = Field(default=64, ge=1, le=MAX_BATCH_ITEMS)
+    worker: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=1, ge=1)
+
+
+class SelectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[str] = Field(min_length=1)
+
+
+class SelectResponse(BaseModel):
+    indexes: list[int]
+
+
+class WireRow(BaseModel):
+    """One item's manifest row as it travels; ``labels.*`` and ``meta.*`` columns ride along as extras."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str
+    blob: str
+    size: int = Field(ge=0)
+    media_type: str
+    width: int | None = None
+    height: int | None = None
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class BatchHeader(BaseModel):
+    version: int
+    rows: list[WireRow]
+
+
+def encode_header(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
+    """The framed header of a batch body; rows are plain manifest rows (``Table.to_pylist()``)."""
+    raw = json.dumps({"version": version, "rows": rows}, separators=(",", ":")).encode()
+    return _LEN.pack(len(raw)) + raw
+
+
+def decode_batch(body: bytes) -> tuple[BatchHeader, list[bytes]]:
+    """Split a batch body into its header and the items' bytes; ValueError when it is not well formed."""
+    if len(body) < _LEN.size:
+        raise ValueError(f"batch body of {len(body)} bytes is too short for its header length")
+    (n,) = _LEN.unpack_from(body)
+    end = _LEN.size + n
+    if end > len(body):
+        raise ValueError(f"batch header claims {n} bytes but the body has {len(body) - _LEN.size}")
+    header = BatchHeader.model_validate_json(body[_LEN.size : end])
+    view = memoryview(body)
+    blobs = []
+    for row in header.rows:
+        blobs.append(bytes(view[end : end + row.size]))
+        end += row.size
+    if end != len(body):
+        raise ValueError(f"batch body is {len(body)} bytes but its header accounts for {end}")
+    return header, blobs

@@ -1,0 +1,387 @@
+"""PyTorch adapter: a sluicegate dataset as a ``torch.utils.data`` dataset.
+
+``ds.to_pytorch()`` gives a map-style dataset over the dataset's positions (use it with any sampler,
+``DistributedSampler`` included); ``ds.to_pytorch(iterable=True)`` gives an iterable dataset that visits
+this rank's epoch order and splits it across DataLoader workers without overlap or gaps. Both fetch
+items in batches (one round trip for many items) and build each sample in the worker that fetched it.
+
+A sample is a dict::
+
+    {"id": str, "index": int, "data": uint8 tensor | "image": CHW uint8 tensor or PIL image,
+     "annotations": [{"label", "bbox", "polygon", "iscrowd", "attributes"}, ...],
+     "labels": {name: count}, "metadata": {key: value}, "width", "height", "media_type"}
+
+Bytes travel as tensors, not ``bytes``: a DataLoader worker hands tensors to the trainer through shared
+memory, while ``bytes`` would be pickled through a pipe. :func:`collate` keeps that true for batches of
+variable-length byte strings by packing them into one tensor (:class:`Packed`).
+
+This is the only sluicegate module that imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+from PIL import Image
+from torch.utils.data._utils.collate import default_collate
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
+
+from ._adapt import LabelMap, annotation_dicts, detection_arrays
+from ._dataset import Dataset, Item
+from ._exceptions import ConfigError
+
+__all__ = [
+    "DetectionCollate",
+    "IterDataset",
+    "MapDataset",
+    "Packed",
+    "collate",
+    "detection_collate",
+    "to_pytorch",
+]
+
+Decode = Literal["bytes", "image", "pil"] | Callable[[Item], Any]
+ImageMode = Literal["RGB", "L", "unchanged"]
+
+_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY, "unchanged": ImageReadMode.UNCHANGED}
+
+
+# -- samples -----------------------------------------------------------------------------------------
+
+
+def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data`` without copying it.
+
+    torch warns (once per process) that the buffer is read-only; the tensor is only read here and in
+    :func:`collate`, which copies it, so the warning says nothing useful and is silenced.
+    """
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def _decode_tensor(item: Item, mode: ImageMode) -> torch.Tensor:
+    """The item's image as a CHW uint8 tensor: torchvision's native decoders, PIL for other formats."""
+    try:
+        return decode_image(_bytes_tensor(item.data), mode=_READ_MODES[mode])
+    except RuntimeError:
+        return pil_to_tensor(_decode_pil(item, mode))
+
+
+def _decode_pil(item: Item, mode: ImageMode) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(item.data))
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"item {item.id!r} ({item.media_type}) is not an image PIL can decode: {exc}; "
+            "use decode='bytes' or a decode callable for this data"
+        ) from exc
+    return image if mode == "unchanged" else image.convert(mode)
+
+
+class _SampleMaker:
+    """Item -> sample; a plain object so it pickles into DataLoader workers of any start method."""
+
+    def __init__(self, decode: Decode, image_mode: ImageMode, transform: Callable[[Any], Any] | None) -> None:
+        if not callable(decode) and decode not in ("bytes", "image", "pil"):
+            raise ConfigError(f"decode must be 'bytes', 'image', 'pil' or a callable, got {decode!r}")
+        if image_mode not in _READ_MODES:
+            raise ConfigError(f"image_mode must be one of {sorted(_READ_MODES)}, got {image_mode!r}")
+        if transform is not None and not callable(transform):
+            raise ConfigError(f"transform must be a callable taking a sample, got {transform!r}")
+        self.decode = decode
+        self.image_mode: ImageMode = image_mode
+        self.transform = transform
+
+    def __call__(self, item: Item, index: int) -> Any:
+        sample: dict[str, Any] = {"id": item.id, "index": index}
+        if self.decode == "bytes":
+            sample["data"] = _bytes_tensor(item.data)
+        elif self.decode == "image":
+            sample["image"] = _decode_tensor(item, self.image_mode)
+        elif self.decode == "pil":
+            sample["image"] = _decode_pil(item, self.image_mode)
+        else:
+            assert callable(self.decode)
+            sample["data"] = self.decode(item)
+        sample["annotations"] = annotation_dicts(item.annotations)
+        sample["labels"] = dict(item.labels)
+        sample["metadata"] = dict(item.metadata)
+        sample["width"] = item.width
+        sample["height"] = item.height
+        sample["media_type"] = item.media_type
+        return self.transform(sample) if self.transform is not None else sample
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+
+
+class _Loadable:
+    """The ``loader()`` shortcut both dataset forms share."""
+
+    def loader(self, batch_size: int | None = 1, **kwargs: Any) -> tud.DataLoader[Any]:
+        """A DataLoader over this dataset with :func:`collate` as the default ``collate_fn``.
+
+        Workers start by ``forkserver`` unless ``multiprocessing_context`` says otherwise: the object-store
+        client's runtime does not survive ``fork`` once the trainer has used it.
+        """
+        kwargs.setdefault("collate_fn", collate)
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("multiprocessing_context", "forkserver")
+        return tud.DataLoader(self, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
+
+
+class MapDataset(_Loadable, tud.Dataset[Any]):
+    """Map-style: ``tds[i]`` is the sample at position ``i`` of the sluicegate dataset.
+
+    DataLoader fetches a whole batch of positions in one call (``__getitems__``), so a sampler's batch
+    costs one round trip to the data path.
+    """
+
+    def __init__(self, source: Dataset, make: _SampleMaker) -> None:
+        self.source = source
+        self._make = make
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indexes: Sequence[int]) -> list[Any]:
+        n = len(self.source)
+        positions = [int(i) + n if int(i) < 0 else int(i) for i in indexes]
+        for given, pos in zip(indexes, positions, strict=True):
+            if not 0 <= pos < n:
+                raise IndexError(f"index {given} is out of range for a dataset of {n} items")
+        items = self.source.get_many(positions)
+        return [self._make(item, pos) for item, pos in zip(items, positions, strict=True)]
+
+
+class IterDataset(_Loadable, tud.IterableDataset[Any]):
+    """Iterable: this rank's epoch order, split across DataLoader workers (worker ``w`` of ``k`` reads
+    every ``k``-th position from ``w``), fetched in batches with read-ahead.
+
+    Call :meth:`set_epoch` before each epoch (as with ``DistributedSampler``): the epoch lives in shared
+    memory, so workers see it even when they persist across epochs.
+    """
+
+    def __init__(self, source: Dataset, make: _SampleMaker) -> None:
+        self.source = source
+        self._make = make
+        # Shared memory: set_epoch in the trainer reaches workers forked (or spawned) before it.
+        self._epoch = torch.full((), source.epoch, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = tud.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        source = self.source  # this process's copy: a worker's own, or the trainer's with no workers
+        if source.epoch != self.epoch:
+            source.set_epoch(self.epoch)
+        mine = source.epoch_positions(worker, workers)
+        # iter_positions fetches in batches and keeps the next ones requested ahead of this loop.
+        for item, pos in zip(source.iter_positions(mine), mine.tolist(), strict=True):
+            yield self._make(item, pos)
+
+
+@overload
+def to_pytorch(
+    ds: Dataset,
+    *,
+    iterable: Literal[False] = False,
+    decode: Decode = "bytes",
+    image_mode: ImageMode = "RGB",
+    transform: Callable[[Any], Any] | None = None,
+) -> MapDataset: ...
+@overload
+def to_pytorch(
+    ds: Dataset,
+    *,
+    iterable: Literal[True],
+    decode: Decode = "bytes",
+    image_mode: ImageMode = "RGB",
+    transform: Callable[[Any], Any] | None = None,
+) -> IterDataset: ...
+def to_pytorch(
+    ds: Dataset,
+    *,
+    iterable: bool = False,
+    decode: Decode = "bytes",
+    image_mode: ImageMode = "RGB",
+    transform: Callable[[Any], Any] | None = None,
+) -> MapDataset | IterDataset:
+    """``ds`` as a PyTorch dataset (map-style, or iterable with ``iterable=True``).
+
+    ``decode``: ``"bytes"`` (``sample["data"]``, a uint8 tensor of the file), ``"image"``
+    (``sample["image"]``, a CHW uint8 tensor in ``image_mode``), ``"pil"`` (a PIL image), or a callable
+    taking the item whose result goes to ``sample["data"]``. ``transform`` maps each sample (in the
+    DataLoader worker) to what the model needs.
+    """
+    make = _SampleMaker(decode, image_mode, transform)
+    if iterable:
+        return IterDataset(ds, make)
+    return MapDataset(ds, make)
+
+
+# -- collation ---------------------------------------------------------------------------------------
+
+
+def _in_worker() -> bool:
+    return tud.get_worker_info() is not None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Variable-length 1-D tensors (typically the bytes of a batch's files) packed into one tensor.
+
+    ``packed[i]`` is the i-th tensor (a view). One tensor per batch instead of one per item keeps the
+    hand-off from DataLoader workers to a single shared-memory segment.
+    """
+
+    values: torch.Tensor
+    offsets: torch.Tensor  # int64 [n + 1]
+
+    @classmethod
+    def pack(cls, tensors: Sequence[torch.Tensor]) -> Packed:
+        lengths = [t.numel() for t in tensors]
+        offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
+        total = int(offsets[-1])
+        first = tensors[0]
+        if _in_worker():
+            # Built straight in shared memory, as default_collate does, so the hand-off copies nothing.
+            storage = first.untyped_storage()._new_shared(total * first.element_size())
+            values = torch.empty(0, dtype=first.dtype).set_(storage, 0, (total,))
+        else:
+            values = torch.empty(total, dtype=first.dtype)
+        torch.cat(list(tensors), out=values)
+        return cls(values, offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} packed tensors")
+        index %= len(self)
+        return self.values[int(self.offsets[index]) : int(self.offsets[index + 1])]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        bounds = self.offsets.tolist()
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            yield self.values[start:end]
+
+    def tobytes(self) -> list[bytes]:
+        """Each packed tensor's bytes."""
+        raw = self.values.numpy().tobytes()
+        bounds = (self.offsets * self.values.element_size()).tolist()
+        return [raw[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
+
+    def pin_memory(self) -> Packed:
+        """Pinned copy (DataLoader's ``pin_memory=True`` calls this)."""
+        return Packed(self.values.pin_memory(), self.offsets.pin_memory())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
+        return Packed(self.values.to(device, non_blocking=non_blocking), self.offsets.to(device))
+
+
+def _same_type(batch: Sequence[Any]) -> bool:
+    kind = type(batch[0])
+    return all(type(x) is kind for x in batch)
+
+
+def collate(batch: Sequence[Any]) -> Any:
+    """Collate samples like ``default_collate``, but never fail on ragged data.
+
+    * tensors of one shape are stacked (in shared memory inside workers); 1-D tensors of different
+      lengths (file bytes) become one :class:`Packed`; other ragged tensors stay a list;
+    * numbers and NumPy arrays of one type become tensors;
+    * dicts with the same keys collate per key; tuples of one length collate per position;
+    * anything else (strings, ``None``, lists such as annotations, PIL images) stays a list.
+    """
+    if not batch:
+        return []
+    first = batch[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(x, torch.Tensor) and x.dtype == first.dtype for x in batch):
+            return list(batch)
+        if all(x.shape == first.shape for x in batch):
+            return default_collate(list(batch))
+        if all(x.dim() == 1 for x in batch):
+            return Packed.pack(batch)
+        return list(batch)
+    if isinstance(first, Mapping):
+        keys = first.keys()
+        if all(isinstance(x, Mapping) and x.keys() == keys for x in batch):
+            return {key: collate([x[key] for x in batch]) for key in keys}
+        return list(batch)
+    if isinstance(first, tuple) and _same_type(batch) and all(len(x) == len(first) for x in batch):
+        columns = [collate(list(column)) for column in zip(*batch, strict=True)]
+        return type(first)(*columns) if hasattr(first, "_fields") else tuple(columns)
+    if isinstance(first, bool | int | float | np.number | np.ndarray) and _same_type(batch):
+        if not isinstance(first, np.ndarray) or all(x.shape == first.shape for x in batch):
+            return default_collate(list(batch))
+    return list(batch)
+
+
+class DetectionCollate:
+    """Collate ``decode="image"`` samples into torchvision detection inputs.
+
+    Returns ``(images, targets)``: a list of CHW tensors and, per image, ``{"boxes": float32 [N, 4]
+    (x1, y1, x2, y2), "labels": int64 [N], "iscrowd": bool [N], "image_id": item id}``. Class names map
+    through ``labels`` (a list gives index = position + ``start``; ``start=1`` leaves 0 for torchvision's
+    background class), or an explicit ``{name: index}`` mapping.
+    """
+
+    def __init__(self, labels: Sequence[str] | Mapping[str, int], *, start: int = 1) -> None:
+        self.labels = LabelMap(labels, start=start)
+
+    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        images: list[torch.Tensor] = []
+        targets: list[dict[str, Any]] = []
+        for sample in batch:
+            image = sample.get("image") if isinstance(sample, Mapping) else None
+            if not isinstance(image, torch.Tensor) or "annotations" not in sample:
+                raise ConfigError(
+                    "detection collate needs samples with an 'image' tensor and 'annotations': "
+                    "use to_pytorch(decode='image') and a transform that keeps both keys"
+                )
+            boxes, _, ids, crowd = detection_arrays(sample["annotations"], self.labels)
+            images.append(image)
+            targets.append(
+                {
+                    "boxes": torch.from_numpy(boxes),
+                    "labels": torch.from_numpy(ids),
+                    "iscrowd": torch.from_numpy(crowd),
+                    "image_id": sample["id"],
+                }
+            )
+        return images, targets
+
+
+def detection_collate(labels: Sequence[str] | Mapping[str, int], *, start: int = 1) -> DetectionCollate:
+    """A ``collate_fn`` for torchvision detection models; see :class:`DetectionCollate`."""
+    return DetectionCollate(labels, start=start)

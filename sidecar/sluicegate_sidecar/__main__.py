@@ -1,0 +1,28 @@
+"""``sluicegate-sidecar``: serve one shard of one pinned dataset version on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from sluicegate._exceptions import SluicegateError
+
+from .config import parse_args
+from .server import Sidecar
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+        asyncio.run(Sidecar(config).run())
+    except SluicegateError as exc:
+        print(f"sluicegate-sidecar: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

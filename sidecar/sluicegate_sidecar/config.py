@@ -1,0 +1,172 @@
+"""The sidecar's configuration: CLI flags, each defaulting to a ``SLUICEGATE_*`` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sluicegate._engine import EngineConfig
+from sluicegate._env import detect
+from sluicegate._exceptions import ConfigError
+from sluicegate._partition import Remainder
+
+__all__ = ["Listen", "SidecarConfig", "parse_args", "quantity"]
+
+
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
+_UNITS = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "K": 10**3, "M": 10**6}
+_UNITS |= {"G": 10**9, "T": 10**12}
+
+
+def quantity(value: str | int) -> int:
+    """Bytes from a Kubernetes quantity (``512Mi``, ``2G``) or a plain number."""
+    if isinstance(value, int):
+        return value
+    m = _QUANTITY.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not a byte quantity; write e.g. 536870912, 512Mi or 2Gi")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+class Listen(BaseModel):
+    """One address to serve on: a loopback TCP port or a unix socket."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Listen:
+        parsed = urlparse(text if "://" in text else f"http://{text}")
+        if parsed.scheme == "unix":
+            path = parsed.path or parsed.netloc
+            if not path:
+                raise ValueError(f"{text!r} names no socket path; write unix:///PATH")
+            return cls(path=Path(path))
+        if parsed.scheme != "http" or parsed.hostname is None or parsed.port is None:
+            raise ValueError(f"{text!r} is not HOST:PORT, http://HOST:PORT or unix:///PATH")
+        host = parsed.hostname
+        if host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError(
+                    f"the sidecar serves only on loopback; {host!r} is not a loopback address (use 127.0.0.1)"
+                )
+        return cls(host=host, port=parsed.port)
+
+
+class SidecarConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str = Field(min_length=1, description="dataset store URI (local path, file://, s3://)")
+    version: int | None = Field(default=None, ge=1, description="version to pin; latest at start if unset")
+    query: str | None = None
+    rank: int = Field(default=0, ge=0)
+    world_size: int = Field(default=1, ge=1)
+    seed: int = 0
+    shuffle: bool = True
+    remainder: Remainder = Remainder.PAD
+    listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=7070)], min_length=1)
+    cache_memory: int = Field(default=1024 * 2**20, ge=0)
+    cache_dir: Path | None = None
+    cache_disk: int = Field(default=0, ge=0, description="disk tier budget; 0: no disk tier")
+    concurrency: int = Field(default=16, ge=1)
+    attempts: int = Field(default=5, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0)
+    readahead: int = Field(
+        default=256, ge=0, description="items the sidecar prefetches past a stream request"
+    )
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [Listen.parse(part.strip()) for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("cache_memory", "cache_disk", mode="before")
+    @classmethod
+    def _bytes(cls, v: object) -> object:
+        return quantity(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SidecarConfig:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.world_size})")
+        if self.cache_disk and self.cache_dir is None:
+            raise ValueError("cache-disk is set but cache-dir is not: give the disk tier a directory")
+        return self
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(
+            memory_bytes=self.cache_memory,
+            disk_dir=self.cache_dir if self.cache_disk else None,
+            disk_bytes=self.cache_disk,
+            concurrency=self.concurrency,
+            attempts=self.attempts,
+            timeout_s=self.timeout_s,
+        )
+
+
+_FLAGS: tuple[tuple[str, str, str], ...] = (
+    # flag, environment variable, help
+    ("store", "SLUICEGATE_STORE", "dataset store URI"),
+    ("version", "SLUICEGATE_VERSION", "dataset version to pin (default: latest at start)"),
+    ("query", "SLUICEGATE_QUERY", "slice query"),
+    ("rank", "SLUICEGATE_RANK", "this pod's rank (default: from the environment)"),
+    ("world-size", "SLUICEGATE_WORLD_SIZE", "number of ranks (default: from the environment)"),
+    ("seed", "SLUICEGATE_SEED", "shuffle seed"),
+    ("shuffle", "SLUICEGATE_SHUFFLE", "shuffle: true or false"),
+    ("remainder", "SLUICEGATE_REMAINDER", "pad or drop"),
+    ("listen", "SLUICEGATE_LISTEN", "comma-separated: 127.0.0.1:PORT, http://127.0.0.1:PORT, unix:///PATH"),
+    ("cache-memory", "SLUICEGATE_CACHE_MEMORY", "memory cache budget: bytes or a quantity like 512Mi"),
+    ("cache-dir", "SLUICEGATE_CACHE_DIR", "disk cache directory"),
+    ("cache-disk", "SLUICEGATE_CACHE_DISK", "disk cache budget (0: none)"),
+    ("concurrency", "SLUICEGATE_CONCURRENCY", "upstream fetches in flight"),
+    ("attempts", "SLUICEGATE_ATTEMPTS", "tries per blob on transient upstream faults"),
+    ("timeout-s", "SLUICEGATE_TIMEOUT_S", "limit on one upstream fetch, seconds"),
+    ("readahead", "SLUICEGATE_READAHEAD", "items to prefetch past a stream request"),
+    ("shutdown-timeout-s", "SLUICEGATE_SHUTDOWN_TIMEOUT_S", "grace period for requests on SIGTERM"),
+)
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Flags win over environment variables; rank and world size default to :func:`sluicegate._env.detect`."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="sluicegate-sidecar", description="Serve one shard of one pinned dataset version on loopback."
+    )
+    for flag, var, text in _FLAGS:
+        parser.add_argument(f"--{flag}", default=None, help=f"{text} [env {var}]")
+    args = vars(parser.parse_args(argv))
+    raw: dict[str, str] = {}
+    for flag, var, _ in _FLAGS:
+        key = flag.replace("-", "_")
+        value = args[key] if args[key] is not None else env.get(var)
+        if value is not None:
+            raw[key] = value
+    if "rank" not in raw and "world_size" not in raw:
+        where = detect(env)
+        raw["rank"], raw["world_size"] = str(where.rank), str(where.world_size)
+    if raw.get("version") == "":
+        del raw["version"]
+    try:
+        return SidecarConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid sidecar configuration: {problems}") from None

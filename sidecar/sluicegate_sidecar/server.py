@@ -1,0 +1,338 @@
+"""The sidecar's HTTP server: one shard of one pinned dataset version, on loopback TCP and a unix socket.
+
+The paths, models and batch framing are :mod:`sluicegate._protocol`'s; fetching, verifying, caching and
+prefetching are the :class:`~sluicegate._engine.Engine`'s, the same one embedded mode runs. Every error is a
+JSON ``{code, message}``; a bad request gets a 4xx and the sidecar keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+from pydantic import ValidationError
+from sluicegate import _partition
+from sluicegate import _protocol as proto
+from sluicegate._engine import Engine, Plan, StoreUpstream
+from sluicegate._exceptions import (
+    ConfigError,
+    IntegrityError,
+    ItemNotInShard,
+    NotFoundError,
+    QueryError,
+    SluicegateError,
+    StoreError,
+)
+from sluicegate._query import select_rows
+from sluicegate._store import Store
+
+from .config import SidecarConfig
+from .metrics import SidecarCollector
+
+__all__ = ["Sidecar"]
+
+log = logging.getLogger("sluicegate.sidecar")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS: tuple[tuple[type[Exception], int, proto.ErrorCode], ...] = (
+    # most specific first
+    (ItemNotInShard, 404, proto.ErrorCode.NOT_IN_SHARD),
+    (QueryError, 400, proto.ErrorCode.QUERY),
+    (ConfigError, 400, proto.ErrorCode.BAD_REQUEST),
+    (IntegrityError, 502, proto.ErrorCode.INTEGRITY),
+    (NotFoundError, 502, proto.ErrorCode.UPSTREAM),
+    (StoreError, 502, proto.ErrorCode.UPSTREAM),
+)
+
+
+def _error(status: int, code: proto.ErrorCode, message: str) -> web.Response:
+    body = proto.ErrorBody(code=code, message=message).model_dump_json()
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+class _NotReady(Exception):
+    pass
+
+
+class Sidecar:
+    """Construction is cheap; :meth:`start` loads the plan and opens the listeners."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.store = Store(config.store)
+        self.engine = Engine(StoreUpstream(self.store), config.engine())
+        self.plan: Plan | None = None
+        self.info: proto.Info | None = None
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(SidecarCollector(self.engine, lambda: self.info, self.requests))
+        self._orders: OrderedDict[tuple[int, int, int], _partition.Positions] = OrderedDict()
+        self._runner: web.AppRunner | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self.stopping = asyncio.Event()
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def _load_plan(self) -> tuple[Plan, proto.Info]:
+        """The shard's manifest rows from the store and the query (a broker response is the other source)."""
+        cfg = self.config
+        version = self.store.resolve(cfg.version)
+        table, _ = self.store.manifest(version)
+        selected = np.asarray(select_rows(table, [cfg.query] if cfg.query else []), dtype=np.int64)
+        mine = _partition.shard(
+            len(selected),
+            cfg.rank,
+            cfg.world_size,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            remainder=cfg.remainder,
+        )
+        plan = Plan(version, table.take(selected[mine]))
+        info = proto.Info(
+            dataset=self.store.uri,
+            version=version,
+            query=cfg.query,
+            total=len(selected),
+            items=len(plan),
+            rank=cfg.rank,
+            world_size=cfg.world_size,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            remainder=cfg.remainder,
+        )
+        return plan, info
+
+    async def load(self) -> None:
+        plan, info = await asyncio.to_thread(self._load_plan)
+        self.plan, self.info = plan, info
+        log.info(
+            "serving %s version %s, rank %s of %s: %s items of %s",
+            info.dataset,
+            info.version,
+            info.rank,
+            info.world_size,
+            info.items,
+            info.total,
+        )
+
+    def _ready(self) -> tuple[Plan, proto.Info]:
+        if self.plan is None or self.info is None:
+            if self._loading is not None and self._loading.done() and self._loading.exception() is not None:
+                raise _NotReady(f"the sidecar could not load its plan: {self._loading.exception()}")
+            raise _NotReady("the sidecar is still loading its shard plan; retry shortly")
+        return self.plan, self.info
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=16 * 2**20)
+        app.router.add_get(proto.Paths.INFO, self._info)
+        app.router.add_get(proto.Paths.ITEM, self._item)
+        app.router.add_get(proto.Paths.ITEM_BY_ID, self._item_by_id)
+        app.router.add_post(proto.Paths.BATCH, self._batch)
+        app.router.add_get(proto.Paths.STREAM, self._stream)
+        app.router.add_post(proto.Paths.SELECT, self._select)
+        app.router.add_get(proto.Paths.METRICS, self._metrics)
+        app.router.add_get(proto.Paths.HEALTHZ, self._healthz)
+        app.router.add_get(proto.Paths.READYZ, self._readyz)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own 404/405: answer in the protocol's shape
+            response = _error(
+                exc.status, proto.ErrorCode.BAD_REQUEST, f"{request.method} {request.path}: {exc.reason}"
+            )
+        except _NotReady as exc:
+            response = _error(503, proto.ErrorCode.NOT_READY, str(exc))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            response = _error(400, proto.ErrorCode.BAD_REQUEST, f"malformed request: {problems}")
+        except SluicegateError as exc:
+            for kind, status, code in _STATUS:
+                if isinstance(exc, kind):
+                    response = _error(status, code, str(exc))
+                    break
+            else:
+                log.exception("request %s %s failed", request.method, request.path)
+                response = _error(500, proto.ErrorCode.INTERNAL, str(exc))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise  # the client went away mid-response; nothing to answer
+        except Exception as exc:
+            log.exception("request %s %s failed", request.method, request.path)
+            response = _error(500, proto.ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        self.requests[(path, response.status)] += 1
+        return response
+
+    async def _info(self, request: web.Request) -> web.Response:
+        _, info = self._ready()
+        return web.Response(text=info.model_dump_json(), content_type="application/json")
+
+    async def _item(self, request: web.Request) -> web.StreamResponse:
+        raw = request.match_info["index"]
+        try:
+            index = int(raw)
+        except ValueError:
+            raise ConfigError(f"item index must be an integer, got {raw!r}") from None
+        return await self._serve(request, [index], [], "")
+
+    async def _item_by_id(self, request: web.Request) -> web.StreamResponse:
+        plan, info = self._ready()
+        item_id = request.query.get("id")
+        if not item_id:
+            raise ConfigError("give the item's id: GET /v1/items?id=ITEM_ID (or GET /v1/items/INDEX)")
+        position = plan.position_of(item_id)
+        if position is None:
+            raise ItemNotInShard(
+                f"item {item_id!r} is not in this sidecar's shard (rank {info.rank} of {info.world_size}, "
+                f"{info.items} items); another rank serves it, or the query excludes it"
+            )
+        return await self._serve(request, [position], [], "")
+
+    async def _batch(self, request: web.Request) -> web.StreamResponse:
+        body = proto.BatchRequest.model_validate_json(await request.read())
+        return await self._serve(request, body.indexes, body.readahead, body.client)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        params = proto.StreamParams.model_validate(dict(request.query))
+        _, info = self._ready()
+        key = (params.epoch, params.worker, params.num_workers)
+        order = self._orders.get(key)
+        if order is None:
+            if params.worker >= params.num_workers:
+                raise ConfigError(f"worker must be in [0, {params.num_workers}), got {params.worker}")
+            full = _partition.epoch_order(
+                info.items, seed=info.seed, epoch=params.epoch, rank=info.rank, shuffle=info.shuffle
+            )
+            order = _partition.worker_split(full, params.worker, params.num_workers)
+            self._orders[key] = order
+            while len(self._orders) > 8:
+                self._orders.popitem(last=False)
+        end = params.start + params.count
+        ahead = order[end : end + self.config.readahead]
+        client = f"stream:{params.epoch}:{params.worker}:{params.num_workers}"
+        return await self._serve(request, order[params.start : end].tolist(), ahead.tolist(), client)
+
+    async def _select(self, request: web.Request) -> web.Response:
+        body = proto.SelectRequest.model_validate_json(await request.read())
+        plan, _ = self._ready()
+        found = await asyncio.to_thread(select_rows, plan.table, body.queries)
+        return web.Response(
+            text=proto.SelectResponse(indexes=found.to_pylist()).model_dump_json(),
+            content_type="application/json",
+        )
+
+    async def _serve(
+        self, request: web.Request, indexes: Sequence[int], readahead: Sequence[int], client: str
+    ) -> web.StreamResponse:
+        plan, info = self._ready()
+        n = len(plan)
+        for index in (*indexes, *readahead):
+            if not 0 <= index < n:
+                raise ItemNotInShard(
+                    f"index {index} is outside this sidecar's shard: it holds {n} items (0..{n - 1}) "
+                    f"for rank {info.rank} of {info.world_size}"
+                )
+        if readahead:
+            self.engine.readahead(client or str(id(request.transport)), plan.refs(readahead))
+        blobs = await self.engine.get_many(plan.refs(indexes)) if indexes else []
+        header = proto.encode_header(info.version, plan.rows(indexes) if indexes else [])
+        response = web.StreamResponse(headers={"Content-Type": proto.BATCH_CONTENT_TYPE})
+        response.content_length = len(header) + sum(len(b) for b in blobs)
+        await response.prepare(request)
+        await response.write(header)
+        for blob in blobs:
+            await response.write(blob)
+        await response.write_eof()
+        return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        _, info = self._ready()
+        return web.json_response({"status": "ready", "items": info.items})
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Open the listeners (so probes answer at once) and load the plan in the background."""
+        cfg = self.config
+        self._runner = web.AppRunner(
+            self.app(), handle_signals=False, shutdown_timeout=cfg.shutdown_timeout_s, access_log=None
+        )
+        await self._runner.setup()
+        addresses: list[str] = []
+        for listen in cfg.listen:
+            if listen.path is not None:
+                listen.path.parent.mkdir(parents=True, exist_ok=True)
+                listen.path.unlink(missing_ok=True)  # a stale socket from a killed predecessor
+                site: web.BaseSite = web.UnixSite(self._runner, str(listen.path))
+                await site.start()
+                addresses.append(f"unix://{listen.path}")
+            else:
+                site = web.TCPSite(self._runner, listen.host, listen.port)
+                await site.start()
+                addresses.extend(f"http://{_host(s)}" for s in self._sockets(site))
+        self._loading = asyncio.get_running_loop().create_task(self.load())
+        return addresses
+
+    @staticmethod
+    def _sockets(site: web.BaseSite) -> list[Any]:
+        server = site._server  # aiohttp keeps the bound sockets there; needed to report port 0's choice
+        return list(getattr(server, "sockets", []) or [])
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), then stop the engine."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        await self.engine.aclose()
+        for listen in self.config.listen:
+            if listen.path is not None:
+                listen.path.unlink(missing_ok=True)
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        addresses = await self.start()
+        # One line a supervisor (or a test) can parse to find the ports.
+        print(f"sluicegate-sidecar listening on {' '.join(addresses)}", flush=True)
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("stopping")
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
+
+def _host(sock: Any) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,99 @@
+"""Selections and shards over a real (local) store: disjoint, equal, exactly the query result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sluicegate._broker_protocol import PlanResponse
+from sluicegate._exceptions import ConfigError, QueryError
+from sluicegate._manifest import ItemRecord, records_to_table
+from sluicegate._partition import Remainder
+from sluicegate._store import Store, sha256_hex
+from sluicegate_operator.catalog import Catalog, s3_options, shard_table
+
+from .conftest import dataset
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "ds")
+    records = []
+    for i in range(23):
+        data = f"item-{i}".encode()
+        records.append(
+            ItemRecord(
+                id=f"i{i}",
+                blob=s.put_blob(data),
+                size=len(data),
+                media_type="text/plain",
+                labels={"car": i % 3},
+                metadata={"split": "train" if i % 2 else "val"},
+            )
+        )
+    s.commit(lambda _: records_to_table(records))
+    return s
+
+
+def test_shards_are_disjoint_equal_and_cover_the_selection(store: Store) -> None:
+    catalog = Catalog()
+    selected = catalog.select(store, 1, ("labels.car > 0", 'meta.split = "train"', ""))
+    table, _ = store.manifest(1)
+    expected = {r["id"] for r in table.to_pylist() if r["labels.car"] > 0 and r["meta.split"] == "train"}
+    assert len(selected) == len(expected)
+    assert catalog.select(store, 1, ("labels.car > 0", 'meta.split = "train"')) is selected, (
+        "cached, '' ignored"
+    )
+    shards = [
+        shard_table(table, selected, rank=r, world_size=4, seed=7, shuffle=True, remainder=Remainder.DROP)
+        for r in range(4)
+    ]
+    ids = [s.column("id").to_pylist() for s in shards]
+    assert len({len(x) for x in ids}) == 1
+    assert sum(len(x) for x in ids) == len(expected) // 4 * 4
+    assert len(set().union(*map(set, ids))) == sum(len(x) for x in ids)
+    assert set().union(*map(set, ids)) <= expected
+    rows = shards[0].to_pylist()
+    assert all(sha256_hex(f"item-{r['id'][1:]}".encode()) == r["blob"] for r in rows)
+    plan = PlanResponse.model_validate(
+        {
+            "namespace": "team-a",
+            "stream": "s",
+            "dataset": "data/coco",
+            "version": 1,
+            "query": "",
+            "policies": [],
+            "total": len(selected),
+            "rank": 0,
+            "world_size": 4,
+            "seed": 7,
+            "shuffle": True,
+            "remainder": "drop",
+            "rows": rows,
+            "urls": {},
+            "expires_at": "2026-01-01T00:00:00Z",
+        }
+    )
+    assert plan.rows[0].model_extra is not None
+    assert "labels.car" in plan.rows[0].model_extra
+
+
+def test_unknown_field_is_a_query_error(store: Store) -> None:
+    with pytest.raises(QueryError, match=r"labels\.truck"):
+        Catalog().select(store, 1, ("labels.truck > 0",))
+
+
+def test_s3_options_from_secret() -> None:
+    ds = dataset(
+        source={"uri": "s3://bucket/p", "endpoint": "http://127.0.0.1:9000", "region": "eu-west-1"},
+        credentials={"secretRef": {"name": "keys"}},
+    )
+    opts = s3_options(ds, {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
+    assert (opts.endpoint, opts.region, opts.access_key_id, opts.secret_access_key) == (
+        "http://127.0.0.1:9000",
+        "eu-west-1",
+        "AK",
+        "SK",
+    )
+    with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY"):
+        s3_options(ds, {"AWS_ACCESS_KEY_ID": "AK"})

@@ -1,0 +1,191 @@
+"""The engine against a real local store: cache budget, eviction order, single flight, verification,
+disk tier, read-ahead."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sluicegate import IntegrityError, NotFoundError, Store
+from sluicegate._engine import BlobRef, Engine, EngineConfig, MemoryCache, Plan, StoreUpstream
+
+from tests.sidecar.helpers import make_dataset
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    make_dataset(str(tmp_path / "ds"), 60, size=1000)
+    return Store(tmp_path / "ds")
+
+
+def _plan(store: Store) -> Plan:
+    return Plan(1, store.manifest(1)[0])
+
+
+def _engine(store: Store, **config: object) -> Engine:
+    return Engine(StoreUpstream(store), EngineConfig.model_validate(config))
+
+
+def test_memory_cache_evicts_consumed_first_then_least_recent() -> None:
+    cache = MemoryCache(budget=400)
+    for name in "abcd":
+        assert cache.put(name, bytes(100)) == []
+    cache.consume("c")
+    cache.get("a")  # a becomes most recently used among the fresh
+    evicted = cache.put("e", bytes(100))
+    assert [sha for sha, _ in evicted] == ["c"]
+    assert cache.order() == ["b", "d", "a", "e"]
+    evicted = cache.put("f", bytes(150))
+    assert [sha for sha, _ in evicted] == ["b", "d"]
+    assert cache.nbytes == 350
+
+
+def test_memory_cache_refuses_blob_larger_than_budget() -> None:
+    cache = MemoryCache(budget=100)
+    cache.put("a", bytes(60))
+    assert cache.put("big", bytes(101)) == [("big", bytes(101))]
+    assert "a" in cache
+    assert "big" not in cache
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    budget=st.integers(0, 5000),
+    ops=st.lists(st.tuples(st.sampled_from("pgc"), st.integers(0, 30), st.integers(0, 1500)), max_size=120),
+)
+def test_memory_cache_never_exceeds_budget(budget: int, ops: list[tuple[str, int, int]]) -> None:
+    cache = MemoryCache(budget)
+    for op, key, size in ops:
+        if op == "p":
+            cache.put(str(key), bytes(size))
+        elif op == "g":
+            cache.get(str(key))
+        else:
+            cache.consume(str(key))
+        assert cache.nbytes <= budget
+        assert cache.nbytes == sum(len(cache.get(k) or b"") for k in cache.order())
+
+
+def test_engine_stays_within_budget_over_an_epoch(store: Store) -> None:
+    plan = _plan(store)
+    budget = 5 * 1000 + 500
+
+    async def run() -> Engine:
+        engine = _engine(store, memory_bytes=budget, concurrency=4)
+        for start in range(0, len(plan), 7):
+            refs = plan.refs(range(start, min(start + 7, len(plan))))
+            engine.readahead("t", plan.refs(range(start + 7, min(start + 30, len(plan)))))
+            got = await engine.get_many(refs)
+            assert [_sha(b) for b in got] == [r.sha for r in refs]
+            assert engine.memory.nbytes <= budget * 1.05
+        await engine.aclose()
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.stats.items_served == len(plan)
+    assert engine.stats.evictions > 0
+
+
+def test_single_flight_one_upstream_fetch_for_many_waiters(store: Store) -> None:
+    ref = _plan(store).refs([3])[0]
+
+    async def run() -> tuple[list[bytes], Engine]:
+        engine = _engine(store)
+        got = await asyncio.gather(*(engine.get(ref) for _ in range(50)))
+        await engine.aclose()
+        return got, engine
+
+    got, engine = asyncio.run(run())
+    assert {_sha(b) for b in got} == {ref.sha}
+    assert engine.stats.upstream_fetches == 1
+    assert engine.stats.cache_misses == 50
+
+
+def test_corrupt_blob_is_refetched_once_then_refused_naming_the_item(store: Store, tmp_path: Path) -> None:
+    plan = _plan(store)
+    bad, good = plan.refs([4, 5])
+    (tmp_path / "ds" / "blobs" / bad.sha).write_bytes(b"not the original bytes")
+
+    async def run() -> Engine:
+        engine = _engine(store)
+        with pytest.raises(IntegrityError, match=r"item 'item000004'.*not delivered"):
+            await engine.get(bad)
+        assert _sha(await engine.get(good)) == good.sha
+        assert bad.sha not in engine.memory
+        await engine.aclose()
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.stats.integrity_failures == 2
+    assert engine.stats.retries == 0
+
+
+def test_missing_blob_is_not_retried(store: Store, tmp_path: Path) -> None:
+    ref = _plan(store).refs([7])[0]
+    (tmp_path / "ds" / "blobs" / ref.sha).unlink()
+
+    async def run() -> Engine:
+        engine = _engine(store, attempts=4)
+        with pytest.raises(NotFoundError, match=ref.sha):
+            await engine.get(ref)
+        await engine.aclose()
+        return engine
+
+    assert asyncio.run(run()).stats.retries == 0
+
+
+def test_disk_tier_serves_evicted_blobs_and_drops_corrupt_files(store: Store, tmp_path: Path) -> None:
+    plan = _plan(store)
+    refs = plan.refs(range(20))
+    disk = tmp_path / "disk"
+
+    async def run() -> Engine:
+        engine = _engine(store, memory_bytes=3000, disk_dir=disk, disk_bytes=100_000)
+        for ref in refs:
+            await engine.get(ref)
+        await asyncio.sleep(0.2)  # spills run in the background
+        fetched = engine.stats.upstream_fetches
+        (disk / refs[0].sha).write_bytes(b"rotten")
+        for ref in refs[:10]:
+            assert _sha(await engine.get(ref)) == ref.sha
+        assert engine.stats.upstream_fetches == fetched + 1  # only the rotten file went upstream again
+        await engine.aclose()
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.stats.disk_hits == 9
+    assert engine.disk is not None
+    assert engine.disk.nbytes <= 100_000
+
+
+def test_readahead_fetches_before_the_consumer_asks_within_budget(store: Store) -> None:
+    plan = _plan(store)
+
+    async def run() -> Engine:
+        engine = _engine(store, memory_bytes=10_500)
+        engine.readahead("c", plan.refs(range(40)))
+        await asyncio.sleep(0.5)
+        # The budget holds 10 items: the prefetcher stops there until the consumer takes some.
+        assert engine.stats.upstream_fetches == 10
+        await engine.get_many(plan.refs(range(10)))
+        assert engine.stats.cache_hits == 10
+        await asyncio.sleep(0.5)
+        assert engine.stats.upstream_fetches == 20
+        assert engine.memory.nbytes <= 10_500
+        await engine.aclose()
+        return engine
+
+    asyncio.run(run())
+
+
+def test_blob_ref_carries_item_id_for_errors(store: Store) -> None:
+    ref = _plan(store).refs([0])[0]
+    assert ref == BlobRef(ref.sha, 1000, "item000000")

@@ -1,0 +1,15 @@
+"""A real Kubernetes control plane on loopback for the e2e tests (issue #4); see README.md here."""
+
+from .build import BuildFailed, GoUnavailable, ensure_binaries, pinned_versions
+from .cluster import CommandError, Testbed, TestbedError, wait_for
+
+__all__ = [
+    "BuildFailed",
+    "CommandError",
+    "GoUnavailable",
+    "Testbed",
+    "TestbedError",
+    "ensure_binaries",
+    "pinned_versions",
+    "wait_for",
+]
