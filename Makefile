@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS := torch,tensorflow,sidecar,operator,dev
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench testbed testbed-down dev-cluster clean
+.PHONY: demo test lint unit e2e bench testbed testbed-build testbed-down dev-cluster clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ unit: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS),bench]'
 	$(PY) -m bench
+
+e2e: $(INSTALLED)
+	$(PY) -m pytest tests/e2e -m e2e
+
+# A Kubernetes control plane on loopback for interactive use (built from Go modules on first use).
+testbed: $(INSTALLED)
+	$(PY) -m tests.testbed up
+
+testbed-build: $(INSTALLED)
+	$(PY) -m tests.testbed build
+
+testbed-down:
+	$(PY) -m tests.testbed down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

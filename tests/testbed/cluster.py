@@ -143,6 +143,14 @@ def _process_matches(pid: int, binary: str) -> bool:
         return False
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process that is not our child still runs; a zombie awaiting its reaper does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _wait_exit(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -151,7 +159,7 @@ def _wait_exit(pid: int, timeout_s: float) -> bool:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return True
         except ChildProcessError:
-            if not Path(f"/proc/{pid}").exists():
+            if not _alive(pid):
                 return True
         time.sleep(0.05)
     return False
