@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS := torch,tensorflow,sidecar,operator,dev
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint unit e2e bench testbed testbed-build testbed-down dev-cluster clean
+.PHONY: demo test lint servers unit e2e bench testbed testbed-build testbed-down dev-cluster clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ lint: $(INSTALLED)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# The Kubernetes testbed and the S3 server are built from Go modules once per machine (cached under
+# ~/.cache), before pytest, so no test pays for a cold build inside its timeout.
+servers: $(INSTALLED)
+	@if command -v go >/dev/null; then \
+		$(PY) -m tests.testbed build && $(PY) -c "from tests.s3server import build; build()"; \
+	else echo "no Go toolchain: the e2e tests will be skipped (and fail under CI=true)"; fi
+
 # pytest exits non-zero when it collects no test, so an empty run never passes.
-test: lint
+test: lint servers
 	$(PY) -m pytest
 
 unit: $(INSTALLED)

@@ -124,6 +124,7 @@ async def run(settings: Settings) -> None:
     background = [
         asyncio.create_task(server.keep_tls_fresh(kube, settings, tls)),
         asyncio.create_task(handlers.flush_pod_counts(ctx)),
+        asyncio.create_task(handlers.resync(ctx)),
     ]
     try:
         await kopf.operator(registry=registry, clusterwide=True, standalone=True)

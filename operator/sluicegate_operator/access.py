@@ -25,6 +25,7 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+        self.who: str | None = None  # the pod, once the token has been identified
 
 
 @dataclass(frozen=True)

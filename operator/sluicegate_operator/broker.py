@@ -7,21 +7,21 @@ logged and counted. Storage credentials stay in this process: pods get presigned
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from pydantic import BaseModel
 from sluicegate._broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
 from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
 from sluicegate._store import Store, blob_key
 
 from . import access
 from .access import Identity, Refused
-from .catalog import Catalog, shard_table
+from .catalog import Catalog, Shard
 from .inject import INJECTED_LABEL, RANK_ANNOTATION, STREAM_LABEL, WORLD_SIZE_ANNOTATION
 from .kube import Kube
 from .metrics import BROKER_DECISIONS, BROKER_ITEMS, BROKER_SECONDS, BROKER_URLS
@@ -30,7 +30,7 @@ from .resolve import load_dataset, load_stream, open_store
 from .status import is_ready
 
 log = logging.getLogger("sluicegate.broker")
-T = TypeVar("T", bound=BaseModel)
+T = TypeVar("T", bytes, UrlsResponse)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class Broker:
         self._catalog = catalog
         self._ttl = presign_ttl
 
-    async def plan(self, token: str | None, request: PlanRequest) -> PlanResponse:
+    async def plan(self, token: str | None, request: PlanRequest) -> bytes:
+        """The JSON of the caller's :class:`PlanResponse`."""
         return await self._decide("plan", token, lambda g: self._plan(g, request))
 
     async def urls(self, token: str | None, request: UrlsRequest) -> UrlsResponse:
@@ -68,7 +69,12 @@ class Broker:
         except Refused as exc:
             BROKER_DECISIONS.labels(endpoint, "denied", exc.reason).inc()
             log.warning(
-                "broker %s for %s: denied %s (%s): %s", endpoint, who, exc.status, exc.reason, exc.message
+                "broker %s for %s: denied %s (%s): %s",
+                endpoint,
+                exc.who or who,
+                exc.status,
+                exc.reason,
+                exc.message,
             )
             raise
         except Exception:
@@ -95,6 +101,13 @@ class Broker:
                 401, "no_token", "no bearer token: send the pod's projected token (audience sluicegate.io)"
             )
         who = access.identity(await self._kube.token_review(token, [AUDIENCE]))
+        try:
+            return await self._grant_pod(who)
+        except Refused as exc:
+            exc.who = f"{who.namespace}/{who.pod_name}"
+            raise
+
+    async def _grant_pod(self, who: Identity) -> Grant:
         pod = await self._kube.get_pod(who.namespace, who.pod_name)
         if pod is None or pod["metadata"].get("uid") != who.pod_uid:
             raise Refused(401, "pod_gone", f"the token's pod {who.namespace}/{who.pod_name} no longer exists")
@@ -139,15 +152,23 @@ class Broker:
         policies = access.applicable_policies(dataset.spec.policies, who.username, who.groups)
         return Grant(who, stream, dataset, store, rank, world, tuple(policies))
 
-    def _shard(self, grant: Grant) -> tuple[list[dict[str, object]], int]:
-        """The rank's manifest rows (assignment order) and the selection size; runs in a thread."""
+    def _shard(self, grant: Grant) -> Shard:
+        """The rank's shard (cached per stream, rank and policies); runs in a thread."""
         stream = grant.stream
         version = stream.status.resolved_version
         assert version is not None  # checked in _grant
-        queries = (stream.spec.query, *(p.query for p in grant.policies))
+        sharding = stream.spec.sharding
         try:
-            selected = self._catalog.select(grant.store, version, queries)
-            table, _ = grant.store.manifest(version)
+            return self._catalog.shard(
+                grant.store,
+                version,
+                (stream.spec.query, *(p.query for p in grant.policies)),
+                rank=grant.rank,
+                world_size=grant.world_size,
+                seed=sharding.seed,
+                shuffle=sharding.shuffle,
+                remainder=sharding.remainder,
+            )
         except QueryError as exc:
             raise Refused(
                 409,
@@ -156,20 +177,11 @@ class Broker:
             ) from exc
         except (NotFoundError, StoreError) as exc:
             raise Refused(503, "store", f"the dataset store cannot be read: {exc}") from exc
-        sharding = stream.spec.sharding
-        rows = shard_table(
-            table,
-            selected,
-            rank=grant.rank,
-            world_size=grant.world_size,
-            seed=sharding.seed,
-            shuffle=sharding.shuffle,
-            remainder=sharding.remainder,
-        )
-        return rows.to_pylist(), len(selected)
 
-    def _presign(self, grant: Grant, blobs: list[str]) -> tuple[dict[str, str], datetime]:
+    def _presign(self, grant: Grant, blobs: Sequence[str]) -> tuple[dict[str, str], datetime]:
         expires = datetime.now(UTC) + self._ttl
+        if not blobs:
+            return {}, expires
         try:
             urls = grant.store.presign_many([blob_key(b) for b in blobs], self._ttl)
         except ConfigError as exc:
@@ -177,19 +189,19 @@ class Broker:
         BROKER_URLS.inc(len(urls))
         return dict(zip(blobs, urls, strict=True)), expires
 
-    async def _plan(self, grant: Grant, request: PlanRequest) -> PlanResponse:
+    async def _plan(self, grant: Grant, request: PlanRequest) -> bytes:
         stream = grant.stream
         if request.stream is not None and request.stream != stream.metadata.name:
             raise Refused(
                 400, "stream_mismatch", f"this pod streams {stream.metadata.name}, not {request.stream}"
             )
 
-        def build() -> PlanResponse:
-            rows, total = self._shard(grant)
-            urls, expires = self._presign(grant, list(dict.fromkeys(str(r["blob"]) for r in rows)))
-            BROKER_ITEMS.inc(len(rows))
+        def build() -> bytes:
+            shard = self._shard(grant)
+            urls, expires = self._presign(grant, shard.blobs if request.presign else ())
+            BROKER_ITEMS.inc(shard.items)
             sharding = stream.spec.sharding
-            return PlanResponse.model_validate(
+            head = PlanResponse.model_validate(
                 {
                     "namespace": stream.metadata.namespace,
                     "stream": stream.metadata.name,
@@ -197,25 +209,33 @@ class Broker:
                     "version": stream.status.resolved_version,
                     "query": stream.spec.query,
                     "policies": [p.name for p in grant.policies],
-                    "total": total,
+                    "total": shard.total,
                     "rank": grant.rank,
                     "world_size": grant.world_size,
                     "seed": sharding.seed,
                     "shuffle": sharding.shuffle,
                     "remainder": sharding.remainder,
-                    "rows": rows,
-                    "urls": urls,
+                    "rows": [],
+                    "urls": {},
                     "expires_at": expires,
                 }
+            ).model_dump_json()
+            # The rows are serialised once per shard and the URLs are plain strings: splicing them into the
+            # validated head skips re-validating tens of thousands of rows per request. JSON escapes quotes
+            # inside strings, so the two markers occur exactly once, as the members themselves.
+            urls_json = json.dumps(urls, separators=(",", ":"))
+            return (
+                head.replace('"rows":[]', '"rows":' + shard.rows_json.decode(), 1)
+                .replace('"urls":{}', '"urls":' + urls_json, 1)
+                .encode()
             )
 
         return await asyncio.to_thread(build)
 
     async def _urls(self, grant: Grant, request: UrlsRequest) -> UrlsResponse:
         def build() -> UrlsResponse:
-            rows, _ = self._shard(grant)
-            mine = {str(r["blob"]) for r in rows}
-            foreign = [b for b in request.blobs if b not in mine]
+            shard = self._shard(grant)
+            foreign = [b for b in request.blobs if b not in shard.blob_set]
             if foreign:
                 raise Refused(
                     403,

@@ -7,6 +7,7 @@ once and reused by the reconciler and every broker request of every pod of a str
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -47,6 +48,17 @@ def s3_options(dataset: Dataset, secret: Mapping[str, str] | None) -> S3Options:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One rank's shard, serialised once: every broker request of that pod reuses it."""
+
+    rows_json: bytes  # JSON array of the manifest rows in assignment order (sluicegate._protocol.WireRow)
+    blobs: tuple[str, ...]  # distinct blob hashes, in first-use order
+    blob_set: frozenset[str]
+    items: int
+    total: int  # items selected before sharding
+
+
+@dataclass(frozen=True)
 class _StoreKey:
     uri: str
     endpoint: str | None
@@ -60,6 +72,7 @@ class Catalog:
     def __init__(self, max_selections: int = 512) -> None:
         self._stores: dict[_StoreKey, Store] = {}
         self._selections: OrderedDict[tuple[str, int, tuple[str, ...]], Positions] = OrderedDict()
+        self._shards: OrderedDict[tuple[object, ...], Shard] = OrderedDict()
         self._max = max_selections
         self._lock = threading.Lock()
 
@@ -88,6 +101,52 @@ class Catalog:
             while len(self._selections) > self._max:
                 self._selections.popitem(last=False)
         return positions
+
+    def shard(
+        self,
+        store: Store,
+        version: int,
+        queries: tuple[str, ...],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        remainder: Remainder,
+    ) -> Shard:
+        """``rank``'s shard of the selection, serialised; cached like selections."""
+        key = (
+            store.uri,
+            version,
+            tuple(q for q in queries if q.strip()),
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            remainder,
+        )
+        with self._lock:
+            if key in self._shards:
+                self._shards.move_to_end(key)
+                return self._shards[key]
+        selected = self.select(store, version, queries)
+        table, _ = store.manifest(version)
+        rows = shard_table(
+            table, selected, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, remainder=remainder
+        )
+        blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
+        result = Shard(
+            rows_json=json.dumps(rows.to_pylist(), separators=(",", ":")).encode(),
+            blobs=blobs,
+            blob_set=frozenset(blobs),
+            items=rows.num_rows,
+            total=len(selected),
+        )
+        with self._lock:
+            self._shards[key] = result
+            while len(self._shards) > self._max:
+                self._shards.popitem(last=False)
+        return result
 
 
 def shard_table(

@@ -22,6 +22,8 @@ from .models import GROUP, VERSION, DatasetSpec, DatasetStatus, DatasetStreamSpe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "crds"
+# Helm reads files only from inside the chart, so the chart carries identical copies.
+CHART_CRD_DIR = REPO_ROOT / "charts" / "sluicegate" / "files" / "crds"
 _DROP = {"title"}
 
 
@@ -242,20 +244,23 @@ def render(kind: Kind) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=CRD_DIR, help="directory to write (default: crds/)")
+    parser.add_argument(
+        "--out", type=Path, action="append", help="directory to write (default: crds/ and the chart's copy)"
+    )
     parser.add_argument("--check", action="store_true", help="fail if the files there are out of date")
     args = parser.parse_args(argv)
     stale = []
-    for kind in KINDS:
-        path = args.out / kind.filename
-        text = render(kind)
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(str(path))
-            continue
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
+    for out in args.out or [CRD_DIR, CHART_CRD_DIR]:
+        for kind in KINDS:
+            path = out / kind.filename
+            text = render(kind)
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(str(path))
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
     if stale:
         print(f"out of date: {', '.join(stale)}; run python -m sluicegate_operator.crdgen", file=sys.stderr)
         return 1

@@ -2,9 +2,11 @@
 
 Reconciliation is level-triggered: every event of a Dataset or DatasetStream (including the initial
 listing after a restart and the echo of our own status writes) recomputes the desired status from
-scratch and writes only the difference, so repeating it or restarting mid-way changes nothing. A
-timer retries objects that are not Ready (e.g. a stream created before its Dataset). Pods are watched
-only through a server-side label selector on injected pods, to count them per stream.
+scratch and writes only the difference, so repeating it or restarting mid-way changes nothing.
+
+A periodic resync (one LIST per kind, not kopf timers, which would put finalizers on every object)
+re-reads every Dataset's store and retries streams that are not Ready (e.g. created before their
+Dataset). Pods are watched only through a server-side label selector on injected pods.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, Store
 
 from . import status as st
 from .catalog import Catalog
-from .inject import INJECTED_LABEL, STREAM_LABEL
+from .inject import INJECTED_LABEL, STREAM_LABEL, WORLD_SIZE_ANNOTATION
 from .kube import Kube
 from .metrics import RECONCILES
 from .models import GROUP, ConditionStatus, Dataset, DatasetStatus, DatasetStream, DatasetStreamStatus
@@ -31,6 +33,7 @@ from .settings import Settings
 
 log = logging.getLogger("sluicegate.operator")
 COUNT_FLUSH_S = 1.0
+STREAM_RETRY_S = 10.0
 
 
 @dataclass
@@ -144,16 +147,56 @@ async def reconcile_stream(ctx: Context, body: dict[str, Any]) -> None:
     await _write(ctx, "datasetstreams", body, stream.status, after)
 
 
+def _needs_retry(body: dict[str, Any]) -> bool:
+    status = body.get("status") or {}
+    ready = any(
+        c.get("type") == st.READY and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    return not ready or status.get("observedGeneration") != body["metadata"].get("generation")
+
+
+async def resync(ctx: Context) -> None:
+    """Re-read every Dataset's store each ``dataset_resync_s`` (new versions come without a Kubernetes
+    event) and retry streams that are not Ready every few seconds; runs until cancelled."""
+    tick = min(ctx.settings.dataset_resync_s, STREAM_RETRY_S)
+    since_datasets = 0.0
+    while True:
+        await asyncio.sleep(tick)
+        since_datasets += tick
+        kinds: list[tuple[str, Callable[[Context, dict[str, Any]], Awaitable[None]], bool]] = [
+            ("datasetstreams", reconcile_stream, True)
+        ]
+        if since_datasets >= ctx.settings.dataset_resync_s:
+            since_datasets = 0.0
+            kinds.insert(0, ("datasets", reconcile_dataset, False))
+        for plural, fn, only_unready in kinds:
+            try:
+                for body in await ctx.kube.list_custom(plural):
+                    if only_unready and not _needs_retry(body):
+                        continue
+                    async with ctx.lock(body["metadata"]["uid"]):
+                        await fn(ctx, body)
+            except Exception:
+                log.exception("periodic resync of %s failed; retrying in %.0f s", plural, tick)
+
+
 async def flush_pod_counts(ctx: Context) -> None:
-    """Write changed injected-pod counts to stream status, at most once per second per stream."""
+    """Write what the injected pods say (count, world size) to stream status, at most once a second."""
     while True:
         await asyncio.sleep(COUNT_FLUSH_S)
-        for (namespace, stream), count in ctx.pods.take_changes().items():
+        for (namespace, name), (count, world) in ctx.pods.take_changes().items():
             try:
-                await ctx.kube.patch_status("datasetstreams", namespace, stream, {"injectedPods": count})
+                raw = await ctx.kube.get_custom("datasetstreams", namespace, name)
+                if raw is None:
+                    continue  # deleted while its pods run
+                stream = DatasetStream.model_validate(raw)
+                async with ctx.lock(stream.metadata.uid):
+                    patch = st.observed_pods(stream, injected=count, world_size=world)
+                    if patch:
+                        await ctx.kube.patch_status("datasetstreams", namespace, name, patch)
             except Exception:
-                log.exception("cannot update injectedPods of %s/%s", namespace, stream)
-                ctx.pods.mark_dirty(namespace, stream)
+                log.exception("cannot update the pod status of %s/%s", namespace, name)
+                ctx.pods.mark_dirty(namespace, name)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
@@ -170,27 +213,8 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
 
         return handler
 
-    def on_timer(fn: Callable[[Context, dict[str, Any]], Awaitable[None]], *, only_unready: bool) -> Any:
-        async def handler(body: kopf.Body, uid: str, **_: Any) -> None:
-            raw = dict(body)
-            conditions = (raw.get("status") or {}).get("conditions") or []
-            ready = any(c.get("type") == st.READY and c.get("status") == "True" for c in conditions)
-            if not (only_unready and ready):
-                async with ctx.lock(uid):
-                    await fn(ctx, raw)
-
-        return handler
-
-    resync = ctx.settings.dataset_resync_s
     kopf.on.event(GROUP, "datasets", registry=registry, id="reconcile")(on_event(reconcile_dataset))
-    # Datasets are re-read periodically: new versions appear in the store without any Kubernetes event.
-    kopf.timer(GROUP, "datasets", registry=registry, id="resync", interval=resync, idle=None)(
-        on_timer(reconcile_dataset, only_unready=False)
-    )
     kopf.on.event(GROUP, "datasetstreams", registry=registry, id="reconcile")(on_event(reconcile_stream))
-    kopf.timer(GROUP, "datasetstreams", registry=registry, id="retry", interval=min(resync, 10.0))(
-        on_timer(reconcile_stream, only_unready=True)
-    )
 
     @kopf.on.event("v1", "pods", labels={INJECTED_LABEL: "true"}, registry=registry, id="count")
     async def count(body: kopf.Body, type: str | None, **_: Any) -> None:
@@ -199,7 +223,14 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         if stream:
             phase = body.get("status", {}).get("phase")
             alive = type != "DELETED" and phase not in ("Succeeded", "Failed")
-            ctx.pods.observe(meta["namespace"], stream, meta["uid"], alive=alive)
+            world = (meta.get("annotations") or {}).get(WORLD_SIZE_ANNOTATION, "")
+            ctx.pods.observe(
+                meta["namespace"],
+                stream,
+                meta["uid"],
+                alive=alive,
+                world_size=int(world) if world.isdigit() else None,
+            )
 
 
 def configure_on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -10,10 +10,13 @@ class PodCounter:
 
     def __init__(self) -> None:
         self._pods: dict[tuple[str, str], set[str]] = {}
+        self._world: dict[tuple[str, str], int] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def observe(self, namespace: str, stream: str, uid: str, *, alive: bool) -> None:
+    def observe(
+        self, namespace: str, stream: str, uid: str, *, alive: bool, world_size: int | None = None
+    ) -> None:
         key = (namespace, stream)
         with self._lock:
             pods = self._pods.setdefault(key, set())
@@ -24,6 +27,9 @@ class PodCounter:
                 pods.discard(uid)
             if len(pods) != before:
                 self._dirty.add(key)
+            if alive and world_size and self._world.get(key) != world_size:
+                self._world[key] = world_size
+                self._dirty.add(key)
 
     def mark_dirty(self, namespace: str, stream: str) -> None:
         with self._lock:
@@ -33,8 +39,9 @@ class PodCounter:
         with self._lock:
             return len(self._pods.get((namespace, stream), ()))
 
-    def take_changes(self) -> dict[tuple[str, str], int]:
+    def take_changes(self) -> dict[tuple[str, str], tuple[int, int | None]]:
+        """(live pods, latest world size) of every stream that changed since the last call."""
         with self._lock:
-            changes = {key: len(self._pods.get(key, ())) for key in self._dirty}
+            changes = {key: (len(self._pods.get(key, ())), self._world.get(key)) for key in self._dirty}
             self._dirty.clear()
             return changes

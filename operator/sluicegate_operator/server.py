@@ -134,7 +134,7 @@ def build_app(hook: webhook.Webhook, broker: Broker) -> web.Application:
             answer = await broker.plan(_bearer(request), await _parse(request, PlanRequest))
         except Refused as exc:
             return _error(exc.status, exc.message)
-        return web.Response(body=answer.model_dump_json(), content_type="application/json")
+        return web.Response(body=answer, content_type="application/json")
 
     async def urls(request: web.Request) -> web.Response:
         try:

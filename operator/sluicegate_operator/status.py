@@ -148,7 +148,8 @@ def stream_ready(
     stream: DatasetStream, *, version: int, pinned_from: str, matched: int, now: datetime
 ) -> DatasetStreamStatus:
     sharding = stream.spec.sharding
-    world = sharding.world_size
+    # Without spec.sharding.worldSize, the world size is what the injected pods were admitted with.
+    world = sharding.world_size or stream.status.world_size
     per_shard = per_rank(matched, world, sharding.remainder) if world else None
     if world:
         message = f"version {version}: {matched} items match, {world} shards of {per_shard}"
@@ -193,6 +194,22 @@ def stream_failed(stream: DatasetStream, *, reason: str, message: str, now: date
             ),
         }
     )
+
+
+def observed_pods(
+    stream: DatasetStream, *, injected: int, world_size: int | None
+) -> dict[str, object] | None:
+    """The status patch for the injected pods: their count and, when the spec leaves the world size
+    open, the world size they were admitted with (and so the shards)."""
+    update: dict[str, object] = {"injected_pods": injected}
+    matched = stream.status.matched_items
+    if world_size and stream.spec.sharding.world_size is None and matched is not None:
+        update |= {
+            "world_size": world_size,
+            "shards": world_size,
+            "items_per_shard": per_rank(matched, world_size, stream.spec.sharding.remainder),
+        }
+    return status_patch(stream.status, stream.status.model_copy(update=update))
 
 
 def status_patch(

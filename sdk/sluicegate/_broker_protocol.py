@@ -107,6 +107,11 @@ class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stream: str | None = None
+    presign: bool = Field(
+        default=True,
+        description="include a URL for every blob of the shard; false: none (fetch them in windows "
+        "with BrokerPaths.URLS as the epoch order reaches them, so none expires unused)",
+    )
 
 
 class PlanResponse(BaseModel):

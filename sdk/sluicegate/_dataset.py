@@ -25,7 +25,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from . import _partition
-from ._engine import BlobRef, Engine, EngineConfig, LoopThread, Plan, StoreUpstream
+from ._engine import (
+    BlobRef,
+    Engine,
+    EngineConfig,
+    LoopThread,
+    Plan,
+    StoreUpstream,
+    engine_store,
+    read_manifest,
+)
 from ._exceptions import ConfigError
 from ._manifest import Annotation, ItemRecord, record_from_row
 from ._partition import Positions, Remainder
@@ -246,20 +255,18 @@ class LocalSource(Source):
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self._uri, self._s3)
+            self._store = engine_store(self._uri, self._s3)
         return self._store
 
     @property
     def plan(self) -> Plan:
         if self._plan is None:
-            self._plan = Plan(self._version, self.store.manifest(self._version)[0])
+            self._plan = Plan(self._version, read_manifest(self.store, self._version))
         return self._plan
 
     def _running(self) -> _Live:
         if self._live is None or self._live.pid != os.getpid():
-            if self._live is not None:
-                # A forked child: the parent's loop thread and object-store client do not exist here.
-                self._store = None
+            # New, or a forked child: the parent's loop thread does not exist here.
             self._live = _Live(self.store, self._config)
         return self._live
 
@@ -594,7 +601,7 @@ def open(
     the same version); the manifest is read on first use. ``cache_bytes`` bounds the memory cache,
     ``disk_cache`` adds a disk tier in that directory, ``prefetch`` is the read-ahead in bytes.
     """
-    store = Store(uri, s3)
+    store = engine_store(uri, s3)
     pinned = store.resolve(version)
     config = EngineConfig(
         memory_bytes=cache_bytes,

@@ -23,6 +23,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -41,8 +43,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._exceptions import IntegrityError, NotFoundError, StoreError
+from ._manifest import from_parquet
 from ._partition import Positions
-from ._store import Store
+from ._store import S3Options, Store, _version_key, blob_key
 
 __all__ = [
     "BlobRef",
@@ -145,17 +148,75 @@ class _Permanent(StoreError):
     """An upstream refusal that retrying will not change (e.g. HTTP 403 on an expired URL)."""
 
 
+_IMPORT_PID = os.getpid()
+_URL_LIFETIME = timedelta(minutes=15)
+
+
+def forked() -> bool:
+    """True in a process forked after sluicegate (and so obstore) was imported, e.g. a DataLoader worker.
+
+    obstore's tokio runtime does not survive ``fork()``: its threads are gone and calls that need I/O hang.
+    """
+    return os.getpid() != _IMPORT_PID
+
+
+def engine_store(uri: str | os.PathLike[str], s3: S3Options | None) -> Store:
+    """A Store for the engine: the object-store client's own retries off, because the engine retries
+    transient faults itself (with jitter, and counted in its metrics)."""
+    return Store(uri, dataclasses.replace(s3 or S3Options(), max_retries=0))
+
+
 class StoreUpstream:
-    """Reads ``blobs/<sha256>`` from the dataset store (local directory or object store)."""
+    """Reads ``blobs/<sha256>`` from the dataset store.
+
+    Local stores are read with plain file reads (fast, and safe after fork). Object stores go through
+    obstore, except in a forked process, where blobs are fetched by httpx from URLs presigned on the spot
+    (signing with static credentials is computation, which still works there).
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._urls: UrlUpstream | None = None
 
     async def fetch(self, ref: BlobRef) -> bytes:
-        return await self.store.get_blob_async(ref.sha)
+        root = self.store.local_root
+        if root is not None:
+            return await asyncio.to_thread(_read_file, root / blob_key(ref.sha), ref)
+        if not forked():
+            return await self.store.get_blob_async(ref.sha)
+        if self._urls is None:
+            self._urls = UrlUpstream()
+        url = self.store.presign(blob_key(ref.sha), _URL_LIFETIME)
+        return await self._urls.fetch(BlobRef(ref.sha, ref.size, ref.item_id, url))
 
     async def aclose(self) -> None:
-        return None
+        if self._urls is not None:
+            await self._urls.aclose()
+
+
+def _read_file(path: Path, ref: BlobRef) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"blob {ref.sha} of item {ref.item_id!r} is missing ({path})") from exc
+    except OSError as exc:
+        raise StoreError(f"cannot read blob {ref.sha} of item {ref.item_id!r}: {exc}") from exc
+
+
+def read_manifest(store: Store, version: int) -> pa.Table:
+    """A version's manifest table, read in a way that also works in a forked process (see :func:`forked`)."""
+    if not forked():
+        return store.manifest(version)[0]
+    key = _version_key(version)
+    root = store.local_root
+    if root is not None:
+        data = _read_file(root / key, BlobRef(key, 0, f"manifest of version {version}"))
+    else:
+        response = httpx.get(store.presign(key, _URL_LIFETIME), timeout=60, trust_env=False)
+        if response.status_code != 200:
+            raise StoreError(f"cannot read {key} from {store.uri}: HTTP {response.status_code}")
+        data = response.content
+    return from_parquet(data, f"{store.uri}/{key}")[0]
 
 
 class UrlUpstream:

@@ -3,8 +3,8 @@
 Sources, first match wins for rank and world size:
 
 1. ``SLUICEGATE_RANK`` / ``SLUICEGATE_WORLD_SIZE``: what the operator injects into a pod;
-2. ``RANK`` / ``WORLD_SIZE``: torchrun, PyTorchJob and JobSet set these;
-3. ``JOB_COMPLETION_INDEX``: an Indexed Job's pod index (world size then from ``SLUICEGATE_WORLD_SIZE``);
+2. ``JOB_COMPLETION_INDEX`` with ``SLUICEGATE_WORLD_SIZE``: an Indexed Job's pod index;
+3. ``RANK`` / ``WORLD_SIZE``: torchrun, PyTorchJob and JobSet set these;
 4. otherwise rank 0 of 1.
 
 ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (torchrun) say how many trainer processes share one pod's sidecar.
@@ -59,27 +59,23 @@ def detect(environ: Mapping[str, str] | None = None, *, worker: int = 0, num_wor
     ``worker``/``num_workers`` come from the caller (``torch.utils.data.get_worker_info()``).
     """
     env = os.environ if environ is None else environ
-    rank: int | None = None
-    world: int | None = None
-    source = "default"
-    for rank_var, world_var in (("SLUICEGATE_RANK", "SLUICEGATE_WORLD_SIZE"), ("RANK", "WORLD_SIZE")):
-        r, w = _int(env, rank_var), _int(env, world_var)
-        if r is not None or w is not None:
-            if r is None or w is None:
-                missing = rank_var if r is None else world_var
-                raise ConfigError(f"{rank_var} and {world_var} go together, but {missing} is not set")
-            rank, world, source = r, w, rank_var
-            break
+    rank, source = _int(env, "SLUICEGATE_RANK"), "SLUICEGATE_RANK"
     if rank is None:
-        index = _int(env, "JOB_COMPLETION_INDEX")
-        if index is not None:
-            rank, world, source = index, _int(env, "SLUICEGATE_WORLD_SIZE"), "JOB_COMPLETION_INDEX"
-            if world is None:
-                raise ConfigError(
-                    "JOB_COMPLETION_INDEX is set but the world size is not: set SLUICEGATE_WORLD_SIZE to the "
-                    "Job's completions"
-                )
-    rank, world = (0, 1) if rank is None or world is None else (rank, world)
+        rank, source = _int(env, "JOB_COMPLETION_INDEX"), "JOB_COMPLETION_INDEX"
+    world = _int(env, "SLUICEGATE_WORLD_SIZE")
+    if rank is None and world is None:
+        rank, world, source = _int(env, "RANK"), _int(env, "WORLD_SIZE"), "RANK"
+        if (rank is None) != (world is None):
+            raise ConfigError("RANK and WORLD_SIZE go together, but only one of them is set")
+    elif rank is None:
+        raise ConfigError("SLUICEGATE_WORLD_SIZE is set but neither SLUICEGATE_RANK nor JOB_COMPLETION_INDEX is")
+    elif world is None:
+        raise ConfigError(
+            f"{source} is set but the world size is not: set SLUICEGATE_WORLD_SIZE (for an Indexed Job, "
+            "its completions)"
+        )
+    if rank is None or world is None:
+        rank, world, source = 0, 1, "default"
     local_rank, local_world = _int(env, "LOCAL_RANK") or 0, _int(env, "LOCAL_WORLD_SIZE") or 1
     for name, value, size in (
         ("rank", rank, world),

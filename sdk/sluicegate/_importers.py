@@ -130,9 +130,11 @@ def import_dataset(
       ``{"path": ..., "id": ..., "labels": [...], "annotations": [...], "metadata": {...}}``
       (only ``path`` is required; relative paths are relative to the JSONL file).
 
-    Items whose id is already in the dataset are replaced, others are added. Raises
-    :class:`ImportError_` (naming file and line or id) for malformed input, before anything is
-    uploaded or committed.
+    Items whose id is already in the dataset are replaced in place, others are added; when that
+    changes nothing, no version is written (``ImportResult.committed`` is False). Malformed input
+    raises :class:`ImportError_` naming the file and line or id, before anything is uploaded; a
+    metadata type that conflicts with the dataset's is found at commit time. Either way nothing is
+    committed, and re-running after a fix uploads only the files the store still lacks.
     """
     try:
         fmt = Format(format)
@@ -204,25 +206,24 @@ def _check_ids(entries: list[_Entry]) -> None:
     problems.raise_if_any()
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def _plan_imagefolder(roots: Sequence[Path]) -> list[_Entry]:
     entries: list[_Entry] = []
     problems = _Problems()
+    per_class: dict[str, tuple[Annotation, ...]] = {}  # annotations are immutable: one per class
     for root in roots:
         if not root.is_dir():
             raise ImportError_(f"{root}: not a directory; an image folder has one sub-folder per class")
         for path in iter_files(root):
-            if _is_hidden(path, root):
-                continue  # .DS_Store, editor swap files, ...
             rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue  # .DS_Store, editor swap files, ...
             if len(rel.parts) < 2:
                 problems.add(f"{path}: file outside a class folder; put it in {root}/<class>/")
                 continue
             label = rel.parts[0]
-            entries.append(_Entry(rel.as_posix(), path, str(path), (Annotation(label=label),)))
+            if label not in per_class:
+                per_class[label] = (Annotation(label=label),)
+            entries.append(_Entry(rel.as_posix(), path, str(path), per_class[label]))
     problems.raise_if_any()
     if not entries:
         raise ImportError_(f"no images under {', '.join(map(str, roots))}: expected <root>/<class>/<image>")

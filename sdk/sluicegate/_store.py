@@ -5,6 +5,7 @@ Layout under a dataset's root (a local directory or an object-store prefix)::
     blobs/<sha256>          the files, addressed by the sha256 of their bytes
     versions/<n>.parquet    manifest of version n (1, 2, 3, ...), written once, never replaced
     refs/latest             the newest version number, a hint for readers
+    staging/                local stores only: files being copied in (stray ones are safe to delete)
 
 Commits are linearised by creating ``versions/<n>.parquet`` with a create-only conditional write
 (``If-None-Match: *`` on object stores, no-clobber link on a filesystem): of two writers racing for
@@ -18,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -131,6 +134,9 @@ class Store:
 
         ``on_done`` is called after each file is stored (for progress bars).
         """
+        root = self.local_root
+        if root is not None:
+            return await asyncio.to_thread(self._put_local_files, root, list(blobs), on_done)
         sem = asyncio.Semaphore(concurrency)
 
         async def one(sha: str, path: Path) -> None:
@@ -151,6 +157,39 @@ class Store:
             for t in tasks:
                 t.cancel()
         return len(tasks)
+
+    def _put_local_files(
+        self, root: Path, blobs: list[tuple[str, Path]], on_done: Callable[[], None] | None
+    ) -> int:
+        """Copy files into a local store: staged in ``staging/``, then hard-linked to ``blobs/<sha>``.
+
+        obstore stages each file beside its target (``blobs/<sha>#n``): three entry changes in the
+        one large ``blobs/`` directory per file. Staging elsewhere leaves one there (the link), which
+        measured 3-10x faster for many small files (bench/store_query.py). The link is create-only
+        and atomic, so a crash leaves at most a stray staging file, never a partial blob.
+        """
+        staging, target = root / "staging", root / "blobs"
+        tag = f"{os.getpid()}-{threading.get_ident()}"
+        try:
+            staging.mkdir(exist_ok=True)
+            target.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot write to {self.uri}: {exc.strerror or exc}") from exc
+        for sha, path in blobs:
+            tmp = staging / f"{sha}.{tag}"
+            try:
+                shutil.copyfile(path, tmp)
+                try:
+                    os.link(tmp, target / sha)
+                except FileExistsError:
+                    pass  # content-addressed: the bytes there are these bytes
+                finally:
+                    tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot store {path} in {self.uri}: {exc.strerror or exc}") from exc
+            if on_done is not None:
+                on_done()
+        return len(blobs)
 
     def get_blob(self, sha: str) -> bytes:
         """The bytes of blob ``sha``, checked against the hash."""

@@ -17,11 +17,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(argv)
-        asyncio.run(Sidecar(config).run())
+        served = asyncio.run(Sidecar(config).run())
     except SluicegateError as exc:
         print(f"sluicegate-sidecar: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if served else 2
 
 
 if __name__ == "__main__":

@@ -157,9 +157,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         value = args[key] if args[key] is not None else env.get(var)
         if value is not None:
             raw[key] = value
-    if "rank" not in raw and "world_size" not in raw:
+    if "rank" not in raw or "world_size" not in raw:
         where = detect(env)
-        raw["rank"], raw["world_size"] = str(where.rank), str(where.world_size)
+        raw.setdefault("rank", str(where.rank))
+        raw.setdefault("world_size", str(where.world_size))
     if raw.get("version") == "":
         del raw["version"]
     try:

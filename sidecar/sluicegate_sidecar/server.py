@@ -22,7 +22,7 @@ from prometheus_client.registry import CollectorRegistry
 from pydantic import ValidationError
 from sluicegate import _partition
 from sluicegate import _protocol as proto
-from sluicegate._engine import Engine, Plan, StoreUpstream
+from sluicegate._engine import Engine, Plan, StoreUpstream, engine_store
 from sluicegate._exceptions import (
     ConfigError,
     IntegrityError,
@@ -33,7 +33,6 @@ from sluicegate._exceptions import (
     StoreError,
 )
 from sluicegate._query import select_rows
-from sluicegate._store import Store
 
 from .config import SidecarConfig
 from .metrics import SidecarCollector
@@ -69,7 +68,7 @@ class Sidecar:
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
-        self.store = Store(config.store)
+        self.store = engine_store(config.store, None)
         self.engine = Engine(StoreUpstream(self.store), config.engine())
         self.plan: Plan | None = None
         self.info: proto.Info | None = None
@@ -80,6 +79,7 @@ class Sidecar:
         self._runner: web.AppRunner | None = None
         self._loading: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
+        self.failure: str | None = None  # why the plan is not loaded (yet)
 
     # -- the plan ------------------------------------------------------------------------------
 
@@ -113,8 +113,24 @@ class Sidecar:
         return plan, info
 
     async def load(self) -> None:
-        plan, info = await asyncio.to_thread(self._load_plan)
-        self.plan, self.info = plan, info
+        """Load the plan; transient store faults are retried, a permanent problem stops the sidecar."""
+        delay = 0.5
+        while True:
+            try:
+                plan, info = await asyncio.to_thread(self._load_plan)
+                break
+            except (ConfigError, QueryError, NotFoundError) as exc:
+                # Retrying cannot fix a bad query or a missing version: exit so the pod shows the reason.
+                self.failure = f"cannot serve: {exc}"
+                log.error("%s", self.failure)
+                self.stopping.set()
+                return
+            except StoreError as exc:
+                self.failure = f"cannot load the shard plan yet (retrying in {delay:.0f}s): {exc}"
+                log.warning("%s", self.failure)
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+        self.plan, self.info, self.failure = plan, info, None
         log.info(
             "serving %s version %s, rank %s of %s: %s items of %s",
             info.dataset,
@@ -127,9 +143,7 @@ class Sidecar:
 
     def _ready(self) -> tuple[Plan, proto.Info]:
         if self.plan is None or self.info is None:
-            if self._loading is not None and self._loading.done() and self._loading.exception() is not None:
-                raise _NotReady(f"the sidecar could not load its plan: {self._loading.exception()}")
-            raise _NotReady("the sidecar is still loading its shard plan; retry shortly")
+            raise _NotReady(self.failure or "the sidecar is still loading its shard plan; retry shortly")
         return self.plan, self.info
 
     # -- HTTP ----------------------------------------------------------------------------------
@@ -315,8 +329,8 @@ class Sidecar:
             if listen.path is not None:
                 listen.path.unlink(missing_ok=True)
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
+    async def run(self) -> bool:
+        """Serve until SIGTERM or SIGINT; False when the sidecar stopped because it cannot serve."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -331,6 +345,7 @@ class Sidecar:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
+        return self.plan is not None or self.failure is None
 
 
 def _host(sock: Any) -> str:

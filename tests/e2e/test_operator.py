@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import ssl
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,11 +26,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from sluicegate import S3Options, Store
 from sluicegate._broker_protocol import AUDIENCE, BrokerPaths, PlanResponse
-from sluicegate._manifest import ItemRecord, records_to_table
+from sluicegate._manifest import ItemRecord
 from sluicegate._store import sha256_hex
 
+from tests.operator import devcluster
 from tests.s3server import GoUnavailable, S3Server, build
 from tests.testbed import CommandError, Testbed, wait_for
 
@@ -42,29 +40,6 @@ REPO = Path(__file__).resolve().parents[2]
 ITEMS = 40
 PRESIGN_TTL_S = 20
 INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _records(store: Store) -> list[ItemRecord]:
-    records = []
-    for i in range(ITEMS):
-        data = f"item-{i}".encode()
-        records.append(
-            ItemRecord(
-                id=f"i{i}",
-                blob=store.put_blob(data),
-                size=len(data),
-                media_type="text/plain",
-                labels={"car": i % 3, "dog": int(i % 5 == 0)},
-                metadata={"split": "train" if i % 4 else "val", "open": i % 2 == 0},
-            )
-        )
-    return records
 
 
 @dataclass
@@ -147,108 +122,20 @@ def s3() -> Iterator[S3Server]:
 @pytest.fixture(scope="module")
 def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     suffix = uuid.uuid4().hex[:6]
-    data_ns, team_ns, op_ns = f"data-{suffix}", f"team-{suffix}", f"sluicegate-{suffix}"
-    testbed.kubectl("apply", "-f", str(REPO / "crds"))
-    testbed.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "crd/datasets.sluicegate.io",
-        "crd/datasetstreams.sluicegate.io",
-        "--timeout=60s",
-    )
-    for ns in (data_ns, team_ns, op_ns):
-        testbed.kubectl("create", "namespace", ns)
-
-    bucket = f"datasets-{suffix}"
-    s3.create_bucket(bucket)
-    store = Store(
-        f"s3://{bucket}/coco",
-        S3Options(
-            endpoint=s3.endpoint,
-            region=s3.region,
-            access_key_id=s3.access_key,
-            secret_access_key=s3.secret_key,
-        ),
-    )
-    records = _records(store)
-    store.commit(lambda _: records_to_table(records))
-
-    port = _free_port()
-    url = f"https://127.0.0.1:{port}"
+    data_ns, team_ns = f"data-{suffix}", f"team-{suffix}"
+    uri, records = devcluster.sample_dataset(s3, f"datasets-{suffix}", ITEMS)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLUICEGATE_"))}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sluicegate_operator",
-                f"--kubeconfig={testbed.kubeconfig}",
-                f"--namespace={op_ns}",
-                f"--listen=127.0.0.1:{port}",
-                f"--public-url={url}",
-                "--manage-webhook",
-                f"--webhook-configuration=sluicegate-e2e-{suffix}",
-                f"--presign-ttl={PRESIGN_TTL_S}",
-                "--resync=5",
-                "--sidecar-image=sluicegate:e2e",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
+    operator = devcluster.start(
+        testbed,
+        f"sluicegate-{suffix}",
+        f"sg-{suffix}",
+        log,
+        extra_args=(f"--presign-ttl={PRESIGN_TTL_S}", "--resync=5", "--sidecar-image=sluicegate:e2e"),
+    )
     try:
-
-        def ca() -> str | None:
-            if proc.poll() is not None:
-                raise AssertionError(f"operator exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            out = testbed.kubectl(
-                "get",
-                "secret",
-                "sluicegate-operator-tls",
-                "-n",
-                op_ns,
-                "-o",
-                "jsonpath={.data.ca\\.crt}",
-                check=False,
-            )
-            return base64.b64decode(out.stdout).decode() if out.returncode == 0 and out.stdout else None
-
-        context = ssl.create_default_context(cadata=wait_for(ca, timeout_s=60, what="the operator's CA"))
-
-        def healthy() -> bool:
-            try:
-                return (
-                    httpx.get(url + BrokerPaths.HEALTHZ, verify=context, trust_env=False).status_code == 200
-                )
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, timeout_s=30, what="the operator's HTTPS endpoint")
-        plane = ControlPlane(testbed, s3, url, context, data_ns, team_ns, log, records)
-        testbed.kubectl(
-            "create",
-            "secret",
-            "generic",
-            "coco-keys",
-            "-n",
-            data_ns,
-            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-            f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
-        )
-        plane.apply(
-            {
-                "apiVersion": "sluicegate.io/v1alpha1",
-                "kind": "Dataset",
-                "metadata": {"name": "coco", "namespace": data_ns},
-                "spec": {
-                    "source": {"uri": f"s3://{bucket}/coco", "endpoint": s3.endpoint, "region": s3.region},
-                    "credentials": {"secretRef": {"name": "coco-keys"}},
-                },
-            }
-        )
+        for ns in (data_ns, team_ns):
+            testbed.kubectl("create", "namespace", ns)
+        devcluster.publish_dataset(testbed, data_ns, uri, s3)
         for sa in ("trainer", "temp"):
             testbed.kubectl("create", "serviceaccount", sa, "-n", team_ns)
         testbed.kubectl(
@@ -271,12 +158,10 @@ def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory)
                 "--role=coco-stream",
                 f"--serviceaccount={team_ns}:{sa}",
             )
-        yield plane
+        yield ControlPlane(testbed, s3, operator.url, operator.ca, data_ns, team_ns, log, records)
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(15)
-        testbed.kubectl("delete", "mutatingwebhookconfiguration", f"sluicegate-e2e-{suffix}", check=False)
-        for ns in (data_ns, team_ns, op_ns):
+        operator.stop(testbed)
+        for ns in (data_ns, team_ns, operator.namespace):
             testbed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
@@ -410,6 +295,7 @@ def test_dataset_and_stream_reconcile_to_ready(cp: ControlPlane) -> None:
     )
     assert (status["shards"], status["itemsPerShard"]) == (3, expected // 3)
     assert status["observedGeneration"] == stream["metadata"]["generation"]
+    assert "finalizers" not in stream["metadata"], "deleting a stream never waits for the operator"
     header, row = cp.kubectl("get", "datasetstreams", "sharded", "-n", cp.team_ns).stdout.splitlines()
     assert header.split() == ["NAME", "READY", "DATASET", "VERSION", "ITEMS", "SHARDS", "PODS", "AGE"]
     assert row.split()[:6] == ["sharded", "True", "coco", "1", str(expected), "3"]
@@ -466,6 +352,9 @@ def test_indexed_job_pods_are_injected_with_ranks(cp: ControlPlane, job_pods: li
         lambda: cp.get("datasetstreams", "train", "-n", cp.team_ns)["status"].get("injectedPods") == 4,
         what="status.injectedPods == 4",
     )
+    status = cp.get("datasetstreams", "train", "-n", cp.team_ns)["status"]
+    matched = len(_matching(cp.records))
+    assert (status["shards"], status["itemsPerShard"]) == (4, -(-matched // 4)), "world size from the Job"
 
 
 def test_pod_refused_without_role_binding(cp: ControlPlane) -> None:
@@ -489,7 +378,9 @@ def test_pod_refused_without_role_binding(cp: ControlPlane) -> None:
     )
     assert "--verb=stream" in stderr
     missing = {**pod, "metadata": {**pod["metadata"], "labels": {"sluicegate.io/stream": "no-such-stream"}}}
-    with pytest.raises(CommandError, match=r"no-such-stream \(from label sluicegate.io/stream\) does not exist"):
+    with pytest.raises(
+        CommandError, match=r"no-such-stream \(from label sluicegate.io/stream\) does not exist"
+    ):
         cp.kubectl("create", "-f", "-", input=json.dumps(missing))
 
 
@@ -607,6 +498,9 @@ def test_broker_refusals(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> No
     other = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, cp.pod_token(job_pods[1])).content)
     foreign = next(r.blob for r in other.rows if r.blob not in mine.urls)
     assert cp.broker(BrokerPaths.URLS, good, {"blobs": [foreign]}).status_code == 403
+    lean = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, good, {"presign": False}).content)
+    assert lean.urls == {}
+    assert [r.id for r in lean.rows] == [r.id for r in mine.rows]
     fresh = cp.broker(BrokerPaths.URLS, good, {"blobs": [mine.rows[0].blob]})
     assert fresh.status_code == 200
     assert mine.rows[0].blob in fresh.json()["urls"]
@@ -687,3 +581,9 @@ def test_deleting_a_stream_while_pods_run(cp: ControlPlane, job_pods: list[dict[
     assert "no longer exists" in response.json()["message"]
     # The pod keeps running (its sidecar serves what it has); only new plans are refused.
     assert cp.get("pod", "short", "-n", cp.team_ns)["metadata"].get("deletionTimestamp") is None
+
+
+def test_operator_needed_no_more_than_the_charts_rbac(cp: ControlPlane) -> None:
+    """The operator ran as the chart's ServiceAccount through every test above without a refusal."""
+    log = cp.log.read_text()
+    assert "forbidden" not in log.lower(), cp.log_tail(80)

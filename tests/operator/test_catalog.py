@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,17 @@ def test_s3_options_from_secret() -> None:
     )
     with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY"):
         s3_options(ds, {"AWS_ACCESS_KEY_ID": "AK"})
+
+
+def test_shard_is_serialised_once_and_matches_the_rows(store: Store) -> None:
+    catalog = Catalog()
+    kwargs = {"rank": 1, "world_size": 3, "seed": 5, "shuffle": True, "remainder": Remainder.PAD}
+    shard = catalog.shard(store, 1, ("labels.car > 0",), **kwargs)  # type: ignore[arg-type]
+    assert catalog.shard(store, 1, ("labels.car > 0", " "), **kwargs) is shard  # type: ignore[arg-type]
+    table, _ = store.manifest(1)
+    selected = catalog.select(store, 1, ("labels.car > 0",))
+    rows = shard_table(table, selected, **kwargs).to_pylist()  # type: ignore[arg-type]
+    assert json.loads(shard.rows_json) == rows
+    assert (shard.items, shard.total) == (len(rows), len(selected))
+    assert list(shard.blobs) == list(dict.fromkeys(r["blob"] for r in rows))
+    assert shard.blob_set == set(shard.blobs)

@@ -23,9 +23,10 @@ def _walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[st
         yield from _walk(schema["additionalProperties"], f"{path}{{}}")
 
 
+@pytest.mark.parametrize("directory", [crdgen.CRD_DIR, crdgen.CHART_CRD_DIR], ids=["crds", "chart"])
 @pytest.mark.parametrize("kind", crdgen.KINDS, ids=lambda k: k.kind)
-def test_committed_crd_equals_generated(kind: crdgen.Kind) -> None:
-    committed = crdgen.CRD_DIR / kind.filename
+def test_committed_crd_equals_generated(kind: crdgen.Kind, directory: Path) -> None:
+    committed = directory / kind.filename
     assert committed.read_text() == crdgen.render(kind), "run: python -m sluicegate_operator.crdgen"
 
 

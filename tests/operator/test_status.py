@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from sluicegate_operator import status as st
 from sluicegate_operator.models import ConditionStatus
+from sluicegate_operator.pods import PodCounter
 
 from .conftest import stream
 
@@ -101,3 +102,35 @@ def test_items_per_shard(world: int | None, remainder: str, per_shard: int | Non
     sharding = {"remainder": remainder} | ({"worldSize": world} if world else {})
     status = st.stream_ready(stream(sharding=sharding), version=1, pinned_from="1", matched=10, now=T0)
     assert status.items_per_shard == per_shard
+
+
+def test_pod_counter_reports_changes_once() -> None:
+    counter = PodCounter()
+    counter.observe("ns", "s", "a", alive=True, world_size=4)
+    counter.observe("ns", "s", "b", alive=True, world_size=4)
+    counter.observe("ns", "other", "c", alive=True)
+    assert counter.take_changes() == {("ns", "s"): (2, 4), ("ns", "other"): (1, None)}
+    assert counter.take_changes() == {}
+    counter.observe("ns", "s", "a", alive=True, world_size=4)  # a repeated event changes nothing
+    assert counter.take_changes() == {}
+    counter.observe("ns", "s", "a", alive=False)
+    assert counter.take_changes() == {("ns", "s"): (1, 4)}
+
+
+def test_observed_pods_fill_in_shards_only_when_the_spec_leaves_them_open() -> None:
+    open_world = stream(status={"matchedItems": 26})
+    assert st.observed_pods(open_world, injected=4, world_size=4) == {
+        "injectedPods": 4,
+        "worldSize": 4,
+        "shards": 4,
+        "itemsPerShard": 7,
+    }
+    fixed = stream(sharding={"worldSize": 2}, status={"matchedItems": 26, "worldSize": 2, "shards": 2})
+    assert st.observed_pods(fixed, injected=4, world_size=4) == {"injectedPods": 4}
+    settled = stream(
+        status={"matchedItems": 26, "injectedPods": 4, "worldSize": 4, "shards": 4, "itemsPerShard": 7}
+    )
+    assert st.observed_pods(settled, injected=4, world_size=4) is None
+    # A later reconcile keeps the observed world size instead of erasing it.
+    again = st.stream_ready(settled, version=1, pinned_from="latest", matched=26, now=T0)
+    assert (again.shards, again.items_per_shard) == (4, 7)

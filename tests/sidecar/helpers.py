@@ -187,8 +187,10 @@ class FaultProxy:
             auto_decompress=False,
         ) as upstream:
             body = await upstream.read()
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
-            return web.Response(status=upstream.status, body=body, headers=out)
+            # HEAD answers carry the object's Content-Length without a body; keep it for those.
+            drop = ("transfer-encoding",) if request.method == "HEAD" else ("content-length", "transfer-encoding")
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in drop}
+            return web.Response(status=upstream.status, body=body or None, headers=out)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()

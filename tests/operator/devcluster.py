@@ -1,0 +1,255 @@
+"""A sluicegate control plane on a testbed, shared by the e2e tests and ``make dev-cluster``.
+
+The chart is installed for RBAC and the webhook configuration (``replicaCount=0``, ``webhook.url``
+pointing here), and the operator runs as a local process under the chart's ServiceAccount, so the
+API server calls it like an in-cluster webhook and every permission it uses comes from the chart.
+
+``python -m tests.operator.devcluster`` (after ``python -m tests.testbed up``) adds a loopback S3 server
+with a sample Dataset and keeps the operator in the foreground until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from sluicegate import S3Options, Store
+from sluicegate._broker_protocol import BrokerPaths
+from sluicegate._manifest import ItemRecord, records_to_table
+
+from tests.s3server import S3Server
+from tests.testbed import Testbed, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "sluicegate"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sample_dataset(s3: S3Server, bucket: str, items: int = 40) -> tuple[str, list[ItemRecord]]:
+    """A dataset of ``items`` small text blobs with labels and metadata, committed as version 1."""
+    s3.create_bucket(bucket)
+    uri = f"s3://{bucket}/coco"
+    store = Store(
+        uri,
+        S3Options(
+            endpoint=s3.endpoint,
+            region=s3.region,
+            access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key,
+        ),
+    )
+    records = []
+    for i in range(items):
+        data = f"item-{i}".encode()
+        records.append(
+            ItemRecord(
+                id=f"i{i}",
+                blob=store.put_blob(data),
+                size=len(data),
+                media_type="text/plain",
+                labels={"car": i % 3, "dog": int(i % 5 == 0)},
+                metadata={"split": "train" if i % 4 else "val", "open": i % 2 == 0},
+            )
+        )
+    store.commit(lambda _: records_to_table(records))
+    return uri, records
+
+
+def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco") -> None:
+    """The Dataset ``name`` in ``namespace`` with its keys in a Secret beside it."""
+    testbed.kubectl(
+        "create",
+        "secret",
+        "generic",
+        f"{name}-keys",
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
+    )
+    testbed.apply(
+        {
+            "apiVersion": "sluicegate.io/v1alpha1",
+            "kind": "Dataset",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "source": {"uri": uri, "endpoint": s3.endpoint, "region": s3.region},
+                "credentials": {"secretRef": {"name": f"{name}-keys"}},
+            },
+        }
+    )
+
+
+@dataclass
+class Operator:
+    """A local operator process registered with the testbed's API server."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    namespace: str
+    release: str
+    log: Path
+    ca: ssl.SSLContext
+
+    @property
+    def name(self) -> str:
+        return f"{self.release}-sluicegate"
+
+    def stop(self, testbed: Testbed) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        testbed.helm("uninstall", self.release, "-n", self.namespace, check=False)
+
+
+def start(
+    testbed: Testbed,
+    namespace: str,
+    release: str,
+    log: Path,
+    *,
+    port: int = 0,
+    extra_args: Sequence[str] = (),
+) -> Operator:
+    """CRDs, the chart (RBAC and webhook configuration) and the operator as the chart's ServiceAccount."""
+    testbed.kubectl("apply", "-f", str(REPO / "crds"))
+    testbed.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd/datasets.sluicegate.io",
+        "crd/datasetstreams.sluicegate.io",
+        "--timeout=60s",
+    )
+    testbed.kubectl("create", "namespace", namespace)
+    url = f"https://127.0.0.1:{port or free_port()}"
+    name = f"{release}-sluicegate"
+    testbed.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--set",
+        "crds.enabled=false",
+        "--set",
+        "replicaCount=0",
+        "--set",
+        f"webhook.url={url}/mutate",
+    )
+    kubeconfig = testbed.service_account_kubeconfig(namespace, name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLUICEGATE_"))}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sluicegate_operator",
+                f"--kubeconfig={kubeconfig}",
+                f"--namespace={namespace}",
+                f"--listen=127.0.0.1:{url.rsplit(':', 1)[1]}",
+                f"--public-url={url}",
+                f"--webhook-configuration={name}",
+                f"--tls-secret={name}-tls",
+                *extra_args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+    def ca() -> str | None:
+        if process.poll() is not None:
+            raise AssertionError(f"operator exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        got = testbed.kubectl(
+            "get", "secret", f"{name}-tls", "-n", namespace, "-o", "jsonpath={.data.ca\\.crt}", check=False
+        )
+        return base64.b64decode(got.stdout).decode() if got.returncode == 0 and got.stdout else None
+
+    operator = Operator(process, url, namespace, release, log, ssl.create_default_context())
+    try:
+        operator.ca = ssl.create_default_context(cadata=wait_for(ca, timeout_s=60, what="the operator's CA"))
+
+        def healthy() -> bool:
+            try:
+                return (
+                    httpx.get(url + BrokerPaths.HEALTHZ, verify=operator.ca, trust_env=False).status_code
+                    == 200
+                )
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout_s=30, what="the operator's HTTPS endpoint")
+    except BaseException:
+        operator.stop(testbed)
+        raise
+    return operator
+
+
+def _attach(state_dir: Path) -> Testbed:
+    """The testbed `python -m tests.testbed up` recorded in ``state_dir``."""
+    from tests.testbed.build import ensure_binaries
+    from tests.testbed.cluster import Ports
+
+    state = json.loads((state_dir / "state.json").read_text())
+    port = int(state["server"].rsplit(":", 1)[1])
+    return Testbed(state_dir / "run", ensure_binaries(), ports=Ports(0, 0, port, 0, 0, 0), pids=state["pids"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.operator.devcluster", description=__doc__)
+    parser.add_argument("--state-dir", type=Path, default=REPO / ".testbed")
+    parser.add_argument("--port", type=int, default=8443, help="operator port on 127.0.0.1")
+    args = parser.parse_args(argv)
+    if not (args.state_dir / "state.json").exists():
+        print("no testbed running: start one with `python -m tests.testbed up`", file=sys.stderr)
+        return 1
+    testbed = _attach(args.state_dir)
+    with S3Server() as s3:
+        uri, records = sample_dataset(s3, "datasets")
+        log = args.state_dir / "operator.log"
+        operator = start(testbed, "sluicegate-system", "dev", log, port=args.port)
+        try:
+            testbed.kubectl("create", "namespace", "data")
+            publish_dataset(testbed, "data", uri, s3)
+            print(
+                f"""sluicegate dev cluster: operator {operator.url} (log {log}), S3 {s3.endpoint}
+Dataset data/coco: {len(records)} items on {uri}
+
+  export KUBECONFIG={args.state_dir / "kubeconfig"} PATH={args.state_dir / "bin"}:$PATH
+  kubectl get datasets -A
+
+Ctrl-C stops the operator and the S3 server; `make testbed-down` stops the cluster.""",
+                flush=True,
+            )
+            operator.process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            operator.stop(testbed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

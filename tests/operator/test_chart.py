@@ -1,0 +1,134 @@
+"""The Helm chart renders what the operator expects: its CRDs and webhook, restricted pods, closed values."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sluicegate_operator import crdgen, webhook
+
+pytestmark = pytest.mark.integration
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "sluicegate"
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    from tests.testbed.build import GoUnavailable, ensure_binaries
+
+    try:
+        return ensure_binaries()["helm"]
+    except GoUnavailable as error:
+        pytest.skip(f"helm unavailable: {error}")
+
+
+def render(helm: Path, *sets: str) -> list[dict[str, Any]]:
+    args = [str(helm), "template", "sg", str(CHART), "-n", "sluicegate-system", "--kube-version", "1.36.0"]
+    for value in sets:
+        args += ["--set", value]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def test_lint_strict(helm: Path) -> None:
+    result = subprocess.run([str(helm), "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_crds_are_the_generated_ones_and_kept_on_uninstall(helm: Path) -> None:
+    crds = {d["metadata"]["name"]: d for d in render(helm) if d["kind"] == "CustomResourceDefinition"}
+    for kind in crdgen.KINDS:
+        generated = yaml.safe_load(crdgen.render(kind))
+        rendered = crds[generated["metadata"]["name"]]
+        assert rendered["spec"] == generated["spec"]
+        assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert "CustomResourceDefinition" not in kinds(render(helm, "crds.enabled=false"))
+    kept = render(helm, "crds.keep=false")
+    assert all("annotations" not in d["metadata"] for d in kept if d["kind"] == "CustomResourceDefinition")
+
+
+def test_webhook_matches_the_operators_definition(helm: Path) -> None:
+    (rendered,) = [d for d in render(helm) if d["kind"] == "MutatingWebhookConfiguration"]
+    expected = webhook.configuration("sg-sluicegate", {})
+    (hook,) = rendered["webhooks"]
+    (want,) = expected["webhooks"]
+    assert {k: v for k, v in hook.items() if k != "clientConfig"} == {
+        k: v for k, v in want.items() if k != "clientConfig"
+    }
+    assert hook["clientConfig"]["service"] == {
+        "name": "sg-sluicegate",
+        "namespace": "sluicegate-system",
+        "path": webhook.PATH,
+        "port": 443,
+    }
+    assert rendered["metadata"]["name"] == "sg-sluicegate"
+
+
+def test_operator_pod_is_restricted_and_wired(helm: Path) -> None:
+    (deployment,) = [d for d in render(helm) if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    args = dict(a[2:].split("=", 1) for a in container["args"])
+    assert args["webhook-configuration"] == "sg-sluicegate"
+    assert args["tls-secret"] == "sg-sluicegate-tls"
+    assert args["sidecar-image"] == "ghcr.io/sluicegate/sluicegate:0.1.0"
+    rules = next(
+        d for d in render(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "sg-sluicegate"
+    )
+    verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in rules["rules"] for res in r["resources"]}
+    assert verbs[("", "secrets")] == {"get"}, "credentials are read by name, never listed"
+    assert verbs[("authentication.k8s.io", "tokenreviews")] == {"create"}
+    assert verbs[("authorization.k8s.io", "subjectaccessreviews")] == {"create"}
+
+
+def test_optional_objects_are_gated(helm: Path) -> None:
+    default = kinds(render(helm))
+    assert "ServiceMonitor" not in default
+    assert "ConfigMap" not in default
+    on = render(helm, "metrics.serviceMonitor.enabled=true", "grafana.dashboard.enabled=true")
+    (dashboard,) = [d for d in on if d["kind"] == "ConfigMap"]
+    assert '"title": "sluicegate"' in dashboard["data"]["sluicegate.json"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "ServiceMonitor" in kinds(on)
+
+
+@pytest.mark.parametrize(
+    "value", ["bogus=1", "webhook.failurePolicy=Sometimes", "replicaCount=3", "image.foo=x"]
+)
+def test_values_schema_is_closed(helm: Path, value: str) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        render(helm, value)
+    assert "values don't meet the specifications of the schema" in info.value.stderr
+
+
+def test_every_value_is_documented_with_an_example() -> None:
+    """Each leaf value has a comment with an example right above it or above an enclosing key."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented: list[tuple[int, bool]] = []  # (indent, has an example) of the enclosing keys
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w.]*):(.*)$", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while documented and documented[-1][0] >= indent:
+            documented.pop()
+        previous = lines[number - 1].strip()
+        own = previous.startswith("#") and "e.g." in previous
+        inherited = any(doc for _, doc in documented)
+        if match.group(3).strip():
+            assert own or inherited, f"values.yaml:{number + 1}: {line.strip()!r} has no documented example"
+        documented.append((indent, own))
