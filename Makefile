@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS := torch,tensorflow,sidecar,operator,dev
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint servers unit e2e bench testbed testbed-build testbed-down dev-cluster clean
+.PHONY: demo test lint servers unit e2e bench testbed testbed-build testbed-down dev-cluster crds clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(PY) -m sluicegate_operator.crdgen --check
 
 # The Kubernetes testbed and the S3 server are built from Go modules once per machine (cached under
 # ~/.cache), before pytest, so no test pays for a cold build inside its timeout.
@@ -52,6 +53,16 @@ testbed-build: $(INSTALLED)
 
 testbed-down:
 	$(PY) -m tests.testbed down
+
+# The testbed plus the CRDs, the chart, the operator running locally, a loopback S3 server and a
+# sample Dataset: what the README's Kubernetes quick start runs against.
+dev-cluster: $(INSTALLED) servers
+	$(PY) -m tests.testbed up
+	$(PY) -m tests.operator.devcluster
+
+# Regenerate crds/ (and the chart's copy) from the pydantic models.
+crds: $(INSTALLED)
+	$(PY) -m sluicegate_operator.crdgen
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

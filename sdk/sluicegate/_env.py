@@ -68,7 +68,9 @@ def detect(environ: Mapping[str, str] | None = None, *, worker: int = 0, num_wor
         if (rank is None) != (world is None):
             raise ConfigError("RANK and WORLD_SIZE go together, but only one of them is set")
     elif rank is None:
-        raise ConfigError("SLUICEGATE_WORLD_SIZE is set but neither SLUICEGATE_RANK nor JOB_COMPLETION_INDEX is")
+        raise ConfigError(
+            "SLUICEGATE_WORLD_SIZE is set but neither SLUICEGATE_RANK nor JOB_COMPLETION_INDEX is"
+        )
     elif world is None:
         raise ConfigError(
             f"{source} is set but the world size is not: set SLUICEGATE_WORLD_SIZE (for an Indexed Job, "

@@ -4,27 +4,28 @@ Every importer works in three steps, so that bad input never becomes a version:
 
 1. *Plan*: read the format's index (COCO JSON, folder tree, JSONL) into entries (id, file,
    annotations, metadata), rejecting malformed input with its file and line or id.
-2. *Scan*: hash and stat every file and read its image header (size, format) in a thread pool;
-   check boxes against the image size.
-3. *Store*: upload the blobs the store lacks (one listing, create-only writes, so an interrupted
-   import resumes by uploading only what is missing), then commit once with a pure change
-   function that merges the new items into whatever version is latest at that moment. When the
-   merge changes nothing, no version is written.
+2. *Scan and store*: hash and stat every file and read its image header (size, format), check
+   boxes against the image size, and upload the files the store lacks (one listing, create-only
+   writes) while the next batch is scanned. An interrupted import resumes by uploading only what
+   is missing; a problem stops the upload.
+3. *Commit* once, with a pure change function that merges the new items into whatever version is
+   latest at that moment. When the merge changes nothing, no version is written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
@@ -42,7 +43,9 @@ __all__ = ["Format", "ImportResult", "import_dataset"]
 PathLike = str | os.PathLike[str]
 # Boxes may overshoot the image by rounding (COCO's float boxes do); more than this is an error.
 _BOX_TOLERANCE = 1.0
-_SCAN_CHUNK = 128
+_SCAN_CHUNK = 64  # entries per thread-pool task
+_BATCH = 1024  # entries scanned before their files are handed to the uploader
+_READ_WHOLE = 32 * 2**20
 _MAX_REPORTED = 1  # problems named in the message; the rest are counted
 
 
@@ -118,7 +121,7 @@ def import_dataset(
     s3: S3Options | None = None,
     message: str | None = None,
     progress: bool = False,
-    workers: int = 8,
+    workers: int = 4,
 ) -> ImportResult:
     """Import ``sources`` in ``format`` into the dataset at ``uri`` as one new version.
 
@@ -132,9 +135,10 @@ def import_dataset(
 
     Items whose id is already in the dataset are replaced in place, others are added; when that
     changes nothing, no version is written (``ImportResult.committed`` is False). Malformed input
-    raises :class:`ImportError_` naming the file and line or id, before anything is uploaded; a
-    metadata type that conflicts with the dataset's is found at commit time. Either way nothing is
-    committed, and re-running after a fix uploads only the files the store still lacks.
+    raises :class:`ImportError_` naming the file and line or id: index errors before any file is
+    read, file errors (missing, not an image, box outside it) as soon as they are found, which
+    stops the upload. Nothing is committed then, and re-running after a fix uploads only the files
+    the store still lacks. ``workers`` threads read and hash files.
     """
     try:
         fmt = Format(format)
@@ -156,11 +160,10 @@ def import_dataset(
         raise ImportError_(f"no items in {', '.join(map(str, paths))}: nothing to import")
     store = Store(uri, s3)
     with _progress_bars(progress) as bars:
-        scanned = _scan(entries, workers, bars)
-        table = _manifest.records_to_table(
-            [_record(entry, found) for entry, found in zip(entries, scanned, strict=True)]
-        )
-        uploaded, present = _upload(store, entries, scanned, bars)
+        scanned, uploaded, present = _scan_and_upload(store, entries, workers, bars)
+    table = _manifest.records_to_table(
+        [_record(entry, found) for entry, found in zip(entries, scanned, strict=True)]
+    )
     change = _MergeInto(table)
     version = store.commit(change, message=message or f"import {fmt.value} from {', '.join(map(str, paths))}")
     return ImportResult(
@@ -430,15 +433,38 @@ _PLANNERS: dict[Format, Callable[[Sequence[Path]], list[_Entry]]] = {
 
 
 def _scan_file(path: Path) -> _Scanned:
-    """Hash, stat and read the image header of one file (raises OSError or PIL's errors)."""
+    """Hash, stat and read the image header of one file (raises OSError or PIL's errors).
+
+    Files up to ``_READ_WHOLE`` bytes are read once and parsed from memory (PIL's many small reads
+    of a file cost more than the file); larger ones are streamed through the hash.
+    """
     with path.open("rb") as fh:
-        image = Image.open(fh)  # reads the header only; pixels are never decoded here
+        size = os.fstat(fh.fileno()).st_size
+        source: BinaryIO
+        if size <= _READ_WHOLE:
+            data = fh.read()
+            sha = hashlib.sha256(data).hexdigest()
+            source = io.BytesIO(data)
+        else:
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+            source = fh
+        image = _open_image(source, path.suffix)
         width, height = image.size
         kind = image.format or "unknown"
-        fh.seek(0)
-        sha = hashlib.file_digest(fh, "sha256").hexdigest()
-        size = os.fstat(fh.fileno()).st_size
     return _Scanned(sha, size, Image.MIME.get(kind, f"image/{kind.lower()}"), width, height)
+
+
+def _open_image(source: BinaryIO, suffix: str) -> Image.Image:
+    """The image's header (pixels are never decoded here), trying the format its suffix names first."""
+    hint = Image.registered_extensions().get(suffix.lower())
+    if hint is not None:
+        source.seek(0)
+        try:
+            return Image.open(source, formats=[hint])
+        except UnidentifiedImageError:
+            pass  # a misnamed file: let PIL try every format
+    source.seek(0)
+    return Image.open(source)
 
 
 def _scan_one(entry: _Entry) -> _Scanned | str:
@@ -474,24 +500,55 @@ def _box_inside(bbox: tuple[float, float, float, float], width: int, height: int
     )
 
 
-def _scan(entries: Sequence[_Entry], workers: int, bars: _Bars) -> list[_Scanned]:
-    """Scan every entry in a thread pool (file reads and hashing release the GIL)."""
-    advance = bars.task("scanning", len(entries))
+def _scan_and_upload(
+    store: Store, entries: Sequence[_Entry], workers: int, bars: _Bars
+) -> tuple[list[_Scanned], int, int]:
+    """Scan every entry and upload the distinct files the store lacks; returns (scanned, uploaded,
+    already present).
 
-    def chunk(part: Sequence[_Entry]) -> list[_Scanned | str]:
-        out = [_scan_one(e) for e in part]
-        advance(len(part))
-        return out
-
-    parts = [entries[i : i + _SCAN_CHUNK] for i in range(0, len(entries), _SCAN_CHUNK)]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = [r for part in pool.map(chunk, parts) for r in part]
+    Entries are scanned batch by batch in a thread pool while the previous batch uploads in the
+    background (scanning is CPU-bound, storing is I/O-bound, so the two overlap). Once a problem is
+    found nothing more is uploaded; scanning goes on to count the problems, then raises.
+    """
+    present = store.existing_blobs()  # one listing; an interrupted import's blobs are skipped
+    scan_advance = bars.task("scanning", len(entries))
+    upload_task = bars.task("uploading", 0)
     problems = _Problems()
-    for r in results:
-        if isinstance(r, str):
-            problems.add(r)
+    scanned: list[_Scanned] = []
+    queued: set[str] = set()
+    in_flight: Future[int] | None = None
+    with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as uploader:
+        for start in range(0, len(entries), _BATCH):
+            part = entries[start : start + _BATCH]
+            chunks = [part[i : i + _SCAN_CHUNK] for i in range(0, len(part), _SCAN_CHUNK)]
+            results = [r for chunk in pool.map(_scan_chunk, chunks) for r in chunk]
+            scan_advance(len(part))
+            batch: list[tuple[str, Path]] = []
+            for entry, found in zip(part, results, strict=True):
+                if isinstance(found, str):
+                    problems.add(found)
+                    continue
+                scanned.append(found)
+                if found.sha not in present and found.sha not in queued:
+                    queued.add(found.sha)
+                    batch.append((found.sha, entry.path))
+            if in_flight is not None:
+                in_flight.result()  # surfaces a store error now, and keeps one batch in flight
+                in_flight = None
+            if batch and not problems.messages:
+                upload_task.grow(len(batch))
+                in_flight = uploader.submit(
+                    asyncio.run, store.put_blobs_async(batch, on_done=lambda: upload_task(1))
+                )
+        if in_flight is not None:
+            in_flight.result()
     problems.raise_if_any()
-    return [r for r in results if isinstance(r, _Scanned)]
+    distinct = {found.sha for found in scanned}
+    return scanned, len(queued), len(distinct) - len(queued)
+
+
+def _scan_chunk(chunk: Sequence[_Entry]) -> list[_Scanned | str]:
+    return [_scan_one(entry) for entry in chunk]
 
 
 def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
@@ -508,22 +565,25 @@ def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
     )
 
 
-# -- uploading -------------------------------------------------------------------------------------
-
-
-def _upload(
-    store: Store, entries: Sequence[_Entry], scanned: Sequence[_Scanned], bars: _Bars
-) -> tuple[int, int]:
-    """Upload the distinct blobs the store lacks; returns (uploaded, already present)."""
-    wanted = {found.sha: entry.path for entry, found in zip(entries, scanned, strict=True)}
-    present = store.existing_blobs()
-    missing = [(sha, path) for sha, path in wanted.items() if sha not in present]
-    advance = bars.task("uploading", len(missing))
-    asyncio.run(store.put_blobs_async(missing, on_done=lambda: advance(1)))
-    return len(missing), len(wanted) - len(missing)
-
-
 # -- progress --------------------------------------------------------------------------------------
+
+
+class _Bar:
+    """One progress bar: call it to advance, ``grow`` to raise its total (a no-op without bars)."""
+
+    def __init__(self, progress: Progress | None, what: str, total: int) -> None:
+        self._progress = progress
+        self._total = total
+        self._task = progress.add_task(what, total=total) if progress is not None else None
+
+    def __call__(self, n: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)
+
+    def grow(self, n: int) -> None:
+        self._total += n
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=self._total)
 
 
 class _Bars:
@@ -532,12 +592,8 @@ class _Bars:
     def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
 
-    def task(self, what: str, total: int) -> Callable[[int], None]:
-        if self._progress is None:
-            return lambda n: None
-        bars = self._progress
-        task_id = bars.add_task(what, total=total)
-        return lambda n: bars.advance(task_id, n)
+    def task(self, what: str, total: int) -> _Bar:
+        return _Bar(self._progress, what, total)
 
 
 @contextmanager

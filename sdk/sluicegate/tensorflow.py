@@ -76,12 +76,14 @@ class _Chunks:
             "index": np.asarray(positions, dtype=np.int64),
             "data": np.array([item.data for item in items], dtype=object),
             "width": np.array([-1 if item.width is None else item.width for item in items], dtype=np.int32),
-            "height": np.array([-1 if item.height is None else item.height for item in items], dtype=np.int32),
+            "height": np.array(
+                [-1 if item.height is None else item.height for item in items], dtype=np.int32
+            ),
             "boxes": tf.RaggedTensor.from_row_lengths(
                 np.concatenate([r[0] for r in rows]) if rows else np.zeros((0, 4), np.float32), lengths
             ),
             "classes": tf.RaggedTensor.from_row_lengths(
-                np.array([name for r in rows for name in r[1]], dtype=object).astype(bytes), lengths
+                np.array([name.encode() for r in rows for name in r[1]], dtype=object), lengths
             ),
         }
         if self._labels is not None:
@@ -91,7 +93,8 @@ class _Chunks:
             )
             # The item's class for classification: its first annotation's (boxes or not), -1 if none.
             element["label"] = np.array(
-                [labels[item.annotations[0].label] if item.annotations else -1 for item in items], dtype=np.int64
+                [labels[item.annotations[0].label] if item.annotations else -1 for item in items],
+                dtype=np.int64,
             )
         return element
 
@@ -131,7 +134,9 @@ def to_tensorflow(
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     if image_size is not None and (decode != "image" or len(image_size) != 2 or min(image_size) < 1):
-        raise ConfigError(f"image_size must be (height, width) >= 1 and needs decode='image', got {image_size}")
+        raise ConfigError(
+            f"image_size must be (height, width) >= 1 and needs decode='image', got {image_size}"
+        )
     if label_key is not None and xy is not None:
         raise ConfigError("pass label_key or xy, not both")
     label_map = LabelMap(labels) if labels is not None else None

@@ -21,6 +21,7 @@ This is the only sluicegate module that imports torch.
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ import torch
 import torch.utils.data as tud
 from PIL import Image
 from torch.utils.data._utils.collate import default_collate
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.functional import pil_to_tensor
 
 from ._adapt import LabelMap, annotation_dicts, detection_arrays
@@ -51,7 +51,7 @@ __all__ = [
 Decode = Literal["bytes", "image", "pil"] | Callable[[Item], Any]
 ImageMode = Literal["RGB", "L", "unchanged"]
 
-_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY, "unchanged": ImageReadMode.UNCHANGED}
+_IMAGE_MODES = ("RGB", "L", "unchanged")
 
 
 # -- samples -----------------------------------------------------------------------------------------
@@ -68,14 +68,6 @@ def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(data, dtype=torch.uint8)
-
-
-def _decode_tensor(item: Item, mode: ImageMode) -> torch.Tensor:
-    """The item's image as a CHW uint8 tensor: torchvision's native decoders, PIL for other formats."""
-    try:
-        return decode_image(_bytes_tensor(item.data), mode=_READ_MODES[mode])
-    except RuntimeError:
-        return pil_to_tensor(_decode_pil(item, mode))
 
 
 def _decode_pil(item: Item, mode: ImageMode) -> Image.Image:
@@ -96,8 +88,8 @@ class _SampleMaker:
     def __init__(self, decode: Decode, image_mode: ImageMode, transform: Callable[[Any], Any] | None) -> None:
         if not callable(decode) and decode not in ("bytes", "image", "pil"):
             raise ConfigError(f"decode must be 'bytes', 'image', 'pil' or a callable, got {decode!r}")
-        if image_mode not in _READ_MODES:
-            raise ConfigError(f"image_mode must be one of {sorted(_READ_MODES)}, got {image_mode!r}")
+        if image_mode not in _IMAGE_MODES:
+            raise ConfigError(f"image_mode must be one of {', '.join(_IMAGE_MODES)}, got {image_mode!r}")
         if transform is not None and not callable(transform):
             raise ConfigError(f"transform must be a callable taking a sample, got {transform!r}")
         self.decode = decode
@@ -109,7 +101,8 @@ class _SampleMaker:
         if self.decode == "bytes":
             sample["data"] = _bytes_tensor(item.data)
         elif self.decode == "image":
-            sample["image"] = _decode_tensor(item, self.image_mode)
+            # PIL (libjpeg-turbo, libpng): torchvision's own decoders are deprecated in favour of torchcodec.
+            sample["image"] = pil_to_tensor(_decode_pil(item, self.image_mode))
         elif self.decode == "pil":
             sample["image"] = _decode_pil(item, self.image_mode)
         else:
@@ -181,7 +174,7 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
         self.source = source
         self._make = make
         # Shared memory: set_epoch in the trainer reaches workers forked (or spawned) before it.
-        self._epoch = torch.full((), source.epoch, dtype=torch.int64).share_memory_()
+        self._epoch = torch.full((), source.epoch, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -273,8 +266,9 @@ class Packed:
         first = tensors[0]
         if _in_worker():
             # Built straight in shared memory, as default_collate does, so the hand-off copies nothing.
-            storage = first.untyped_storage()._new_shared(total * first.element_size())
-            values = torch.empty(0, dtype=first.dtype).set_(storage, 0, (total,))
+            nbytes = total * first.element_size()
+            storage = torch.UntypedStorage._new_shared(nbytes)  # type: ignore[no-untyped-call]
+            values = torch.empty(0, dtype=first.dtype).set_(storage, 0, (total,), (1,))
         else:
             values = torch.empty(total, dtype=first.dtype)
         torch.cat(list(tensors), out=values)
@@ -291,14 +285,14 @@ class Packed:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         bounds = self.offsets.tolist()
-        for start, end in zip(bounds, bounds[1:], strict=False):
+        for start, end in itertools.pairwise(bounds):
             yield self.values[start:end]
 
     def tobytes(self) -> list[bytes]:
         """Each packed tensor's bytes."""
         raw = self.values.numpy().tobytes()
         bounds = (self.offsets * self.values.element_size()).tolist()
-        return [raw[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
+        return [raw[start:end] for start, end in itertools.pairwise(bounds)]
 
     def pin_memory(self) -> Packed:
         """Pinned copy (DataLoader's ``pin_memory=True`` calls this)."""
@@ -329,7 +323,7 @@ def collate(batch: Sequence[Any]) -> Any:
         if not all(isinstance(x, torch.Tensor) and x.dtype == first.dtype for x in batch):
             return list(batch)
         if all(x.shape == first.shape for x in batch):
-            return default_collate(list(batch))
+            return default_collate(list(batch))  # type: ignore[no-untyped-call]
         if all(x.dim() == 1 for x in batch):
             return Packed.pack(batch)
         return list(batch)
@@ -341,9 +335,9 @@ def collate(batch: Sequence[Any]) -> Any:
     if isinstance(first, tuple) and _same_type(batch) and all(len(x) == len(first) for x in batch):
         columns = [collate(list(column)) for column in zip(*batch, strict=True)]
         return type(first)(*columns) if hasattr(first, "_fields") else tuple(columns)
-    if isinstance(first, bool | int | float | np.number | np.ndarray) and _same_type(batch):
-        if not isinstance(first, np.ndarray) or all(x.shape == first.shape for x in batch):
-            return default_collate(list(batch))
+    numeric = isinstance(first, bool | int | float | np.number | np.ndarray) and _same_type(batch)
+    if numeric and (not isinstance(first, np.ndarray) or all(x.shape == first.shape for x in batch)):
+        return default_collate(list(batch))  # type: ignore[no-untyped-call]
     return list(batch)
 
 

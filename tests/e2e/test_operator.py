@@ -359,7 +359,7 @@ def test_indexed_job_pods_are_injected_with_ranks(cp: ControlPlane, job_pods: li
 
 def test_pod_refused_without_role_binding(cp: ControlPlane) -> None:
     cp.kubectl("create", "serviceaccount", "intruder", "-n", cp.team_ns)
-    pod = {
+    pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
@@ -483,9 +483,12 @@ def test_broker_refusals(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> No
     temp_token = cp.pod_token(temp)
     assert cp.broker(BrokerPaths.PLAN, temp_token).status_code == 200
     cp.kubectl("delete", "rolebinding", "coco-stream-temp", "-n", cp.data_ns)
-    status, code, message = wait_for(
-        lambda: (r := refused(temp_token))[0] == 403 and r, what="403 after revoke"
-    )
+
+    def revoked() -> tuple[int, str, str] | None:
+        answer = refused(temp_token)
+        return answer if answer[0] == 403 else None
+
+    _, code, message = wait_for(revoked, what="403 after revoke")
     assert code == "forbidden"
     assert "not allowed to stream" in message
 

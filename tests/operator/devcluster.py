@@ -217,6 +217,10 @@ def _attach(state_dir: Path) -> Testbed:
     return Testbed(state_dir / "run", ensure_binaries(), ports=Ports(0, 0, port, 0, 0, 0), pids=state["pids"])
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.operator.devcluster", description=__doc__)
     parser.add_argument("--state-dir", type=Path, default=REPO / ".testbed")
@@ -226,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no testbed running: start one with `python -m tests.testbed up`", file=sys.stderr)
         return 1
     testbed = _attach(args.state_dir)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
     with S3Server() as s3:
         uri, records = sample_dataset(s3, "datasets")
         log = args.state_dir / "operator.log"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from sluicegate_operator import crdgen, webhook
 
 pytestmark = pytest.mark.integration

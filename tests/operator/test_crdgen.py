@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from sluicegate_operator import crdgen
 
 FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title"}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sluicegate import Annotation, ImportError_, Store, import_dataset
+from sluicegate import Annotation, ImportError_, Store, _importers, import_dataset
 from sluicegate._manifest import rows
 from sluicegate._query import select_rows
 
@@ -335,6 +335,10 @@ def test_killed_import_commits_nothing_and_resumes(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = store.existing_blobs()
+    time.sleep(0.5)  # the server may still finish requests the killed client had fully sent
+    while len(now := store.existing_blobs()) != len(left):
+        left = now
+        time.sleep(0.5)
     assert 50 <= len(left) < total
     assert store.latest_version() == 0  # nothing half-imported became a version
     result = import_dataset("imagefolder", root, uri, s3=s3_server.options)
@@ -347,3 +351,20 @@ def test_killed_import_commits_nothing_and_resumes(
     assert store.existing_blobs() == set(manifest.column("blob").to_pylist())
     for sha in list(left)[:20]:
         store.get_blob(sha)  # blobs written before the kill are whole (create-only, verified by hash)
+
+
+def test_large_and_misnamed_files_are_scanned_alike(
+    tmp_path: Path, write_png: PngWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _folder(tmp_path / "pets", write_png)
+    write_png(root / "dog" / "really-a-png.jpg", 7, 5, seed=4)  # suffix says JPEG, bytes say PNG
+    small = rows(
+        Store(tmp_path / "a").manifest(import_dataset("imagefolder", root, tmp_path / "a").version)[0]
+    )
+    monkeypatch.setattr(_importers, "_READ_WHOLE", 0)  # every file takes the streaming path
+    large = rows(
+        Store(tmp_path / "b").manifest(import_dataset("imagefolder", root, tmp_path / "b").version)[0]
+    )
+    assert small == large
+    misnamed = next(r for r in small if r.id == "dog/really-a-png.jpg")
+    assert (misnamed.media_type, misnamed.width, misnamed.height) == ("image/png", 7, 5)

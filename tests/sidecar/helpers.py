@@ -188,7 +188,11 @@ class FaultProxy:
         ) as upstream:
             body = await upstream.read()
             # HEAD answers carry the object's Content-Length without a body; keep it for those.
-            drop = ("transfer-encoding",) if request.method == "HEAD" else ("content-length", "transfer-encoding")
+            drop = (
+                ("transfer-encoding",)
+                if request.method == "HEAD"
+                else ("content-length", "transfer-encoding")
+            )
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in drop}
             return web.Response(status=upstream.status, body=body or None, headers=out)
 
@@ -211,7 +215,8 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
-            assert self._runner is not None and self._session is not None
+            assert self._runner is not None
+            assert self._session is not None
             await self._runner.cleanup()
             await self._session.close()
 

@@ -37,13 +37,13 @@ def test_flaky_upstream_still_delivers_every_item_exactly_once(
         argv = ["--store", uri, "--listen", "127.0.0.1:0", "--timeout-s", "0.5", "--attempts", "8"]
         with InProcessSidecar(argv) as sc:
             ds = sluicegate.connect(sc.tcp)
-            got = Counter()
+            got: Counter[str] = Counter()
             for item in ds:
                 assert item.data == expected[item.id]
                 got[item.id] += 1
             m = metrics(httpx.get(f"{sc.tcp}/metrics").text)
             ds.close()
-    assert got == Counter(expected)
+    assert got == Counter(list(expected))
     assert {"500", "503", "reset", "slow"} <= set(proxy.counts)
     # Every injected fault cost one retry; the engine counted them all.
     assert m["sluicegate_upstream_retries_total"] == sum(n for f, n in proxy.counts.items() if f != "ok")
@@ -69,7 +69,7 @@ def test_sidecar_killed_mid_epoch_resumes_without_loss_or_repeat(
         resumed.load_state_dict(state)
         after = [i.id for i in resumed]
         resumed.close()
-    assert Counter(before + after) == Counter(expected)
+    assert Counter(before + after) == Counter(list(expected))
     # The same client also rides out a restart transparently: requests retry until the sidecar is back.
     with SidecarProcess(argv, s3_server.env) as second:
         ds = sluicegate.connect(address, timeout=30)
@@ -86,7 +86,7 @@ def test_sidecar_killed_mid_epoch_resumes_without_loss_or_repeat(
         tail = [i.id for i in it]
         assert restarted.wait(30)
         ds.close()
-    assert Counter(head + tail) == Counter(expected)
+    assert Counter(head + tail) == Counter(list(expected))
 
 
 def test_corrupted_object_is_never_delivered(

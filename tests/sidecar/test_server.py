@@ -7,10 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import sluicegate
-from sluicegate import ConfigError, ItemNotInShard, SidecarUnavailable
-from sluicegate import _partition
+from sluicegate import ConfigError, ItemNotInShard, SidecarUnavailable, _partition
 from sluicegate import _protocol as proto
 from sluicegate_sidecar.config import parse_args
 
@@ -56,19 +56,22 @@ def test_ranks_serve_disjoint_equal_shards_over_tcp_and_unix(
     assert sum(seen.values()) == 54
 
 
-def test_stream_endpoint_follows_the_epoch_order(dataset: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
+def test_stream_endpoint_follows_the_epoch_order(
+    dataset: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
     uri, _ = dataset
     with InProcessSidecar(_args(uri, tmp_path, 1, 3)) as sc:
         ds = sluicegate.connect(sc.tcp)
         ds.set_epoch(2)
         want = [ds[int(p)].id for p in ds.epoch_positions(1, 2)]
-        got = []
+        got: list[str] = []
         with httpx.Client(base_url=sc.tcp) as client:
             for start in range(0, len(want), 4):
-                r = client.get(proto.Paths.STREAM, params={"epoch": 2, "start": start, "count": 4, "worker": 1, "num_workers": 2})
+                params = {"epoch": 2, "start": start, "count": 4, "worker": 1, "num_workers": 2}
+                r = client.get(proto.Paths.STREAM, params=params)
                 assert r.status_code == 200
                 assert r.headers["content-type"] == proto.BATCH_CONTENT_TYPE
-                header, blobs = proto.decode_batch(r.content)
+                header, _ = proto.decode_batch(r.content)
                 got.extend(row.id for row in header.rows)
             info = proto.Info.model_validate_json(client.get(proto.Paths.INFO).content)
         assert got == want
@@ -96,7 +99,12 @@ def test_bad_requests_get_a_4xx_with_a_clear_message_and_serving_goes_on(
             (client.post("/v1/batch", json={"indexes": [0, 99]}), 404, "not_in_shard", "index 99"),
             (client.get("/v1/stream", params={"count": 0}), 400, "bad_request", "count"),
             (client.get("/v1/stream", params={"worker": 3, "num_workers": 2}), 400, "bad_request", "worker"),
-            (client.post("/v1/select", json={"queries": ["labels.nope > 1"]}), 400, "query_error", "unknown label"),
+            (
+                client.post("/v1/select", json={"queries": ["labels.x > 1"]}),
+                400,
+                "query_error",
+                "unknown label",
+            ),
             (client.get("/v2/info"), 404, "bad_request", "Not Found"),
             (client.delete("/v1/info"), 405, "bad_request", "Method Not Allowed"),
         ]
@@ -106,7 +114,7 @@ def test_bad_requests_get_a_4xx_with_a_clear_message_and_serving_goes_on(
             assert body.code == code
             assert text in body.message
         with pytest.raises(ItemNotInShard, match="outside"):
-            ds.source.fetch(ds._resolve([0]) + 1000, ds._resolve([])).result()  # type: ignore[operator]
+            ds.source.fetch(np.array([1000]), np.array([], dtype=np.int64)).result()
         assert client.get("/v1/items/0").status_code == 200
         assert len(ds.slice('meta.split = "val"')) == sum(1 for i in ds if i.metadata["split"] == "val")
         ds.close()

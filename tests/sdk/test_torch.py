@@ -1,0 +1,235 @@
+"""The PyTorch adapter on real datasets (local directory and the S3 server) and real DataLoaders."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sluicegate
+import torch
+from PIL import Image
+from sluicegate import ConfigError, Dataset, Store
+from sluicegate._manifest import Annotation, ItemRecord, records_to_table
+from sluicegate.torch import IterDataset, MapDataset, Packed, collate, detection_collate
+from torch.utils.data import DataLoader, DistributedSampler
+
+from tests.conftest import Backend, PngWriter
+from tests.sidecar.helpers import item_bytes
+
+N = 37
+
+
+@pytest.fixture
+def expected(store_backend: Backend) -> dict[str, bytes]:
+    """N items of different sizes (so batches of bytes are ragged); item i has i % 3 boxed cars."""
+    store = store_backend.store()
+    records, data = [], {}
+    for i in range(N):
+        item_id, blob = f"item{i:06d}", item_bytes(i, 200 + 7 * i)
+        data[item_id] = blob
+        records.append(
+            ItemRecord(
+                id=item_id,
+                blob=store.put_blob(blob),
+                size=len(blob),
+                media_type="application/octet-stream",
+                metadata={"split": "train", "index": i},
+                labels={"car": i % 3} if i % 3 else {},
+                annotations=[Annotation(label="car", bbox=(1.0, 2.0, 3.0, 4.0))] * (i % 3),
+            )
+        )
+    store.commit(lambda _: records_to_table(records))
+    return data
+
+
+@pytest.fixture
+def ds(store_backend: Backend, expected: dict[str, bytes]) -> Dataset:
+    return sluicegate.open(store_backend.uri, s3=store_backend.s3)
+
+
+@pytest.fixture
+def images(tmp_path: Path, write_png: PngWriter) -> Dataset:
+    """Six PNGs of two sizes with boxes: one box per class, plus a zero-area box that detection drops."""
+    store = Store(tmp_path / "images")
+    records = []
+    for i in range(6):
+        width = 20 + 4 * (i % 2)
+        data = write_png(tmp_path / f"{i}.png", width=width, height=16, seed=i).read_bytes()
+        anns = [
+            Annotation(label="cat", bbox=(1, 2, 5, 6)),
+            Annotation(label="dog", bbox=(3, 3, 4, 2), iscrowd=i == 0),
+            Annotation(label="dog", bbox=(0, 0, 0, 5)),
+        ]
+        records.append(
+            ItemRecord(
+                id=f"img{i}",
+                blob=store.put_blob(data),
+                size=len(data),
+                media_type="image/png",
+                width=width,
+                height=16,
+                annotations=anns,
+                labels={"cat": 1, "dog": 2},
+            )
+        )
+    store.commit(lambda _: records_to_table(records))
+    return sluicegate.open(tmp_path / "images")
+
+
+def test_map_style_samples_carry_bytes_as_tensors(ds: Dataset, expected: dict[str, bytes]) -> None:
+    tds = ds.to_pytorch()
+    assert isinstance(tds, MapDataset)
+    assert len(tds) == N
+    sample = tds[5]
+    assert sample["id"] == "item000005"
+    assert sample["index"] == 5
+    assert isinstance(sample["data"], torch.Tensor)
+    assert sample["data"].dtype == torch.uint8
+    assert sample["data"].numpy().tobytes() == expected["item000005"]
+    assert sample["metadata"] == {"split": "train", "index": 5}
+    assert sample["labels"] == {"car": 2}
+    assert [a["bbox"] for a in sample["annotations"]] == [[1.0, 2.0, 3.0, 4.0]] * 2
+    assert tds[-1]["id"] == "item000036"
+    with pytest.raises(IndexError, match="out of range"):
+        tds[N]
+
+
+def test_distributed_sampler_ranks_cover_the_dataset_once(ds: Dataset, expected: dict[str, bytes]) -> None:
+    tds = ds.to_pytorch()
+    seen: list[str] = []
+    for rank in range(3):
+        sampler = DistributedSampler(tds, num_replicas=3, rank=rank, shuffle=True, seed=4, drop_last=True)
+        for batch in tds.loader(batch_size=4, sampler=sampler):
+            assert isinstance(batch["data"], Packed)
+            assert batch["data"].tobytes() == [expected[i] for i in batch["id"]]
+            seen += batch["id"]
+    assert len(seen) == len(set(seen)) == N - N % 3
+
+
+@pytest.mark.slow
+def test_iterable_workers_follow_the_epoch_order_across_epochs(
+    ds: Dataset, expected: dict[str, bytes]
+) -> None:
+    view = ds.shuffle(9)
+    tds = view.to_pytorch(iterable=True)
+    assert isinstance(tds, IterDataset)
+    # batch_size=1 with in-order workers interleaves worker w's every-k-th positions back into the
+    # epoch order, so the output must be exactly that order: no gap, no overlap, no reordering.
+    loader = tds.loader(batch_size=1, num_workers=2, persistent_workers=True)
+    orders = []
+    for epoch in (0, 1):
+        tds.set_epoch(epoch)
+        view.set_epoch(epoch)
+        want = [f"item{p:06d}" for p in view.epoch_positions()]
+        batches = list(loader)
+        got = [b["id"][0] for b in batches]
+        assert got == want
+        assert all(b["data"][0].numpy().tobytes() == expected[b["id"][0]] for b in batches)
+        orders.append(got)
+    assert orders[0] != orders[1]
+
+
+def test_iterable_without_workers_reads_this_shard(ds: Dataset) -> None:
+    parts = [ds.shard(rank, 2).to_pytorch(iterable=True) for rank in range(2)]
+    ids = [[s["id"] for s in part] for part in parts]
+    assert len(ids[0]) == len(ids[1]) == -(-N // 2)  # padded to equal length
+    assert set(ids[0]) | set(ids[1]) == {f"item{i:06d}" for i in range(N)}
+    with pytest.raises(ConfigError, match="epoch"):
+        parts[0].set_epoch(-1)
+
+
+@pytest.mark.slow
+def test_worker_batches_of_bytes_arrive_packed_in_shared_memory(
+    ds: Dataset, expected: dict[str, bytes]
+) -> None:
+    loader = ds.to_pytorch().loader(batch_size=8, num_workers=1)
+    batch = next(iter(loader))
+    packed = batch["data"]
+    assert isinstance(packed, Packed)
+    assert packed.values.is_shared()
+    assert [bytes(t.numpy()) for t in packed] == [expected[i] for i in batch["id"]]
+    assert packed[-1].numpy().tobytes() == expected[batch["id"][-1]]
+
+
+def test_decode_modes_and_transform(images: Dataset) -> None:
+    raw = images[1].data
+    want = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    image = images.to_pytorch(decode="image")[1]["image"]
+    assert image.dtype == torch.uint8
+    assert tuple(image.shape) == (3, 16, 24)
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), want)
+    gray = images.to_pytorch(decode="image", image_mode="L")[1]["image"]
+    assert tuple(gray.shape) == (1, 16, 24)
+    pil = images.to_pytorch(decode="pil")[1]["image"]
+    assert pil.size == (24, 16)
+    assert pil.mode == "RGB"
+    custom = images.to_pytorch(decode=lambda item: len(item.data))[1]["data"]
+    assert custom == len(raw)
+
+    def size_only(sample: dict[str, Any]) -> tuple[int, int]:
+        return sample["width"], sample["height"]
+
+    assert images.to_pytorch(transform=size_only)[0] == (20, 16)
+    with pytest.raises(ConfigError, match="decode must be"):
+        images.to_pytorch(decode="jpeg")
+    with pytest.raises(ConfigError, match="image_mode"):
+        images.to_pytorch(decode="image", image_mode="CMYK")
+
+
+def test_non_images_fail_clearly_when_decoded(ds: Dataset) -> None:
+    with pytest.raises(ConfigError, match="not an image"):
+        ds.to_pytorch(decode="image")[0]
+
+
+def test_collate_stacks_what_it_can_and_lists_the_rest() -> None:
+    batch = [
+        {"x": torch.ones(2, 2), "y": 1, "name": "a", "ragged": torch.ones(2, 2), "w": None},
+        {"x": torch.zeros(2, 2), "y": 2, "name": "b", "ragged": torch.ones(2, 3), "w": 4},
+    ]
+    out = collate(batch)
+    assert out["x"].shape == (2, 2, 2)
+    assert out["y"].tolist() == [1, 2]
+    assert out["name"] == ["a", "b"]
+    assert isinstance(out["ragged"], list)
+    assert len(out["ragged"]) == 2
+    assert out["w"] == [None, 4]
+    pairs = collate([(torch.ones(3), 0), (torch.ones(3), 1)])
+    assert isinstance(pairs, tuple)
+    assert pairs[0].shape == (2, 3)
+    assert pairs[1].tolist() == [0, 1]
+
+
+def test_detection_collate_gives_torchvision_targets(images: Dataset) -> None:
+    loader = images.to_pytorch(decode="image").loader(
+        batch_size=3, collate_fn=detection_collate(["cat", "dog"])
+    )
+    imgs, targets = next(iter(loader))
+    assert [tuple(i.shape) for i in imgs] == [(3, 16, 20), (3, 16, 24), (3, 16, 20)]
+    first = targets[0]
+    assert first["boxes"].dtype == torch.float32
+    # x, y, w, h -> x1, y1, x2, y2; the zero-width box is dropped.
+    assert first["boxes"].tolist() == [[1, 2, 6, 8], [3, 3, 7, 5]]
+    assert first["labels"].dtype == torch.int64
+    assert first["labels"].tolist() == [1, 2]
+    assert first["iscrowd"].tolist() == [False, True]
+    assert first["image_id"] == "img0"
+    explicit = detection_collate({"cat": 7, "dog": 9})(images.to_pytorch(decode="image").__getitems__([1]))
+    assert explicit[1][0]["labels"].tolist() == [7, 9]
+    with pytest.raises(ConfigError, match="'dog' is not in the label map"):
+        detection_collate(["cat"])(images.to_pytorch(decode="image").__getitems__([0]))
+    with pytest.raises(ConfigError, match="decode='image'"):
+        detection_collate(["cat", "dog"])(images.to_pytorch().__getitems__([0]))
+
+
+def test_plain_dataloader_works_with_a_transform(images: Dataset) -> None:
+    def to_xy(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        return sample["image"][:, :16, :16].float() / 255, len(sample["annotations"])
+
+    x, y = next(iter(DataLoader(images.to_pytorch(decode="image", transform=to_xy), batch_size=6)))
+    assert x.shape == (6, 3, 16, 16)
+    assert float(x.min()) >= 0
+    assert float(x.max()) <= 1
+    assert y.tolist() == [3] * 6
