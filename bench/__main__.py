@@ -9,6 +9,8 @@ import sys
 # name -> module with run() -> dict; add a line per benchmark.
 BENCHMARKS = {
     "store_query": "bench.store_query",
+    "stream": "bench.stream",
+    "operator_scale": "bench.operator_scale",
 }
 
 

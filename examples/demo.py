@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sluicegate
-import torch
 from PIL import Image
 from rich.progress import Progress, TextColumn
 from sklearn.datasets import load_digits
+
+if TYPE_CHECKING:
+    import torch
 
 DEMO = Path(__file__).resolve().parents[1] / ".demo"
 DIGITS = DEMO / "digits"
@@ -101,7 +103,8 @@ def to_xy(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
 
 
 def model() -> torch.nn.Module:
-    nn = torch.nn
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
@@ -116,6 +119,8 @@ def model() -> torch.nn.Module:
 
 def train(uri: str, epochs: int = 3, batch_size: int = 32, seed: int = 0) -> float:
     """Train on the streamed train slice, then return the accuracy on the streamed test slice."""
+    import torch  # here, so that the import part of the demo runs without it
+
     torch.manual_seed(seed)
     ds = sluicegate.open(uri)
     # Iterable form: this rank's shuffled epoch order, fetched with read-ahead; set_epoch reshuffles.

@@ -222,13 +222,12 @@ class Broker:
             ).model_dump_json()
             # The rows are serialised once per shard and the URLs are plain strings: splicing them into the
             # validated head skips re-validating tens of thousands of rows per request. JSON escapes quotes
-            # inside strings, so the two markers occur exactly once, as the members themselves.
-            urls_json = json.dumps(urls, separators=(",", ":"))
-            return (
-                head.replace('"rows":[]', '"rows":' + shard.rows_json.decode(), 1)
-                .replace('"urls":{}', '"urls":' + urls_json, 1)
-                .encode()
-            )
+            # inside strings, so the two markers occur exactly once, as the members themselves (rows before
+            # urls, the model's field order). Joining bytes copies the tens of MB once, not three times.
+            start, rest = head.encode().split(b'"rows":[]', 1)
+            middle, end = rest.split(b'"urls":{}', 1)
+            urls_json = json.dumps(urls, separators=(",", ":")).encode()
+            return b"".join((start, b'"rows":', shard.rows_json, middle, b'"urls":', urls_json, end))
 
         return await asyncio.to_thread(build)
 

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 from . import access, inject
 from .inject import AdmissionDenied, SidecarConfig
 from .kube import Kube, KubeError
 from .metrics import ADMISSION_SECONDS, ADMISSIONS
 from .models import DatasetStream
+from .resolve import load_stream
 
 log = logging.getLogger("sluicegate.webhook")
 PATH = "/mutate"
+# How long a yes (the stream exists, the ServiceAccount may stream its Dataset) is reused for the next pods.
+DECISION_TTL_S = 5.0
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 def configuration(
@@ -71,10 +78,73 @@ def review_response(
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
+class Recent(Generic[K, V]):
+    """Answers of an async lookup, kept for ``ttl_s`` when ``keep`` approves them; concurrent lookups of
+    one key share one call.
+
+    Every pod of a job asks the API server the same questions (does its stream exist, may its
+    ServiceAccount stream the Dataset); under a burst of pod creations those calls queue behind the
+    creations themselves. A yes is reused for a few seconds, a no never, so creating the missing stream
+    or RoleBinding takes effect at once. Revoking access reaches admission within ``ttl_s``; the broker
+    checks RBAC on every request regardless.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        keep: Callable[[V], bool],
+        *,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl_s
+        self._keep = keep
+        self._max = max_entries
+        self._clock = clock
+        self._entries: dict[K, tuple[float, V]] = {}
+        self._pending: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry[0] > self._clock():
+                return entry[1]
+            del self._entries[key]
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(load())
+            self._pending[key] = pending
+            pending.add_done_callback(partial(self._settle, key))
+        # Shielded: one caller giving up (the API server timed out its request) must not fail the others.
+        return await asyncio.shield(pending)
+
+    def _settle(self, key: K, done: asyncio.Future[V]) -> None:
+        self._pending.pop(key, None)
+        if (
+            done.cancelled()
+            or done.exception() is not None
+            or self._ttl <= 0
+            or not self._keep(done.result())
+        ):
+            return
+        self._entries[key] = (self._clock() + self._ttl, done.result())
+        while len(self._entries) > self._max:
+            del self._entries[next(iter(self._entries))]  # the oldest insertion
+
+
 class Webhook:
-    def __init__(self, kube: Kube, sidecar: SidecarConfig) -> None:
+    def __init__(self, kube: Kube, sidecar: SidecarConfig, decision_ttl_s: float = DECISION_TTL_S) -> None:
         self._kube = kube
         self.sidecar = sidecar
+        self._streams: Recent[tuple[str, str], DatasetStream | None] = Recent(
+            decision_ttl_s, lambda found: found is not None
+        )
+        self._access: Recent[tuple[str, str, str], tuple[bool, str]] = Recent(
+            decision_ttl_s, lambda answer: answer[0]
+        )
+        self._jobs: Recent[tuple[str, str], int | None] = Recent(
+            decision_ttl_s, lambda completions: completions is not None
+        )
 
     async def review(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Answer one AdmissionReview (the API server sends only labelled pods on CREATE)."""
@@ -114,30 +184,43 @@ class Webhook:
         stream_name = labels.get(inject.STREAM_LABEL, "")
         if not stream_name:
             return {}, "skipped", "unlabelled"
-        raw = await self._kube.get_custom("datasetstreams", namespace, stream_name)
-        if raw is None:
+        stream = await self._streams.get(
+            (namespace, stream_name), partial(load_stream, self._kube, namespace, stream_name)
+        )
+        if stream is None:
             raise AdmissionDenied(
                 f"DatasetStream {namespace}/{stream_name} (from label {inject.STREAM_LABEL}) does not exist: "
                 "create it first, or fix the label"
             )
-        stream = DatasetStream.model_validate(raw)
         sa = pod.get("spec", {}).get("serviceAccountName") or "default"
         user = f"system:serviceaccount:{namespace}:{sa}"
         ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
-        allowed, why = await self._kube.may_stream(
-            user=user,
-            groups=["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
-            namespace=ds_ns,
-            name=ds_name,
+        allowed, why = await self._access.get(
+            (user, ds_ns, ds_name),
+            partial(
+                self._kube.may_stream,
+                user=user,
+                groups=[
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{namespace}",
+                    "system:authenticated",
+                ],
+                namespace=ds_ns,
+                name=ds_name,
+            ),
         )
         if not allowed:
             raise AdmissionDenied(access.missing_stream_permission(user, ds_ns, ds_name, why))
         job = inject.job_name_needed(pod, stream)
         completions = None
         if job is not None:
-            found = await self._kube.get_job(namespace, job)
-            completions = (found or {}).get("spec", {}).get("completions")
+            completions = await self._jobs.get((namespace, job), partial(self._completions, namespace, job))
         rank = inject.detect_rank(pod, stream, completions)
         mutated = inject.inject(pod, stream, namespace, rank, self.sidecar)
         patch = inject.json_patch(pod, mutated)
         return {"patch": patch}, ("injected" if patch else "skipped"), ("ok" if patch else "already_injected")
+
+    async def _completions(self, namespace: str, job: str) -> int | None:
+        found = await self._kube.get_job(namespace, job)
+        completions = (found or {}).get("spec", {}).get("completions")
+        return None if completions is None else int(completions)

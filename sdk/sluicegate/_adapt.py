@@ -30,9 +30,7 @@ class LabelMap:
 
     def __init__(self, labels: Sequence[str] | Mapping[str, int], *, start: int = 0) -> None:
         if isinstance(labels, str):
-            raise ConfigError(
-                "labels must be a list of class names or a {name: index} mapping, not one string"
-            )
+            raise ConfigError("labels must be a list of class names or a {name: index} mapping, not a string")
         if isinstance(labels, Mapping):
             self._index = {str(k): int(v) for k, v in labels.items()}
         else:

@@ -68,7 +68,8 @@ def import_command(
     args: Annotated[
         list[str],
         typer.Argument(
-            help="SOURCE... URI: image folders or JSONL files (or nothing, for COCO), then the store."
+            metavar="SOURCE... URI",
+            help="Image folders or JSONL files (nothing, for COCO), then the dataset store's URI.",
         ),
     ],
     format: Annotated[Format, typer.Option("--format", "-f", help="Input format.")],

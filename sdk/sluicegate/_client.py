@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from . import _protocol as proto
 from ._dataset import Item, Pending, Rows, Source
-from ._engine import LoopThread
+from ._engine import LoopThread, close_on_collect
 from ._exceptions import (
     IntegrityError,
     ItemNotInShard,
@@ -84,12 +84,12 @@ class _RemotePending(Pending):
         self._future.cancel()
 
 
-class _Live:
+class _Connection:
+    """The httpx client, created on the loop that uses it (kept apart from _Live so closing it on
+    garbage collection does not keep _Live alive)."""
+
     def __init__(self, address: str) -> None:
-        self.pid = os.getpid()
-        self.loop = LoopThread("sluicegate-client")
         self.address = address
-        self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
@@ -99,6 +99,22 @@ class _Live:
                 base_url=base, transport=transport, timeout=httpx.Timeout(300.0, connect=5.0), trust_env=False
             )
         return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class _Live:
+    """What a RemoteSource holds while in use in one process: never pickled, rebuilt after fork."""
+
+    def __init__(self, address: str) -> None:
+        self.pid = os.getpid()
+        self.loop = LoopThread("sluicegate-client")
+        self.connection = _Connection(address)
+        self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
+        close_on_collect(self, self.loop, self.connection.aclose)
 
 
 class RemoteSource(Source):
@@ -132,7 +148,7 @@ class RemoteSource(Source):
         attempt = 0
         while True:
             try:
-                response = await live.client().request(method, path, **kwargs)
+                response = await live.connection.client().request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
@@ -216,10 +232,8 @@ class RemoteSource(Source):
 
     def close(self) -> None:
         live, self._live = self._live, None
-        if live is not None and live.pid == os.getpid():
-            if live._client is not None:
-                live.loop.run(live._client.aclose())
-            live.loop.stop()
+        if live is not None:
+            live.loop.close(live.connection.aclose)
 
 
 def _error_body(response: httpx.Response) -> proto.ErrorBody:

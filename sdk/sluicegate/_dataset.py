@@ -32,6 +32,7 @@ from ._engine import (
     LoopThread,
     Plan,
     StoreUpstream,
+    close_on_collect,
     engine_store,
     read_manifest,
 )
@@ -235,6 +236,7 @@ class _Live:
         self.pid = os.getpid()
         self.loop = LoopThread("sluicegate-engine")
         self.engine = Engine(StoreUpstream(store), config)
+        close_on_collect(self, self.loop, self.engine.aclose)
 
 
 class LocalSource(Source):
@@ -303,9 +305,8 @@ class LocalSource(Source):
 
     def close(self) -> None:
         live, self._live = self._live, None
-        if live is not None and live.pid == os.getpid():
-            live.loop.run(live.engine.aclose())
-            live.loop.stop()
+        if live is not None:
+            live.loop.close(live.engine.aclose)
 
 
 # -- the dataset -------------------------------------------------------------------------------------

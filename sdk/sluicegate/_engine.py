@@ -30,8 +30,9 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -57,6 +58,7 @@ __all__ = [
     "StoreUpstream",
     "Upstream",
     "UrlUpstream",
+    "close_on_collect",
 ]
 
 log = logging.getLogger(__name__)
@@ -655,16 +657,23 @@ async def _sha256(data: bytes) -> str:
     return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
 
 
+Finalizer = Callable[[], Coroutine[Any, Any, None]]
+_RUNNING: dict[int, tuple[asyncio.AbstractEventLoop, threading.Thread]] = {}
+
+
 class LoopThread:
     """An asyncio loop on a daemon thread, for synchronous callers (embedded mode, the HTTP client).
 
     Started on first use. A forked child (DataLoader worker) does not inherit threads, so it starts its
-    own loop instead of waiting forever on the parent's.
+    own loop instead of waiting forever on the parent's. :meth:`close` (also called when the owner is
+    garbage collected, see :func:`close_on_collect`) runs a final coroutine, cancels what is left and
+    ends the thread.
     """
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
 
@@ -675,8 +684,8 @@ class LoopThread:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
                 thread.start()
-                self._loop, self._pid = loop, os.getpid()
-                atexit.register(_shutdown, loop, thread)
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+                _RUNNING[id(loop)] = (loop, thread)
             return self._loop
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -685,25 +694,48 @@ class LoopThread:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()
 
-    def stop(self) -> None:
+    def close(self, final: Finalizer | None = None, wait: bool = True) -> None:
+        """Run ``final()`` on the loop, cancel the remaining tasks and stop the thread."""
         with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is not None and self._pid == os.getpid():
-            loop.call_soon_threadsafe(loop.stop)
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None or thread is None or self._pid != os.getpid():
+            return
+        _RUNNING.pop(id(loop), None)
+        _stop(loop, thread, final, wait=wait and threading.current_thread() is not thread)
 
 
-def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Cancel what still runs on ``loop`` at interpreter exit, so no task is destroyed while pending."""
-    if not loop.is_running() or not thread.is_alive():
-        return
+def close_on_collect(owner: object, loop: LoopThread, final: Finalizer | None = None) -> None:
+    """Close ``loop`` when ``owner`` is garbage collected, so a dropped dataset leaves no thread behind."""
+    weakref.finalize(owner, loop.close, final, False)
 
-    async def cancel_all() -> None:
+
+def _stop(
+    loop: asyncio.AbstractEventLoop, thread: threading.Thread, final: Finalizer | None, wait: bool
+) -> None:
+    async def finish() -> None:
+        if final is not None:
+            with contextlib.suppress(Exception):
+                await final()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await loop.shutdown_default_executor()  # the threads of asyncio.to_thread
 
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=5)
+    if not loop.is_running():
+        return
+    done = asyncio.run_coroutine_threadsafe(finish(), loop)
+    # Stopped only once the result is delivered: stopping inside finish() would strand the waiter.
+    done.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
+    if wait:
+        with contextlib.suppress(Exception):
+            done.result(timeout=10)
+        thread.join(timeout=5)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Stop every loop still running at interpreter exit, so no task is destroyed while pending."""
+    for loop, thread in list(_RUNNING.values()):
+        _stop(loop, thread, None, wait=True)
+    _RUNNING.clear()

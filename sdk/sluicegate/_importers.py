@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import _manifest
 from ._exceptions import ImportError_
 from ._manifest import Annotation, ItemRecord, MetaValue
-from ._store import S3Options, Store, iter_files
+from ._store import S3Options, Store
 
 __all__ = ["Format", "ImportResult", "import_dataset"]
 
@@ -46,6 +46,7 @@ _BOX_TOLERANCE = 1.0
 _SCAN_CHUNK = 64  # entries per thread-pool task
 _BATCH = 1024  # entries scanned before their files are handed to the uploader
 _READ_WHOLE = 32 * 2**20
+_KEEP_BYTES = 256 * 2**10  # bounds the memory of a batch waiting to be stored (_BATCH of these)
 _MAX_REPORTED = 1  # problems named in the message; the rest are counted
 
 
@@ -74,7 +75,7 @@ class _Entry:
     """One item to import, before its file has been looked at."""
 
     id: str
-    path: Path
+    path: str  # the file (a plain string: pathlib costs more than the scan of a small file)
     where: str  # names the input that declared it, for error messages
     annotations: tuple[Annotation, ...] = ()
     metadata: Mapping[str, MetaValue] | None = None
@@ -216,17 +217,20 @@ def _plan_imagefolder(roots: Sequence[Path]) -> list[_Entry]:
     for root in roots:
         if not root.is_dir():
             raise ImportError_(f"{root}: not a directory; an image folder has one sub-folder per class")
-        for path in iter_files(root):
-            rel = path.relative_to(root)
-            if any(part.startswith(".") for part in rel.parts):
-                continue  # .DS_Store, editor swap files, ...
-            if len(rel.parts) < 2:
-                problems.add(f"{path}: file outside a class folder; put it in {root}/<class>/")
-                continue
-            label = rel.parts[0]
-            if label not in per_class:
-                per_class[label] = (Annotation(label=label),)
-            entries.append(_Entry(rel.as_posix(), path, str(path), per_class[label]))
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git, .cache, ...
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            label = rel_dir.split("/", 1)[0]
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if name.startswith("."):
+                    continue  # .DS_Store, editor swap files, ...
+                if rel_dir == ".":
+                    problems.add(f"{path}: file outside a class folder; put it in {root}/<class>/")
+                    continue
+                if label not in per_class:
+                    per_class[label] = (Annotation(label=label),)
+                entries.append(_Entry(f"{rel_dir}/{name}", path, path, per_class[label]))
     problems.raise_if_any()
     if not entries:
         raise ImportError_(f"no images under {', '.join(map(str, roots))}: expected <root>/<class>/<image>")
@@ -239,7 +243,7 @@ class _JsonlItem(BaseModel):
 
     path: str = Field(min_length=1)
     id: str | None = Field(default=None, min_length=1)
-    labels: list[str] = Field(default_factory=list)
+    labels: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     annotations: list[Annotation] = Field(default_factory=list)
     metadata: dict[str, MetaValue] = Field(default_factory=dict)
 
@@ -264,7 +268,7 @@ def _plan_jsonl(files: Sequence[Path]) -> list[_Entry]:
             entries.append(
                 _Entry(
                     item.id or Path(item.path).as_posix(),
-                    file.parent / item.path,
+                    os.path.join(file.parent, item.path),
                     where,
                     annotations,
                     item.metadata,
@@ -382,15 +386,18 @@ def _plan_coco_file(file: Path, images: Path) -> list[_Entry]:
                 )
                 continue
             polygon = ann.segmentation
-        per_image[ann.image_id].append(
-            Annotation(
+        try:
+            annotation = Annotation(
                 label=names[ann.category_id],
                 bbox=ann.bbox,
                 polygon=polygon,
                 iscrowd=bool(ann.iscrowd),
                 attributes=attributes,
             )
-        )
+        except ValidationError as exc:
+            problems.add(f"{where}: {_pydantic_problem(exc)}")
+            continue
+        per_image[ann.image_id].append(annotation)
     problems.raise_if_any()
     entries = []
     for img in coco.images:
@@ -398,7 +405,7 @@ def _plan_coco_file(file: Path, images: Path) -> list[_Entry]:
         entries.append(
             _Entry(
                 Path(img.file_name).as_posix(),
-                images / img.file_name,
+                os.path.join(images, img.file_name),
                 f"{file}: image {img.id} ({img.file_name})",
                 tuple(per_image[img.id]),
                 {"coco_id": img.id},
@@ -432,15 +439,17 @@ _PLANNERS: dict[Format, Callable[[Sequence[Path]], list[_Entry]]] = {
 # -- scanning ------------------------------------------------------------------------------------
 
 
-def _scan_file(path: Path) -> _Scanned:
+def _scan_file(path: str) -> tuple[_Scanned, bytes | None]:
     """Hash, stat and read the image header of one file (raises OSError or PIL's errors).
 
     Files up to ``_READ_WHOLE`` bytes are read once and parsed from memory (PIL's many small reads
-    of a file cost more than the file); larger ones are streamed through the hash.
+    of a file cost more than the file); larger ones are streamed through the hash. The bytes of
+    files up to ``_KEEP_BYTES`` come back too, so that storing them does not read them again.
     """
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         source: BinaryIO
+        data: bytes | None = None
         if size <= _READ_WHOLE:
             data = fh.read()
             sha = hashlib.sha256(data).hexdigest()
@@ -448,10 +457,11 @@ def _scan_file(path: Path) -> _Scanned:
         else:
             sha = hashlib.file_digest(fh, "sha256").hexdigest()
             source = fh
-        image = _open_image(source, path.suffix)
+        image = _open_image(source, os.path.splitext(path)[1])
         width, height = image.size
         kind = image.format or "unknown"
-    return _Scanned(sha, size, Image.MIME.get(kind, f"image/{kind.lower()}"), width, height)
+    found = _Scanned(sha, size, Image.MIME.get(kind, f"image/{kind.lower()}"), width, height)
+    return found, data if size <= _KEEP_BYTES else None
 
 
 def _open_image(source: BinaryIO, suffix: str) -> Image.Image:
@@ -467,10 +477,10 @@ def _open_image(source: BinaryIO, suffix: str) -> Image.Image:
     return Image.open(source)
 
 
-def _scan_one(entry: _Entry) -> _Scanned | str:
-    """The file's facts, or a message saying what is wrong with it."""
+def _scan_one(entry: _Entry) -> tuple[_Scanned, bytes | None] | str:
+    """The file's facts (and bytes, when small), or a message saying what is wrong with it."""
     try:
-        found = _scan_file(entry.path)
+        found, data = _scan_file(entry.path)
     except FileNotFoundError:
         return f"{entry.where}: image file {entry.path} does not exist"
     except (UnidentifiedImageError, Image.DecompressionBombError):
@@ -487,7 +497,7 @@ def _scan_one(entry: _Entry) -> _Scanned | str:
                 f"{entry.where}: box {list(ann.bbox)} of {ann.label!r}{which} lies outside the "
                 f"{found.width}x{found.height} image"
             )
-    return found
+    return found, data
 
 
 def _box_inside(bbox: tuple[float, float, float, float], width: int, height: int) -> bool:
@@ -523,15 +533,16 @@ def _scan_and_upload(
             chunks = [part[i : i + _SCAN_CHUNK] for i in range(0, len(part), _SCAN_CHUNK)]
             results = [r for chunk in pool.map(_scan_chunk, chunks) for r in chunk]
             scan_advance(len(part))
-            batch: list[tuple[str, Path]] = []
-            for entry, found in zip(part, results, strict=True):
-                if isinstance(found, str):
-                    problems.add(found)
+            batch: list[tuple[str, Path | bytes]] = []
+            for entry, result in zip(part, results, strict=True):
+                if isinstance(result, str):
+                    problems.add(result)
                     continue
+                found, data = result
                 scanned.append(found)
                 if found.sha not in present and found.sha not in queued:
                     queued.add(found.sha)
-                    batch.append((found.sha, entry.path))
+                    batch.append((found.sha, Path(entry.path) if data is None else data))
             if in_flight is not None:
                 in_flight.result()  # surfaces a store error now, and keeps one batch in flight
                 in_flight = None
@@ -547,7 +558,7 @@ def _scan_and_upload(
     return scanned, len(queued), len(distinct) - len(queued)
 
 
-def _scan_chunk(chunk: Sequence[_Entry]) -> list[_Scanned | str]:
+def _scan_chunk(chunk: Sequence[_Entry]) -> list[tuple[_Scanned, bytes | None] | str]:
     return [_scan_one(entry) for entry in chunk]
 
 

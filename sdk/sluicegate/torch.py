@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import itertools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -52,6 +52,7 @@ Decode = Literal["bytes", "image", "pil"] | Callable[[Item], Any]
 ImageMode = Literal["RGB", "L", "unchanged"]
 
 _IMAGE_MODES = ("RGB", "L", "unchanged")
+ITEM_FIELDS = ("annotations", "labels", "metadata", "width", "height", "media_type")
 
 
 # -- samples -----------------------------------------------------------------------------------------
@@ -85,7 +86,17 @@ def _decode_pil(item: Item, mode: ImageMode) -> Image.Image:
 class _SampleMaker:
     """Item -> sample; a plain object so it pickles into DataLoader workers of any start method."""
 
-    def __init__(self, decode: Decode, image_mode: ImageMode, transform: Callable[[Any], Any] | None) -> None:
+    def __init__(
+        self,
+        decode: Decode,
+        image_mode: ImageMode,
+        transform: Callable[[Any], Any] | None,
+        fields: Collection[str] | None,
+    ) -> None:
+        chosen = ITEM_FIELDS if fields is None else tuple(fields)
+        unknown = sorted(set(chosen) - set(ITEM_FIELDS))
+        if isinstance(fields, str) or unknown:
+            raise ConfigError(f"fields must be a list drawn from {', '.join(ITEM_FIELDS)}; got {fields!r}")
         if not callable(decode) and decode not in ("bytes", "image", "pil"):
             raise ConfigError(f"decode must be 'bytes', 'image', 'pil' or a callable, got {decode!r}")
         if image_mode not in _IMAGE_MODES:
@@ -95,6 +106,7 @@ class _SampleMaker:
         self.decode = decode
         self.image_mode: ImageMode = image_mode
         self.transform = transform
+        self.fields = chosen
 
     def __call__(self, item: Item, index: int) -> Any:
         sample: dict[str, Any] = {"id": item.id, "index": index}
@@ -108,12 +120,10 @@ class _SampleMaker:
         else:
             assert callable(self.decode)
             sample["data"] = self.decode(item)
-        sample["annotations"] = annotation_dicts(item.annotations)
-        sample["labels"] = dict(item.labels)
-        sample["metadata"] = dict(item.metadata)
-        sample["width"] = item.width
-        sample["height"] = item.height
-        sample["media_type"] = item.media_type
+        for name in self.fields:
+            # Only the fields asked for: the manifest row behind them is built on first access.
+            value = getattr(item, name)
+            sample[name] = annotation_dicts(value) if name == "annotations" else value
         return self.transform(sample) if self.transform is not None else sample
 
 
@@ -208,6 +218,7 @@ def to_pytorch(
     decode: Decode = "bytes",
     image_mode: ImageMode = "RGB",
     transform: Callable[[Any], Any] | None = None,
+    fields: Collection[str] | None = None,
 ) -> MapDataset: ...
 @overload
 def to_pytorch(
@@ -217,6 +228,7 @@ def to_pytorch(
     decode: Decode = "bytes",
     image_mode: ImageMode = "RGB",
     transform: Callable[[Any], Any] | None = None,
+    fields: Collection[str] | None = None,
 ) -> IterDataset: ...
 def to_pytorch(
     ds: Dataset,
@@ -225,15 +237,17 @@ def to_pytorch(
     decode: Decode = "bytes",
     image_mode: ImageMode = "RGB",
     transform: Callable[[Any], Any] | None = None,
+    fields: Collection[str] | None = None,
 ) -> MapDataset | IterDataset:
     """``ds`` as a PyTorch dataset (map-style, or iterable with ``iterable=True``).
 
     ``decode``: ``"bytes"`` (``sample["data"]``, a uint8 tensor of the file), ``"image"``
     (``sample["image"]``, a CHW uint8 tensor in ``image_mode``), ``"pil"`` (a PIL image), or a callable
     taking the item whose result goes to ``sample["data"]``. ``transform`` maps each sample (in the
-    DataLoader worker) to what the model needs.
+    DataLoader worker) to what the model needs. ``fields`` picks the item fields besides ``id``, ``index``
+    and the data that samples carry (default: all of :data:`ITEM_FIELDS`; ``()`` for the leanest samples).
     """
-    make = _SampleMaker(decode, image_mode, transform)
+    make = _SampleMaker(decode, image_mode, transform, fields)
     if iterable:
         return IterDataset(ds, make)
     return MapDataset(ds, make)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import pickle
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 import sluicegate
 from sluicegate import ConfigError, Dataset, NotFoundError, QueryError, Store
+from sluicegate._env import detect
 from sluicegate._manifest import ItemRecord, records_to_table
 
 from tests.conftest import Backend, PngWriter
@@ -171,3 +175,34 @@ def test_image_items_decode(tmp_path: Path, write_png: PngWriter) -> None:
 def test_non_image_bytes_give_a_clear_error(ds: Dataset) -> None:
     with pytest.raises(ConfigError, match="not an image"):
         ds[0].image()
+
+
+def test_dropped_datasets_leave_no_threads(store_backend: Backend, expected: dict[str, bytes]) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(3):
+        ds = sluicegate.open(store_backend.uri, s3=store_backend.s3)
+        assert sum(1 for _ in ds) == N
+        del ds
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while {t.ident for t in threading.enumerate() if t.name == "sluicegate-engine"} - before:
+        assert time.monotonic() < deadline, "engine threads outlived their datasets"
+        time.sleep(0.05)
+
+
+def test_environment_detection() -> None:
+    assert detect({}).model_dump(include={"rank", "world_size"}) == {"rank": 0, "world_size": 1}
+    env = {"JOB_COMPLETION_INDEX": "3", "SLUICEGATE_WORLD_SIZE": "8", "RANK": "1", "WORLD_SIZE": "2"}
+    got = detect(env, worker=1, num_workers=2)
+    assert (got.rank, got.world_size, got.source, got.worker) == (3, 8, "JOB_COMPLETION_INDEX", 1)
+    got = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (got.rank, got.world_size, got.local_rank, got.local_world_size) == (1, 2, 1, 2)
+    assert detect({"SLUICEGATE_ADDRESS": "unix:///s.sock"}).address == "unix:///s.sock"
+    for bad, message in (
+        ({"JOB_COMPLETION_INDEX": "1"}, "SLUICEGATE_WORLD_SIZE"),
+        ({"RANK": "1"}, "go together"),
+        ({"SLUICEGATE_RANK": "x", "SLUICEGATE_WORLD_SIZE": "2"}, "not an integer"),
+        ({"SLUICEGATE_RANK": "2", "SLUICEGATE_WORLD_SIZE": "2"}, r"outside \[0, 2\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            detect(bad)

@@ -106,6 +106,7 @@ def test_coco_import(store_backend: Backend, tmp_path: Path, write_png: PngWrite
         (lambda c: c["categories"].append({"id": 7, "name": "car"}), r"category 7 repeats the name 'car'"),
         (lambda c: c["images"].append({"id": 4, "file_name": "a.png"}), r"duplicate item id 'a\.png'"),
         (lambda c: c.pop("categories"), r"categories: Field required"),
+        (lambda c: c["annotations"][3].update(bbox=[5, 5, -1, 2]), r"annotation 13: bbox: .*must be >= 0"),
     ],
 )
 def test_malformed_coco_never_commits(
@@ -265,6 +266,8 @@ def test_jsonl_import(store_backend: Backend, tmp_path: Path, write_png: PngWrit
             "mixes",
         ),
         (["   "], r"no items in"),
+        ([{"path": "img/a.png", "labels": [""]}], r":1: labels\[0\]: String should have at least 1"),
+        (["[1, 2]"], r":1: value: Input should be a valid dictionary"),
     ],
 )
 def test_malformed_jsonl_never_commits(
@@ -357,7 +360,8 @@ def test_large_and_misnamed_files_are_scanned_alike(
     tmp_path: Path, write_png: PngWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = _folder(tmp_path / "pets", write_png)
-    write_png(root / "dog" / "really-a-png.jpg", 7, 5, seed=4)  # suffix says JPEG, bytes say PNG
+    png = write_png(tmp_path / "really-a-png.png", 7, 5, seed=4)
+    png.rename(root / "dog" / "really-a-png.jpg")  # suffix says JPEG, bytes say PNG
     small = rows(
         Store(tmp_path / "a").manifest(import_dataset("imagefolder", root, tmp_path / "a").version)[0]
     )

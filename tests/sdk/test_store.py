@@ -283,3 +283,18 @@ def test_concurrent_writers_lose_no_commit(store_backend: Backend, tmp_path: Pat
     for w in range(writers):
         mine = [i for i in ids if i.startswith(f"w{w}-")]
         assert mine == [f"w{w}-{k}" for k in range(commits)]
+
+
+def test_local_uploads_stage_outside_blobs(tmp_path: Path) -> None:
+    """A crash mid-copy leaves a stray staging file, never a partial blob; the next upload works."""
+    store = Store(tmp_path / "s")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"payload")
+    sha = sha256_hex(b"payload")
+    (tmp_path / "s" / "staging").mkdir(parents=True)
+    (tmp_path / "s" / "staging" / f"{sha}.999-1").write_bytes(b"pay")  # what a killed copy leaves
+    assert store.existing_blobs() == set()
+    assert asyncio.run(store.put_blobs_async([(sha, src)])) == 1
+    assert store.existing_blobs() == {sha}
+    assert store.get_blob(sha) == b"payload"
+    assert [p.name for p in (tmp_path / "s" / "staging").iterdir()] == [f"{sha}.999-1"]

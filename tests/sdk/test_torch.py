@@ -1,82 +1,20 @@
 """The PyTorch adapter on real datasets (local directory and the S3 server) and real DataLoaders."""
+# ruff: noqa: F811 - the fixtures imported from adapter_fixtures are test parameters here
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import sluicegate
 import torch
 from PIL import Image
-from sluicegate import ConfigError, Dataset, Store
-from sluicegate._manifest import Annotation, ItemRecord, records_to_table
+from sluicegate import ConfigError, Dataset
 from sluicegate.torch import IterDataset, MapDataset, Packed, collate, detection_collate
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tests.conftest import Backend, PngWriter
-from tests.sidecar.helpers import item_bytes
-
-N = 37
-
-
-@pytest.fixture
-def expected(store_backend: Backend) -> dict[str, bytes]:
-    """N items of different sizes (so batches of bytes are ragged); item i has i % 3 boxed cars."""
-    store = store_backend.store()
-    records, data = [], {}
-    for i in range(N):
-        item_id, blob = f"item{i:06d}", item_bytes(i, 200 + 7 * i)
-        data[item_id] = blob
-        records.append(
-            ItemRecord(
-                id=item_id,
-                blob=store.put_blob(blob),
-                size=len(blob),
-                media_type="application/octet-stream",
-                metadata={"split": "train", "index": i},
-                labels={"car": i % 3} if i % 3 else {},
-                annotations=[Annotation(label="car", bbox=(1.0, 2.0, 3.0, 4.0))] * (i % 3),
-            )
-        )
-    store.commit(lambda _: records_to_table(records))
-    return data
-
-
-@pytest.fixture
-def ds(store_backend: Backend, expected: dict[str, bytes]) -> Dataset:
-    return sluicegate.open(store_backend.uri, s3=store_backend.s3)
-
-
-@pytest.fixture
-def images(tmp_path: Path, write_png: PngWriter) -> Dataset:
-    """Six PNGs of two sizes with boxes: one box per class, plus a zero-area box that detection drops."""
-    store = Store(tmp_path / "images")
-    records = []
-    for i in range(6):
-        width = 20 + 4 * (i % 2)
-        data = write_png(tmp_path / f"{i}.png", width=width, height=16, seed=i).read_bytes()
-        anns = [
-            Annotation(label="cat", bbox=(1, 2, 5, 6)),
-            Annotation(label="dog", bbox=(3, 3, 4, 2), iscrowd=i == 0),
-            Annotation(label="dog", bbox=(0, 0, 0, 5)),
-        ]
-        records.append(
-            ItemRecord(
-                id=f"img{i}",
-                blob=store.put_blob(data),
-                size=len(data),
-                media_type="image/png",
-                width=width,
-                height=16,
-                annotations=anns,
-                labels={"cat": 1, "dog": 2},
-            )
-        )
-    store.commit(lambda _: records_to_table(records))
-    return sluicegate.open(tmp_path / "images")
+from tests.sdk.adapter_fixtures import N, ds, expected, images  # noqa: F401 - fixtures
 
 
 def test_map_style_samples_carry_bytes_as_tensors(ds: Dataset, expected: dict[str, bytes]) -> None:
@@ -93,6 +31,10 @@ def test_map_style_samples_carry_bytes_as_tensors(ds: Dataset, expected: dict[st
     assert sample["labels"] == {"car": 2}
     assert [a["bbox"] for a in sample["annotations"]] == [[1.0, 2.0, 3.0, 4.0]] * 2
     assert tds[-1]["id"] == "item000036"
+    assert set(ds.to_pytorch(fields=())[0]) == {"id", "index", "data"}
+    assert set(ds.to_pytorch(fields=["labels"])[1]) == {"id", "index", "data", "labels"}
+    with pytest.raises(ConfigError, match="fields must be"):
+        ds.to_pytorch(fields=["annotation"])
     with pytest.raises(IndexError, match="out of range"):
         tds[N]
 
