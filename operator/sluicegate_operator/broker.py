@@ -7,7 +7,6 @@ logged and counted. Storage credentials stay in this process: pods get presigned
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import pydantic_core
 from sluicegate._broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
 from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
 from sluicegate._store import Store, blob_key
@@ -226,7 +226,7 @@ class Broker:
             # urls, the model's field order). Joining bytes copies the tens of MB once, not three times.
             start, rest = head.encode().split(b'"rows":[]', 1)
             middle, end = rest.split(b'"urls":{}', 1)
-            urls_json = json.dumps(urls, separators=(",", ":")).encode()
+            urls_json = pydantic_core.to_json(urls)
             return b"".join((start, b'"rows":', shard.rows_json, middle, b'"urls":', urls_json, end))
 
         return await asyncio.to_thread(build)

@@ -7,7 +7,6 @@ once and reused by the reconciler and every broker request of every pod of a str
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pydantic_core
 from sluicegate._exceptions import ConfigError
 from sluicegate._partition import Remainder, shard
 from sluicegate._query import select_rows
@@ -136,7 +136,8 @@ class Catalog:
         )
         blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
         result = Shard(
-            rows_json=json.dumps(rows.to_pylist(), separators=(",", ":")).encode(),
+            # pydantic-core's serialiser writes the same JSON values ~5x faster than json.dumps.
+            rows_json=pydantic_core.to_json(rows.to_pylist()),
             blobs=blobs,
             blob_set=frozenset(blobs),
             items=rows.num_rows,

@@ -86,8 +86,11 @@ class Recent(Generic[K, V]):
     ServiceAccount stream the Dataset); under a burst of pod creations those calls queue behind the
     creations themselves. A yes is reused for a few seconds, a no never, so creating the missing stream
     or RoleBinding takes effect at once. Revoking access reaches admission within ``ttl_s``; the broker
-    checks RBAC on every request regardless.
+    checks RBAC on every request regardless. A key in use is looked up again in the background during
+    the last ``REFRESH_AHEAD`` of its time, so a steady stream of pods never waits on the API server.
     """
+
+    REFRESH_AHEAD = 0.4
 
     def __init__(
         self,
@@ -107,29 +110,35 @@ class Recent(Generic[K, V]):
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         entry = self._entries.get(key)
         if entry is not None:
-            if entry[0] > self._clock():
+            left = entry[0] - self._clock()
+            if left > 0:
+                if left < self._ttl * self.REFRESH_AHEAD:
+                    self._lookup(key, load)
                 return entry[1]
             del self._entries[key]
+        # Shielded: one caller giving up (the API server timed out its request) must not fail the others.
+        return await asyncio.shield(self._lookup(key, load))
+
+    def _lookup(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
+        """The lookup of ``key`` in flight, started if there is none."""
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(load())
             self._pending[key] = pending
             pending.add_done_callback(partial(self._settle, key))
-        # Shielded: one caller giving up (the API server timed out its request) must not fail the others.
-        return await asyncio.shield(pending)
+        return pending
 
     def _settle(self, key: K, done: asyncio.Future[V]) -> None:
         self._pending.pop(key, None)
-        if (
-            done.cancelled()
-            or done.exception() is not None
-            or self._ttl <= 0
-            or not self._keep(done.result())
-        ):
+        if done.cancelled() or done.exception() is not None:
+            return  # a failed refresh leaves the current answer to expire in its time
+        if self._ttl <= 0 or not self._keep(done.result()):
+            self._entries.pop(key, None)  # e.g. revoked while remembered: forget the yes at once
             return
+        self._entries.pop(key, None)  # re-inserted last, so eviction takes the least recently renewed
         self._entries[key] = (self._clock() + self._ttl, done.result())
         while len(self._entries) > self._max:
-            del self._entries[next(iter(self._entries))]  # the oldest insertion
+            del self._entries[next(iter(self._entries))]
 
 
 class Webhook:

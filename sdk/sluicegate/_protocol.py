@@ -155,7 +155,7 @@ def encode_header(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
     return _LEN.pack(len(raw)) + raw
 
 
-def decode_batch(body: bytes) -> tuple[BatchHeader, list[bytes]]:
+def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[bytes]]:
     """Split a batch body into its header and the items' bytes; ValueError when it is not well formed."""
     if len(body) < _LEN.size:
         raise ValueError(f"batch body of {len(body)} bytes is too short for its header length")

@@ -21,7 +21,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -84,7 +84,9 @@ class Store:
     """One dataset's store. Construction does no I/O; every method talks to the backend."""
 
     def __init__(self, uri: str | os.PathLike[str], s3: S3Options | None = None) -> None:
-        self.uri, self._backend = _parse(uri, s3 or S3Options())
+        self.uri, target = _parse(uri, s3 or S3Options())
+        self._root = target if isinstance(target, Path) else None
+        self._obj = None if isinstance(target, Path) else target
         self._manifests: dict[int, tuple[pa.Table, _manifest.VersionInfo]] = {}
 
     def __repr__(self) -> str:
@@ -92,12 +94,31 @@ class Store:
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self._backend, LocalStore)
+        return self._root is not None
 
     @property
     def local_root(self) -> Path | None:
         """The directory of a filesystem store (``None`` for object stores)."""
-        return Path(urlparse(self.uri).path) if self.is_local else None
+        return self._root
+
+    @property
+    def _backend(self) -> ObjectStore:
+        """The object store; a local one is opened on first use, and reads never create it."""
+        if self._obj is None:
+            assert self._root is not None
+            if not self._root.is_dir():
+                # Read paths treat this like an object missing from a store: an empty dataset.
+                raise FileNotFoundError(f"{self._root} does not exist")
+            self._obj = LocalStore(self._root)
+        return self._obj
+
+    def _writable(self) -> None:
+        """Create a local store's directory before the first write."""
+        if self._root is not None:
+            try:
+                self._root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {self.uri}: {exc.strerror or exc}") from exc
 
     # -- blobs ---------------------------------------------------------------------------------
 
@@ -116,6 +137,7 @@ class Store:
     def put_blob(self, data: bytes, sha: str | None = None) -> str:
         """Store ``data`` under its sha256 (kept as is when present) and return the hash."""
         sha = sha or sha256_hex(data)
+        self._writable()
         try:
             obstore.put(self._backend, blob_key(sha), data, mode="create")
         except AlreadyExistsError:
@@ -134,6 +156,7 @@ class Store:
 
         ``on_done`` is called after each blob is stored (for progress bars).
         """
+        self._writable()
         root = self.local_root
         if root is not None:
             return await asyncio.to_thread(self._put_local_files, root, list(blobs), on_done)
@@ -296,6 +319,7 @@ class Store:
         (``change(base) is base``) has nothing to commit: no version is written and the base's
         number is returned.
         """
+        self._writable()
         for _ in range(_COMMIT_ATTEMPTS):
             parent = self.latest_version()
             base = self.manifest(parent)[0] if parent else None
@@ -424,12 +448,13 @@ class _RangeFile:
         self.closed = True
 
 
-def _parse(uri: str | os.PathLike[str], s3: S3Options) -> tuple[str, ObjectStore]:
+def _parse(uri: str | os.PathLike[str], s3: S3Options) -> tuple[str, ObjectStore | Path]:
+    """The canonical URI and the backend (a local store's directory, opened later: no I/O here)."""
     text = os.fspath(uri)
     parsed = urlparse(text)
     if parsed.scheme in ("", "file"):
         root = Path(parsed.path if parsed.scheme else text).expanduser().absolute()
-        return root.as_uri(), LocalStore(root, mkdir=True)
+        return root.as_uri(), root
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ConfigError(f"{text!r} names no bucket; write s3://BUCKET/PREFIX")
@@ -458,11 +483,3 @@ def _parse(uri: str | os.PathLike[str], s3: S3Options) -> tuple[str, ObjectStore
             raise ConfigError(f"cannot configure S3 store for {text!r}: {exc}") from exc
         return f"s3://{parsed.netloc}/{prefix or ''}".rstrip("/"), store
     raise ConfigError(f"unsupported store URI {text!r}: use a local path, file:///PATH or s3://BUCKET/PREFIX")
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    """Every regular file under ``root`` in a stable (sorted) order."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            yield Path(dirpath) / name

@@ -41,14 +41,35 @@ def test_yes_is_reused_until_it_expires_and_no_is_never_kept() -> None:
     async def scenario() -> None:
         assert await recent.get("alice", lambda: lookup("alice")) is True
         assert await recent.get("bob", lambda: lookup("bob")) is False
-        clock.now += 4.9
+        clock.now += 2.9  # not yet due for renewal
         assert await recent.get("alice", lambda: lookup("alice")) is True
         assert await recent.get("bob", lambda: lookup("bob")) is False
         assert lookup.calls == ["alice", "bob", "bob"]
         lookup.answers["alice"] = False  # revoked: seen once the yes has expired
-        clock.now += 0.2
+        clock.now += 2.2
         assert await recent.get("alice", lambda: lookup("alice")) is False
         assert lookup.calls == ["alice", "bob", "bob", "alice"]
+
+    asyncio.run(scenario())
+
+
+def test_a_key_in_use_is_renewed_in_the_background_and_a_revocation_drops_it() -> None:
+    clock = Clock()
+    recent: Recent[str, bool] = Recent(5.0, lambda allowed: allowed, clock=clock)
+    lookup = Lookup({"alice": True}, delay_s=0.01)
+
+    async def scenario() -> None:
+        await recent.get("alice", lambda: lookup("alice"))
+        clock.now += 3.5  # within the last 40 % of its 5 s: answered at once, renewed behind the scenes
+        assert await recent.get("alice", lambda: lookup("alice")) is True
+        await asyncio.sleep(0.05)
+        assert lookup.calls == ["alice", "alice"]
+        lookup.answers["alice"] = False  # revoked
+        clock.now += 4.0  # 7.5 s: the renewed yes (until 8.5 s) still holds, and is due for renewal again
+        assert await recent.get("alice", lambda: lookup("alice")) is True
+        await asyncio.sleep(0.05)
+        assert await recent.get("alice", lambda: lookup("alice")) is False, "the renewal's no counts at once"
+        assert lookup.calls == ["alice"] * 4
 
     asyncio.run(scenario())
 

@@ -209,9 +209,19 @@ def test_missing_versions_and_garbage_refs_are_clear_errors(store_backend: Backe
 
 def test_unreadable_manifest_is_a_store_error(store_backend: Backend) -> None:
     store = store_backend.store()
+    store._writable()
     obstore.put(store._backend, "versions/1.parquet", b"not parquet")
     with pytest.raises(StoreError, match="not a readable Parquet manifest"):
         store.manifest(1)
+
+
+def test_reading_a_missing_local_store_creates_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "typo")
+    assert store.latest_version() == 0
+    assert store.existing_blobs() == set()
+    with pytest.raises(NotFoundError, match="no versions yet"):
+        store.manifest()
+    assert not (tmp_path / "typo").exists()
 
 
 def test_bad_uris_are_config_errors() -> None:
