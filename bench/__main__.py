@@ -11,6 +11,7 @@ BENCHMARKS = {
     "store_query": "bench.store_query",
     "stream": "bench.stream",
     "operator_scale": "bench.operator_scale",
+    "stream_sidecar": "bench.stream_sidecar",
 }
 
 

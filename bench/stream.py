@@ -202,7 +202,8 @@ def _first_item_on_a_large_manifest(root: Path) -> dict[str, Any]:
         "import time, sluicegate; t = time.perf_counter(); "
         f"ds = sluicegate.open({str(root / 'large')!r}).shuffle(1); item = next(iter(ds)); "
         "t1 = time.perf_counter() - t; "
-        "tds = ds.to_pytorch(iterable=True, fields=()); t2 = time.perf_counter(); next(iter(tds.loader(batch_size=1))); "
+        "tds = ds.to_pytorch(iterable=True, fields=()); t2 = time.perf_counter(); "
+        "next(iter(tds.loader(batch_size=1))); "
         "print(t1, time.perf_counter() - t2, len(ds), len(item.data))"
     )
     out = subprocess.run(
@@ -371,14 +372,16 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Streaming benchmark (`python -m bench stream`)",
         "",
-        f"{c['items']} items of {c['item_kb']} KB (bytes mode) and {c['jpegs']} 256x256 JPEGs (jpeg mode: PIL "
-        f"decode in the loader), batch {c['batch']}; each case in a fresh process, >= {c['min_seconds']} s "
+        f"{c['items']} items of {c['item_kb']} KB (bytes mode) and {c['jpegs']} 256x256 JPEGs "
+        f"(jpeg mode: PIL decode in the loader), batch {c['batch']}; each case in a fresh process, "
+        f">= {c['min_seconds']} s "
         f"measured after a warm-up epoch (cold S3: first epoch only). {m['cpus']} CPUs, load average "
         f"{m['load_average_1m']} at start, {m['date_utc']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
         + ".",
         "",
-        "| mode | workers | system | samples/s | MB/s | first batch (s) | peak RSS trainer (MB) | peak RSS workers (MB) |",
+        "| mode | workers | system | samples/s | MB/s | first batch (s) | peak RSS trainer (MB) "
+        "| peak RSS workers (MB) |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for case in r["cases"]:
@@ -403,7 +406,8 @@ def _markdown(r: dict[str, Any]) -> str:
     f1 = r["first_item_large"]
     lines.append(
         f"| first item < 1 s on {f1['items']:,} items | {'PASS' if f1['pass'] else 'FAIL'} "
-        f"({f1['first_item_s']:.2f} s; through a torch DataLoader {f1['first_item_torch_loader_s']:.2f} s more) |"
+        f"({f1['first_item_s']:.2f} s; through a torch DataLoader "
+        f"{f1['first_item_torch_loader_s']:.2f} s more) |"
     )
     rss = r["rss_flat"]
     lines.append(

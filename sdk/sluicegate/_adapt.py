@@ -6,7 +6,7 @@ annotation rows and box conversion.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,15 +14,8 @@ import numpy.typing as npt
 
 from ._exceptions import ConfigError
 from ._manifest import Annotation
-from ._partition import Positions
 
-__all__ = ["LabelMap", "annotation_dicts", "chunks", "detection_arrays"]
-
-
-def chunks(positions: Positions, size: int) -> Iterator[Positions]:
-    """``positions`` cut into consecutive runs of at most ``size``."""
-    for start in range(0, len(positions), size):
-        yield positions[start : start + size]
+__all__ = ["LabelMap", "annotation_dicts", "detection_arrays"]
 
 
 class LabelMap:

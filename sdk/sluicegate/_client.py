@@ -196,9 +196,13 @@ class _BatchPool:
 class _WireRows(Rows):
     def __init__(self, rows: Sequence[proto.WireRow]) -> None:
         self._rows = rows
+        self._dicts: list[dict[str, Any] | None] = [None] * len(rows)
 
     def row(self, i: int) -> dict[str, Any]:
-        return self._rows[i].model_dump()
+        row = self._dicts[i]
+        if row is None:
+            row = self._dicts[i] = self._rows[i].model_dump()
+        return row
 
 
 class _RemotePending(Pending):

@@ -39,7 +39,7 @@ from ._engine import (
 from ._exceptions import ConfigError
 from ._manifest import Annotation, ItemRecord, record_from_row
 from ._partition import Positions, Remainder
-from ._query import Query, select_rows
+from ._query import Query
 from ._store import S3Options, Store
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class LocalSource(Source):
         return len(self.plan)
 
     def select(self, queries: Sequence[str]) -> Positions:
-        return np.asarray(select_rows(self.plan.table, list(queries)), dtype=np.int64)
+        return self.plan.select(queries)
 
     def fetch(self, positions: Positions, readahead: Positions) -> Pending:
         live = self._running()

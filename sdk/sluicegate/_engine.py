@@ -41,11 +41,13 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._exceptions import IntegrityError, NotFoundError, StoreError
-from ._manifest import from_parquet
+from ._manifest import info_from_metadata
 from ._partition import Positions
+from ._query import select_rows
 from ._store import S3Options, Store, _version_key, blob_key
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "LoopThread",
+    "Manifest",
     "Plan",
     "StoreUpstream",
     "Upstream",
@@ -205,20 +208,20 @@ def _read_file(path: Path, ref: BlobRef) -> bytes:
         raise StoreError(f"cannot read blob {ref.sha} of item {ref.item_id!r}: {exc}") from exc
 
 
-def read_manifest(store: Store, version: int) -> pa.Table:
-    """A version's manifest table, read in a way that also works in a forked process (see :func:`forked`)."""
-    if not forked():
-        return store.manifest(version)[0]
+def read_manifest(store: Store, version: int) -> Manifest:
+    """A version's manifest, fetched but not decoded; works in a forked process too (see :func:`forked`)."""
     key = _version_key(version)
+    where = f"{store.uri}/{key}"
     root = store.local_root
     if root is not None:
-        data = _read_file(root / key, BlobRef(key, 0, f"manifest of version {version}"))
-    else:
-        response = httpx.get(store.presign(key, _URL_LIFETIME), timeout=60, trust_env=False)
-        if response.status_code != 200:
-            raise StoreError(f"cannot read {key} from {store.uri}: HTTP {response.status_code}")
-        data = response.content
-    return from_parquet(data, f"{store.uri}/{key}")[0]
+        return Manifest(_read_file(root / key, BlobRef(key, 0, f"manifest of version {version}")), where)
+    # A presigned GET: the same code with or without a usable obstore runtime.
+    response = httpx.get(store.presign(key, _URL_LIFETIME), timeout=120, trust_env=False)
+    if response.status_code == 404:
+        raise NotFoundError(f"{store.uri} has no version {version}")
+    if response.status_code != 200:
+        raise StoreError(f"cannot read {where}: HTTP {response.status_code}")
+    return Manifest(response.content, where)
 
 
 class UrlUpstream:
@@ -265,35 +268,116 @@ def _transient(exc: BaseException) -> bool:
 # -- the plan ----------------------------------------------------------------------------------------
 
 
-class Plan:
-    """Manifest rows in shard order (a local query's result or a broker's response), plus blob URLs.
+class Manifest:
+    """A manifest decoded on demand: a column when a query or a batch needs it, full rows one Parquet row
+    group at a time when an item's annotations are asked for.
 
-    Stays Arrow: nothing per item is built up front, so a million-row plan is ready at once. ``urls``
-    maps a blob's sha256 to the (presigned) URL :class:`UrlUpstream` reads it from.
+    Decoding a realistic million-item manifest whole takes seconds (annotations, a hash per item); the
+    first item needs three columns. Built from Parquet bytes, or from a table already in memory.
     """
 
-    def __init__(self, version: int, table: pa.Table, urls: Mapping[str, str] | None = None) -> None:
+    _NOT_QUERIED = ("annotations", "blob")  # no query field reads these
+
+    def __init__(self, source: pa.Table | bytes, where: str = "manifest") -> None:
+        self._lock = threading.Lock()
+        self._columns: dict[str, pa.Array] = {}
+        self._groups: dict[int, pa.Table] = {}
+        if isinstance(source, pa.Table):
+            self._file = None
+            self._table: pa.Table | None = source
+            self.schema = source.schema
+            sizes = [b.num_rows for b in source.to_batches()]
+        else:
+            try:
+                self._file = pq.ParquetFile(pa.BufferReader(source))
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise StoreError(f"{where} is not a readable Parquet manifest: {exc}") from exc
+            try:
+                info_from_metadata(self._file.schema_arrow.metadata, where)
+            except ValidationError as exc:
+                raise StoreError(f"{where} has malformed version info in its footer: {exc}") from exc
+            self._table = None
+            self.schema = self._file.schema_arrow.remove_metadata()
+            sizes = [self._file.metadata.row_group(g).num_rows for g in range(self._file.num_row_groups)]
+        self._offsets = np.cumsum([0, *sizes])
+        self.num_rows = int(self._offsets[-1])
+
+    def column(self, name: str) -> pa.Array:
+        """One column, decoded once and kept contiguous (take() on chunks concatenates them every call)."""
+        with self._lock:
+            if name not in self._columns:
+                source = self._table if self._table is not None else self._read(columns=[name])
+                self._columns[name] = source.column(name).combine_chunks()
+            return self._columns[name]
+
+    def query_table(self) -> pa.Table:
+        """Every column a query can name (all but annotations and blob), for :func:`select_rows`."""
+        names = [n for n in self.schema.names if n not in self._NOT_QUERIED]
+        return pa.table(
+            [self.column(n) for n in names], schema=pa.schema([self.schema.field(n) for n in names])
+        )
+
+    def rows(self, positions: Positions) -> list[dict[str, Any]]:
+        """Full rows at ``positions`` (plain dicts, as the wire carries them)."""
+        group_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        out: list[dict[str, Any]] = [{}] * len(positions)
+        for g in np.unique(group_of).tolist():
+            where = np.flatnonzero(group_of == g)
+            part = self._group(g).take(pa.array(positions[where] - self._offsets[g])).to_pylist()
+            for i, row in zip(where.tolist(), part, strict=True):
+                out[i] = row
+        return out
+
+    def _group(self, g: int) -> pa.Table:
+        with self._lock:
+            if g not in self._groups:
+                if self._table is not None:
+                    start, stop = int(self._offsets[g]), int(self._offsets[g + 1])
+                    self._groups[g] = self._table.slice(start, stop - start).combine_chunks()
+                else:
+                    assert self._file is not None
+                    self._groups[g] = self._file.read_row_group(g).replace_schema_metadata(None)
+            return self._groups[g]
+
+    def _read(self, columns: list[str]) -> pa.Table:
+        assert self._file is not None
+        return self._file.read(columns=columns)
+
+
+class Plan:
+    """The items one consumer may read, in shard order: positions ``index`` into a :class:`Manifest` (all of
+    it when ``index`` is None), plus blob URLs when the upstream is presigned GETs.
+
+    Comes from a local query over the store's manifest or from a broker's response. Stays Arrow: nothing
+    per item is built up front, so a million-item plan is ready at once.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        manifest: Manifest | pa.Table,
+        index: Positions | None = None,
+        urls: Mapping[str, str] | None = None,
+    ) -> None:
         self.version = version
-        self.table = table
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+        self.index = index
         self.urls = urls
-        # take() on a chunked array concatenates all its chunks on every call (~0.3 s for a million
-        # rows), so the three columns every batch reads are combined once (~10 ms each), and full rows
-        # are taken chunk by chunk (combining the whole manifest would copy every annotation).
-        self._blob = table.column("blob").combine_chunks()
-        self._size = table.column("size").combine_chunks()
-        self._id = table.column("id").combine_chunks()
-        self._batches = table.to_batches()
-        self._offsets = np.cumsum([0, *(b.num_rows for b in self._batches)])
         self._ids: dict[str, int] | None = None
 
     def __len__(self) -> int:
-        return int(self.table.num_rows)
+        return self.manifest.num_rows if self.index is None else len(self.index)
+
+    def _at(self, positions: Positions | Sequence[int]) -> Positions:
+        pos = np.asarray(positions, dtype=np.int64)
+        return pos if self.index is None else self.index[pos]
 
     def refs(self, positions: Positions | Sequence[int]) -> list[BlobRef]:
-        idx = pa.array(np.asarray(positions, dtype=np.int64))
-        shas = self._blob.take(idx).to_pylist()
-        sizes = self._size.take(idx).to_pylist()
-        ids = self._id.take(idx).to_pylist()
+        idx = pa.array(self._at(positions))
+        m = self.manifest
+        shas = m.column("blob").take(idx).to_pylist()
+        sizes = m.column("size").take(idx).to_pylist()
+        ids = m.column("id").take(idx).to_pylist()
         if self.urls is None:
             return [BlobRef(s, n, i) for s, n, i in zip(shas, sizes, ids, strict=True)]
         urls = self.urls
@@ -301,23 +385,22 @@ class Plan:
 
     def rows(self, positions: Positions | Sequence[int]) -> list[dict[str, Any]]:
         """Full manifest rows (plain dicts, as the wire carries them)."""
-        pos = np.asarray(positions, dtype=np.int64)
-        if len(self._batches) == 1:
-            rows: list[dict[str, Any]] = self._batches[0].take(pa.array(pos)).to_pylist()
-            return rows
-        chunk = np.searchsorted(self._offsets, pos, side="right") - 1
-        out: list[dict[str, Any]] = [{}] * len(pos)
-        for c in np.unique(chunk):
-            where = np.flatnonzero(chunk == c)
-            part = self._batches[c].take(pa.array(pos[where] - self._offsets[c])).to_pylist()
-            for i, row in zip(where.tolist(), part, strict=True):
-                out[i] = row
-        return out
+        return self.manifest.rows(self._at(positions))
+
+    def select(self, queries: Sequence[str]) -> Positions:
+        """Plan positions (ascending) of the items that match every query."""
+        table = self.manifest.query_table()
+        if self.index is not None:
+            table = table.take(pa.array(self.index))
+        return np.asarray(select_rows(table, list(queries)), dtype=np.int64)
 
     def position_of(self, item_id: str) -> int | None:
         """The position of ``item_id`` in the plan (an index built on first use)."""
         if self._ids is None:
-            self._ids = {v: i for i, v in enumerate(self._id.to_pylist())}
+            ids = self.manifest.column("id")
+            if self.index is not None:
+                ids = ids.take(pa.array(self.index))
+            self._ids = {v: i for i, v in enumerate(ids.to_pylist())}
         return self._ids.get(item_id)
 
 

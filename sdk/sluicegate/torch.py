@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
+import multiprocessing.context
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -39,6 +40,7 @@ from ._dataset import Dataset, Item
 from ._exceptions import ConfigError
 
 __all__ = [
+    "ITEM_FIELDS",
     "DetectionCollate",
     "IterDataset",
     "MapDataset",
@@ -130,6 +132,17 @@ class _SampleMaker:
 # -- datasets ----------------------------------------------------------------------------------------
 
 
+def _forkserver() -> multiprocessing.context.ForkServerContext:
+    """The ``forkserver`` context, its server preloaded with torch and this adapter.
+
+    Workers fork from a server that has already imported them, instead of each importing torch anew
+    (seconds per worker on a small machine).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class _Loadable:
     """The ``loader()`` shortcut both dataset forms share."""
 
@@ -140,8 +153,8 @@ class _Loadable:
         client's runtime does not survive ``fork`` once the trainer has used it.
         """
         kwargs.setdefault("collate_fn", collate)
-        if kwargs.get("num_workers", 0) > 0:
-            kwargs.setdefault("multiprocessing_context", "forkserver")
+        if kwargs.get("num_workers", 0) > 0 and "multiprocessing_context" not in kwargs:
+            kwargs["multiprocessing_context"] = _forkserver()
         return tud.DataLoader(self, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
 
 
@@ -260,33 +273,44 @@ def _in_worker() -> bool:
     return tud.get_worker_info() is not None
 
 
-@dataclass(frozen=True)
 class Packed:
-    """Variable-length 1-D tensors (typically the bytes of a batch's files) packed into one tensor.
+    """Variable-length 1-D tensors (typically the bytes of a batch's files) packed into one buffer.
 
-    ``packed[i]`` is the i-th tensor (a view). One tensor per batch instead of one per item keeps the
-    hand-off from DataLoader workers to a single shared-memory segment.
+    ``packed[i]`` is the i-th tensor (a view); ``values`` holds them end to end and ``offsets``
+    (int64, ``n + 1``) says where each starts. Both live in one storage, which is what crosses from a
+    DataLoader worker to the trainer: one shared-memory segment and one handle per batch, instead of
+    one per item (or a pickled copy of every byte).
     """
 
-    values: torch.Tensor
-    offsets: torch.Tensor  # int64 [n + 1]
+    __slots__ = ("_buffer", "offsets", "values")
+
+    def __init__(self, buffer: torch.Tensor, count: int, dtype: torch.dtype) -> None:
+        header = 8 * (count + 1)  # int64 offsets first; a multiple of 8 keeps any dtype aligned
+        storage = buffer.untyped_storage()
+        size = (buffer.numel() - header) // _element_size(dtype)
+        self._buffer = buffer
+        self.offsets = torch.empty(0, dtype=torch.int64).set_(storage, 0, (count + 1,), (1,))
+        self.values = torch.empty(0, dtype=dtype).set_(storage, header // _element_size(dtype), (size,), (1,))
 
     @classmethod
     def pack(cls, tensors: Sequence[torch.Tensor]) -> Packed:
-        lengths = [t.numel() for t in tensors]
-        offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
-        torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
-        total = int(offsets[-1])
-        first = tensors[0]
-        if _in_worker():
-            # Built straight in shared memory, as default_collate does, so the hand-off copies nothing.
-            nbytes = total * first.element_size()
-            storage = torch.UntypedStorage._new_shared(nbytes)  # type: ignore[no-untyped-call]
-            values = torch.empty(0, dtype=first.dtype).set_(storage, 0, (total,), (1,))
-        else:
-            values = torch.empty(total, dtype=first.dtype)
-        torch.cat(list(tensors), out=values)
-        return cls(values, offsets)
+        dtype = tensors[0].dtype
+        lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+        nbytes = 8 * (len(tensors) + 1) + int(lengths.sum()) * _element_size(dtype)
+        # In a worker, built straight in shared memory (as default_collate does): the hand-off copies nothing.
+        shared = _in_worker()
+        storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
+        packed = cls(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)), len(tensors), dtype)
+        packed.offsets[0] = 0
+        torch.cumsum(lengths, 0, out=packed.offsets[1:])
+        torch.cat(list(tensors), out=packed.values)
+        return packed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Packed, (self._buffer, len(self), self.values.dtype))
+
+    def __repr__(self) -> str:
+        return f"Packed({len(self)} tensors, {self.values.numel()} {self.values.dtype} values)"
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -310,10 +334,15 @@ class Packed:
 
     def pin_memory(self) -> Packed:
         """Pinned copy (DataLoader's ``pin_memory=True`` calls this)."""
-        return Packed(self.values.pin_memory(), self.offsets.pin_memory())
+        return Packed(self._buffer.pin_memory(), len(self), self.values.dtype)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
-        return Packed(self.values.to(device, non_blocking=non_blocking), self.offsets.to(device))
+        """A copy on ``device`` (the whole buffer in one transfer)."""
+        return Packed(self._buffer.to(device, non_blocking=non_blocking), len(self), self.values.dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _same_type(batch: Sequence[Any]) -> bool:

@@ -22,7 +22,7 @@ from prometheus_client.registry import CollectorRegistry
 from pydantic import ValidationError
 from sluicegate import _partition
 from sluicegate import _protocol as proto
-from sluicegate._engine import Engine, Plan, StoreUpstream, engine_store
+from sluicegate._engine import Engine, Plan, StoreUpstream, engine_store, read_manifest
 from sluicegate._exceptions import (
     ConfigError,
     IntegrityError,
@@ -32,7 +32,6 @@ from sluicegate._exceptions import (
     SluicegateError,
     StoreError,
 )
-from sluicegate._query import select_rows
 
 from .config import SidecarConfig
 from .metrics import SidecarCollector
@@ -87,8 +86,8 @@ class Sidecar:
         """The shard's manifest rows from the store and the query (a broker response is the other source)."""
         cfg = self.config
         version = self.store.resolve(cfg.version)
-        table, _ = self.store.manifest(version)
-        selected = np.asarray(select_rows(table, [cfg.query] if cfg.query else []), dtype=np.int64)
+        everything = Plan(version, read_manifest(self.store, version))
+        selected = everything.select([cfg.query]) if cfg.query else np.arange(len(everything), dtype=np.int64)
         mine = _partition.shard(
             len(selected),
             cfg.rank,
@@ -97,7 +96,7 @@ class Sidecar:
             shuffle=cfg.shuffle,
             remainder=cfg.remainder,
         )
-        plan = Plan(version, table.take(selected[mine]))
+        plan = Plan(version, everything.manifest, index=selected[mine])
         info = proto.Info(
             dataset=self.store.uri,
             version=version,
@@ -246,9 +245,9 @@ class Sidecar:
     async def _select(self, request: web.Request) -> web.Response:
         body = proto.SelectRequest.model_validate_json(await request.read())
         plan, _ = self._ready()
-        found = await asyncio.to_thread(select_rows, plan.table, body.queries)
+        found = await asyncio.to_thread(plan.select, body.queries)
         return web.Response(
-            text=proto.SelectResponse(indexes=found.to_pylist()).model_dump_json(),
+            text=proto.SelectResponse(indexes=found.tolist()).model_dump_json(),
             content_type="application/json",
         )
 

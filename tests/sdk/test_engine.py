@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluicegate import IntegrityError, NotFoundError, Store
-from sluicegate._engine import BlobRef, Engine, EngineConfig, MemoryCache, Plan, StoreUpstream
+from sluicegate import IntegrityError, NotFoundError, Store, StoreError
+from sluicegate._engine import BlobRef, Engine, EngineConfig, Manifest, MemoryCache, Plan, StoreUpstream
 
 from tests.sidecar.helpers import make_dataset
 
@@ -189,3 +193,28 @@ def test_readahead_fetches_before_the_consumer_asks_within_budget(store: Store) 
 def test_blob_ref_carries_item_id_for_errors(store: Store) -> None:
     ref = _plan(store).refs([0])[0]
     assert ref == BlobRef(ref.sha, 1000, "item000000")
+
+
+def test_manifest_decodes_lazily_and_matches_the_full_table(tmp_path: Path) -> None:
+    expected = make_dataset(str(tmp_path / "m"), 50, size=10)
+    store = Store(tmp_path / "m")
+    full, _ = store.manifest(1)
+    # Three row groups, so rows() has to stitch positions from several of them back in order.
+    data = io.BytesIO()
+    footer = pq.read_schema(tmp_path / "m" / "versions" / "1.parquet").metadata
+    pq.write_table(full.replace_schema_metadata(footer), data, row_group_size=20)
+    lazy = Manifest(data.getvalue())
+    assert lazy.num_rows == 50
+    positions = np.array([49, 0, 21, 20, 19, 5, 49])
+    assert lazy.rows(positions) == full.take(pa.array(positions)).to_pylist()
+    plan = Plan(1, lazy, index=np.array([7, 3, 44]))
+    assert [r.item_id for r in plan.refs([2, 0])] == ["item000044", "item000007"]
+    assert plan.select(["labels.car >= 1"]).tolist() == [0, 2]  # items 7 and 44 have cars, 3 does not
+    assert plan.position_of("item000003") == 1
+    assert plan.position_of("item000004") is None
+    assert len(expected) == 50
+    with pytest.raises(StoreError, match="not a readable Parquet"):
+        Manifest(b"not parquet", "x")
+    pq.write_table(full.replace_schema_metadata({b"sluicegate": b"{}"}), data := io.BytesIO())
+    with pytest.raises(StoreError, match="version info"):
+        Manifest(data.getvalue(), "y")
