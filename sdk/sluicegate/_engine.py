@@ -45,9 +45,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._exceptions import IntegrityError, NotFoundError, StoreError
-from ._manifest import info_from_metadata
+from ._manifest import info_from_metadata, query_fields
 from ._partition import Positions
-from ._query import select_rows
+from ._query import Query, select_rows
 from ._store import S3Options, Store, _version_key, blob_key
 
 __all__ = [
@@ -302,6 +302,9 @@ class Manifest:
         self._offsets = np.cumsum([0, *sizes])
         self.num_rows = int(self._offsets[-1])
 
+    def __len__(self) -> int:
+        return self.num_rows
+
     def column(self, name: str) -> pa.Array:
         """One column, decoded once and kept contiguous (take() on chunks concatenates them every call)."""
         with self._lock:
@@ -310,12 +313,17 @@ class Manifest:
                 self._columns[name] = source.column(name).combine_chunks()
             return self._columns[name]
 
-    def query_table(self) -> pa.Table:
-        """Every column a query can name (all but annotations and blob), for :func:`select_rows`."""
+    def query_table(self, queries: Sequence[str]) -> pa.Table:
+        """A table :func:`select_rows` can evaluate ``queries`` on: every queryable column present (so
+        unknown fields are still reported), but only the ones the queries name decoded; the rest null."""
+        fields = query_fields(self.schema)
+        needed = {column for q in queries for column in Query.parse(q).columns(fields)}
         names = [n for n in self.schema.names if n not in self._NOT_QUERIED]
-        return pa.table(
-            [self.column(n) for n in names], schema=pa.schema([self.schema.field(n) for n in names])
-        )
+        schema = pa.schema([self.schema.field(n) for n in names])
+        columns = [
+            self.column(f.name) if f.name in needed else pa.nulls(self.num_rows, f.type) for f in schema
+        ]
+        return pa.table(columns, schema=schema)
 
     def rows(self, positions: Positions) -> list[dict[str, Any]]:
         """Full rows at ``positions`` (plain dicts, as the wire carries them)."""
@@ -389,7 +397,7 @@ class Plan:
 
     def select(self, queries: Sequence[str]) -> Positions:
         """Plan positions (ascending) of the items that match every query."""
-        table = self.manifest.query_table()
+        table = self.manifest.query_table(queries)
         if self.index is not None:
             table = table.take(pa.array(self.index))
         return np.asarray(select_rows(table, list(queries)), dtype=np.int64)
