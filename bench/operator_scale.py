@@ -13,8 +13,8 @@ operator as a local process registered like in the e2e tests, the dataset on the
     at once; items/s against the raw ``Store.presign_many`` rate in the same run. Target >= 50,000 items/s.
 
 Scale from the environment (defaults are the issue's numbers): SLUICEGATE_BENCH_PODS, _STREAMS, _ITEMS,
-_RANKS, _CONCURRENCY, _ROUNDS, _REPEATS. ``measure`` runs on a given testbed and S3 server (the e2e test
-runs it tiny); ``run`` starts both, sized for the pods, and writes bench/results/operator_scale.*.
+_RANKS, _CONCURRENCY, _ROUNDS, _REPEATS, _QUERIES. ``measure`` runs on a given testbed and S3 server (the
+e2e test runs it tiny); ``run`` starts both, sized for the pods, and writes bench/results/operator_scale.*.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ PODS_PER_NODE = 100  # kwok nodes offer 110 pod slots; leave room for the warm-u
 WEBHOOK = "inject.sluicegate.io"
 # The operator logs "admission NS/NAME: RESULT (REASON) in 12.3 ms" for every review.
 _ADMISSION_LINE = re.compile(r"admission (\S+)/(\S+): (\w+) \((\w+)\) in ([\d.]+) ms")
+_PLAN_SECONDS = ("sluicegate_broker_duration_seconds", {"endpoint": "plan"})
 
 
 class BenchError(RuntimeError):
@@ -135,28 +136,38 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
     return None
 
 
+def _series(text: str, name: str, suffix: str, match: dict[str, str] | None) -> dict[float, float]:
+    """Samples ``name`` + ``suffix`` of a /metrics page whose labels include ``match``, summed per ``le``
+    (``nan`` for samples without one, like ``_sum`` and ``_count``)."""
+    found: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == name + suffix and all(labels.get(k) == v for k, v in (match or {}).items()):
+                le = float(labels.get("le", "nan"))
+                found[le] = found.get(le, 0.0) + sample.value
+    return found
+
+
 def histogram_delta(
     before: str, after: str, name: str, match: dict[str, str] | None = None
 ) -> list[tuple[float, float]]:
     """Cumulative buckets of histogram ``name`` (series whose labels include ``match``, summed) that
     were observed between two /metrics scrapes."""
-
-    def buckets(text: str) -> dict[float, float]:
-        found: dict[float, float] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name != name:
-                continue
-            for sample in family.samples:
-                labels = sample.labels
-                if sample.name.endswith("_bucket") and all(
-                    labels.get(k) == v for k, v in (match or {}).items()
-                ):
-                    le = float(labels["le"])
-                    found[le] = found.get(le, 0.0) + sample.value
-        return found
-
-    old, new = buckets(before), buckets(after)
+    old, new = _series(before, name, "_bucket", match), _series(after, name, "_bucket", match)
     return sorted((le, count - old.get(le, 0.0)) for le, count in new.items())
+
+
+def histogram_mean_ms(before: str, after: str, name: str, match: dict[str, str] | None = None) -> float:
+    """Mean of the observations of histogram ``name`` between two scrapes, in milliseconds."""
+
+    def total(text: str, suffix: str) -> float:
+        return sum(_series(text, name, suffix, match).values())
+
+    count = total(after, "_count") - total(before, "_count")
+    return round(1000 * (total(after, "_sum") - total(before, "_sum")) / count, 1) if count else math.nan
 
 
 def _histogram_report(buckets: list[tuple[float, float]], bound_s: float) -> dict[str, Any]:
@@ -187,15 +198,19 @@ class Env:
     store: Store
     concurrency: int
 
-    def api(self) -> httpx.AsyncClient:
-        """Admin access to the API server (client certificate), pooled for ``concurrency`` callers."""
+    def _admin(self) -> ssl.SSLContext:
+        """TLS for the API server as the testbed's admin (client certificate in system:masters)."""
         context = ssl.create_default_context(cafile=str(self.testbed.ca_bundle))
         pki = self.testbed.pki_dir
         context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        return context
+
+    def api(self) -> httpx.AsyncClient:
+        """Admin access to the API server, pooled for ``concurrency`` callers."""
         pool = self.concurrency + 4
         return httpx.AsyncClient(
             base_url=self.testbed.server,
-            verify=context,
+            verify=self._admin(),
             trust_env=False,
             timeout=60,
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
@@ -207,13 +222,8 @@ class Env:
         )
 
     def scrape(self, url: str, client_cert: bool = False) -> str:
-        if client_cert:
-            context = ssl.create_default_context(cafile=str(self.testbed.ca_bundle))
-            context.load_cert_chain(
-                str(self.testbed.pki_dir / "admin.crt"), str(self.testbed.pki_dir / "admin.key")
-            )
-        else:
-            context = self.operator.ca
+        """A /metrics page of the API server (``client_cert``) or of the operator."""
+        context = self._admin() if client_cert else self.operator.ca
         return httpx.get(url, verify=context, trust_env=False, timeout=30).raise_for_status().text
 
 
@@ -237,6 +247,12 @@ def _pod(name: str, namespace: str, stream: str | None, rank: int) -> dict[str, 
         "metadata": meta,
         "spec": {"serviceAccountName": "trainer", "containers": [{"name": "main", "image": "trainer:bench"}]},
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _is_ready(obj: dict[str, Any]) -> bool:
@@ -285,6 +301,7 @@ def prepare(testbed: Testbed, s3: S3Server, scale: Scale, log: Path) -> Env:
         log,
         extra_args=("--sidecar-image=sluicegate:bench",),
     )
+    env = Env(testbed, operator, data_ns, team_ns, streams_ns, store, scale.concurrency)
     try:
         for ns in (data_ns, team_ns, streams_ns):
             testbed.kubectl("create", "namespace", ns)
@@ -306,9 +323,9 @@ def prepare(testbed: Testbed, s3: S3Server, scale: Scale, log: Path) -> Env:
             what="Dataset bench Ready",
         )
     except BaseException:
-        operator.stop(testbed)
+        teardown(env)
         raise
-    return Env(testbed, operator, data_ns, team_ns, streams_ns, store, scale.concurrency)
+    return env
 
 
 def teardown(env: Env) -> None:
@@ -336,10 +353,11 @@ async def _admission(env: Env, scale: Scale) -> dict[str, Any]:
     ns = env.team_ns
     path = f"/api/v1/namespaces/{ns}/pods"
     async with env.api() as api:
-        await api.post(
+        created_stream = await api.post(
             f"{GROUP_PATH}/namespaces/{ns}/datasetstreams",
             json=_stream("admit", ns, env.data_ns, sharding={"worldSize": 8, "rankSource": "spec"}),
         )
+        created_stream.raise_for_status()
         await _wait_stream_ready(api, ns, "admit")
         # The API server picks up the webhook configuration asynchronously; a dry run shows when it calls us.
         deadline = time.monotonic() + 60
@@ -362,7 +380,7 @@ async def _admission(env: Env, scale: Scale) -> dict[str, Any]:
         apiserver_before = env.scrape(env.testbed.server + "/metrics", client_cert=True)
         latencies: dict[str, list[float]] = {"labelled": [], "unlabelled": []}
         per_round = math.ceil(scale.pods / scale.rounds)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds(env.operator.process.pid)
         for r in range(scale.rounds):
             batch = range(r * per_round, min(scale.pods, (r + 1) * per_round))
             kinds = [("labelled", "adm-l", "admit"), ("unlabelled", "adm-u", None)]
@@ -375,6 +393,7 @@ async def _admission(env: Env, scale: Scale) -> dict[str, Any]:
                     raise BenchError(f"{injected} of {len(created)} {kind} pods were injected")
                 latencies[kind] += times
         wall = time.perf_counter() - started
+        operator_cpu = cpu_seconds(env.operator.process.pid) - cpu
         operator_after = env.scrape(env.operator.url + BrokerPaths.METRICS)
         apiserver_after = env.scrape(env.testbed.server + "/metrics", client_cert=True)
         # The webhook remembers a yes for DECISION_TTL_S: a burst after a pause waits for the API server.
@@ -409,6 +428,7 @@ async def _admission(env: Env, scale: Scale) -> dict[str, Any]:
         "rounds": scale.rounds,
         "wall_seconds": round(wall, 2),
         "creates_per_second": round(2 * scale.pods / wall, 1),
+        "operator_cpu_share": round(operator_cpu / wall, 3),  # of one core, webhook and kopf together
         "webhook_handler_ms": webhook,
         "after_pause": {
             "pods": scale.concurrency,
@@ -529,16 +549,17 @@ def _rate(items: float, seconds: float) -> float:
 async def _broker(env: Env, scale: Scale) -> dict[str, Any]:
     ns = env.team_ns
     async with env.api() as api:
-        (await api.post(
+        created_stream = await api.post(
             f"{GROUP_PATH}/namespaces/{ns}/datasetstreams",
             json=_stream("plan", ns, env.data_ns, sharding={"worldSize": scale.ranks, "rankSource": "spec"}),
-        )).raise_for_status()  # fmt: skip
+        )
+        created_stream.raise_for_status()
         await _wait_stream_ready(api, ns, "plan")
         _, pods = await _create_all(
             api,
             f"/api/v1/namespaces/{ns}/pods",
             [_pod(f"plan-{r}", ns, "plan", r) for r in range(scale.ranks)],
-            4,
+            scale.ranks,
         )
         tokens = [await _token(api, pod) for pod in pods]
 
@@ -561,8 +582,12 @@ async def _broker(env: Env, scale: Scale) -> dict[str, Any]:
         check = PlanResponse.model_validate_json(first[0][1])
         if len(check.urls) != len({row.blob for row in check.rows}) or sum(shard_items) < scale.items:
             raise BenchError(f"plan of rank 0 has {len(check.rows)} rows and {len(check.urls)} URLs")
+        # The operator's own histogram splits each series into time in the broker and time on the wire.
+        metrics = [env.scrape(env.operator.url + BrokerPaths.METRICS)]
         sequential = [await plan(r % scale.ranks) for r in range(scale.repeats * scale.ranks)]
+        metrics.append(env.scrape(env.operator.url + BrokerPaths.METRICS))
         no_urls = [await plan(r % scale.ranks, presign=False) for r in range(scale.repeats * scale.ranks)]
+        metrics.append(env.scrape(env.operator.url + BrokerPaths.METRICS))
         concurrent_times = []
         for _ in range(scale.repeats):
             started = time.perf_counter()
@@ -575,7 +600,7 @@ async def _broker(env: Env, scale: Scale) -> dict[str, Any]:
         raise BenchError(f"a presigned URL of the plan got {url_status} from the storage server, not 404")
 
     # Baseline: the same number of URLs presigned in-process, no HTTP, no Kubernetes, no JSON.
-    keys = [blob_key(row.blob) for row in check.rows]
+    keys = [blob_key(blob) for blob in check.urls]
     raw_times = []
     for _ in range(scale.repeats):
         started = time.perf_counter()
@@ -596,8 +621,10 @@ async def _broker(env: Env, scale: Scale) -> dict[str, Any]:
         "first_items_per_second": _rate(sum(shard_items), sum(t for t, _ in first)),
         "cached_ms": summary_ms(seq_s),
         "cached_items_per_second": cached,
+        "cached_broker_mean_ms": histogram_mean_ms(metrics[0], metrics[1], *_PLAN_SECONDS),
         "no_presign_ms": summary_ms(lean_s),
         "no_presign_items_per_second": _rate(per_rank, statistics.median(lean_s)),
+        "no_presign_broker_mean_ms": histogram_mean_ms(metrics[1], metrics[2], *_PLAN_SECONDS),
         "concurrent_ranks_ms": summary_ms(concurrent_times),
         "concurrent_items_per_second": concurrent,
         "baseline_presign_many_urls_per_second": raw,
@@ -671,12 +698,13 @@ def markdown(result: dict[str, Any]) -> str:
         "by the testbed, the operator, the S3 server and the clients; load average "
         f"{m['load_average_1m']} before / {result['machine_after']} after. Testbed with {result['nodes']} "
         f"kwok nodes started in {result['testbed_start_seconds']} s; setup (operator, 100k-item Dataset) "
-        f"{result['setup_seconds']} s; all phases {result['total_seconds']} s.",
+        f"{result['setup_seconds']} s; setup and phases {result['total_seconds']} s.",
         "",
         f"## Admission: {a['pods_per_kind']:,} labelled pods vs {a['pods_per_kind']:,} unlabelled",
         "",
         f"{a['concurrency']} concurrent creators, {a['rounds']} interleaved rounds per kind, "
-        f"{a['creates_per_second']} creates/s overall; bare pods scheduled onto kwok nodes. Times in ms.",
+        f"{a['creates_per_second']} creates/s overall; bare pods scheduled onto kwok nodes. The operator "
+        f"process used {a['operator_cpu_share']:.0%} of one core meanwhile. Times in ms.",
         "",
         "| measured | n | p50 | p90 | p99 | max | mean |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -720,17 +748,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"{b['items_per_rank']:,.0f} items per rank, {b['response_mb']} MB per plan with URLs; real "
         "pod-bound tokens, so every request runs TokenReview and SubjectAccessReview. Times in ms.",
         "",
-        "| request | n | p50 | p99 | items/s |",
-        "|---|---:|---:|---:|---:|",
-        f"| first per rank (shard built) | {_cells(b['first_ms'], 'p50', 'p99')} | "
+        "| request (client-observed) | n | p50 | p99 | mean in the broker | items/s |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| first per rank (shard built) | {_cells(b['first_ms'], 'p50', 'p99')} | - | "
         f"{b['first_items_per_second']:,.0f} |",
         f"| cached shard, one rank at a time | {_cells(b['cached_ms'], 'p50', 'p99')} | "
-        f"{b['cached_items_per_second']:,.0f} |",
+        f"{b['cached_broker_mean_ms']} | {b['cached_items_per_second']:,.0f} |",
         f"| cached shard, all {b['ranks']} ranks at once | "
-        f"{_cells(b['concurrent_ranks_ms'], 'p50', 'p99')} | "
-        f"{b['concurrent_items_per_second']:,.0f} |",
+        f"{_cells(b['concurrent_ranks_ms'], 'p50', 'p99')} | - | {b['concurrent_items_per_second']:,.0f} |",
         f"| cached shard, presign=false | {_cells(b['no_presign_ms'], 'p50', 'p99')} | "
-        f"{b['no_presign_items_per_second']:,.0f} |",
+        f"{b['no_presign_broker_mean_ms']} | {b['no_presign_items_per_second']:,.0f} |",
+        "",
+        "'Mean in the broker' is the operator's `sluicegate_broker_duration_seconds` (token and RBAC checks, "
+        "shard, presigning, JSON); the rest of a request is sending and receiving the plan over TLS.",
         "",
         "Baseline in the same run: `Store.presign_many` of one shard's blobs, in-process "
         f"**{b['baseline_presign_many_urls_per_second']:,.0f} URLs/s**; the broker's cached plan runs at "

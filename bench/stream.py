@@ -14,8 +14,9 @@ Plus the targets that need their own set-up: time to the first item on a 1,000,0
 trainer RSS through an epoch that does not fit the cache, and MB/s for 4 MB items.
 
 Sizes come from the environment: ``STREAM_ITEMS`` (default 2000) items of ``STREAM_ITEM_KB`` (100)
-KB, ``STREAM_JPEGS`` (800) 256x256 JPEGs, ``STREAM_MIN_SECONDS`` (1.5) measured per case,
-``STREAM_BIG_ITEMS`` (100) items of 4 MB, ``STREAM_MANIFEST_ITEMS`` (1,000,000).
+KB on average, ``STREAM_JPEGS`` (800) 256x256 JPEGs, ``STREAM_MIN_SECONDS`` (1.5) measured per case,
+``STREAM_BIG_ITEMS`` (100) items of 4 MB, ``STREAM_MANIFEST_ITEMS`` (1,000,000), ``STREAM_ROUNDS``
+(1; more runs every case again and keeps the best, against noise from a shared machine).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ JPEGS = int(os.environ.get("STREAM_JPEGS", "800"))
 MIN_SECONDS = float(os.environ.get("STREAM_MIN_SECONDS", "1.5"))
 BIG_ITEMS = int(os.environ.get("STREAM_BIG_ITEMS", "100"))
 MANIFEST_ITEMS = int(os.environ.get("STREAM_MANIFEST_ITEMS", "1000000"))
+ROUNDS = int(os.environ.get("STREAM_ROUNDS", "1"))
 SYSTEMS = ["sluicegate", "sluicegate-cold-s3", "dataloader", "mosaic", "litdata", "webdataset"]
 PEERS = {"mosaic": "mosaicml-streaming", "litdata": "litdata", "webdataset": "webdataset"}
 _S3_KEYS = {"access_key_id": "bench", "secret_access_key": "bench-secret", "region": "us-east-1"}
@@ -66,7 +68,8 @@ def _write_files(root: Path) -> dict[str, list[Path]]:
     (root / "jpeg").mkdir(parents=True)
     for i in range(ITEMS):
         path = root / "bytes" / f"{i:07d}.bin"
-        path.write_bytes(rng.bytes(ITEM_KB * 1000))
+        # Sizes vary around ITEM_KB, as files do: batches of bytes are ragged.
+        path.write_bytes(rng.bytes(int(ITEM_KB * 1000 * rng.uniform(0.5, 1.5))))
         files["bytes"].append(path)
     for i in range(JPEGS):
         # Smooth gradients plus noise: compresses like a photo (~20 KB), not like pure noise.
@@ -230,6 +233,7 @@ def run() -> dict[str, Any]:
             "jpegs": JPEGS,
             "batch": 64,
             "min_seconds": MIN_SECONDS,
+            "rounds": ROUNDS,
             "big_items": BIG_ITEMS,
             "manifest_items": MANIFEST_ITEMS,
         },
@@ -253,10 +257,29 @@ def run() -> dict[str, Any]:
             } | _convert_peers(paths, root / f"peers-{mode}", mode)
         result["prepare_s"] = round(time.perf_counter() - started, 1)
 
-        cases = []
+        cases = _run_cases(sources, s3_fields)
+        result["cases"] = cases
+        result["targets"] = _targets(cases)
+        result["first_item_large"] = _first_item_on_a_large_manifest(root)
+        result["targets"]["first_item_1m_under_1s"] = result["first_item_large"]["pass"]
+        result["rss_flat"] = _rss_flat(root)
+        result["targets"]["trainer_rss_flat"] = result["rss_flat"]["pass"]
+        result["big_items"] = _big_items(root)
+        result["targets"]["big_items_1gbps"] = result["big_items"]["pass"]
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    write_results("stream", result, _markdown(result))
+    _plot(result)
+    return result
+
+
+def _run_cases(sources: dict[str, dict[str, str]], s3_fields: dict[str, str]) -> list[dict[str, Any]]:
+    """Every (mode, workers, system) case, ROUNDS times with the system order alternating; the best
+    round counts (the machine is shared: a slow round measures the neighbours, not the system)."""
+    best: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for round_no in range(ROUNDS):
         for mode in ("bytes", "jpeg"):
             for workers in (0, 2):
-                for system in SYSTEMS:
+                for system in SYSTEMS if round_no % 2 == 0 else SYSTEMS[::-1]:
                     cold = system == "sluicegate-cold-s3"
                     spec = Spec(
                         system="sluicegate" if cold else system,
@@ -268,22 +291,23 @@ def run() -> dict[str, Any]:
                         min_seconds=MIN_SECONDS,
                     )
                     measured = _case(spec)
-                    cases.append({"system": system, "mode": mode, "workers": workers} | measured)
                     print(
                         f"[stream] {system:20s} {mode:5s} workers={workers}: {_short(measured)}", flush=True
                     )
-        result["cases"] = cases
-        result["targets"] = _targets(cases)
-        result["first_item_large"] = _first_item_on_a_large_manifest(root)
-        result["targets"]["first_item_1m_under_1s"] = result["first_item_large"]["pass"]
-        result["rss_flat"] = _rss_flat(root, files["bytes"])
-        result["targets"]["trainer_rss_flat"] = result["rss_flat"]["pass"]
-        result["big_items"] = _big_items(root)
-        result["targets"]["big_items_1gbps"] = result["big_items"]["pass"]
-    result["total_s"] = round(time.perf_counter() - started, 1)
-    write_results("stream", result, _markdown(result))
-    _plot(result)
-    return result
+                    key = (mode, workers, system)
+                    rounds = [
+                        *best.get(key, {}).get("rounds_samples_per_s", []),
+                        measured.get("samples_per_s"),
+                    ]
+                    if measured.get("samples_per_s", -1.0) > best.get(key, {}).get("samples_per_s", -1.0):
+                        best[key] = {"system": system, "mode": mode, "workers": workers} | measured
+                    best[key]["rounds_samples_per_s"] = rounds
+    return [
+        best[(mode, workers, system)]
+        for mode in ("bytes", "jpeg")
+        for workers in (0, 2)
+        for system in SYSTEMS
+    ]
 
 
 def _short(m: dict[str, Any]) -> str:
@@ -309,16 +333,17 @@ def _targets(cases: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _rss_flat(root: Path, paths: list[Path]) -> dict[str, Any]:
-    """Trainer RSS through one epoch of a dataset twice the size of the cache (0 workers, sluicegate)."""
-    cache = max(8, ITEMS * ITEM_KB // 1000 // 2) * 2**20
+def _rss_flat(root: Path) -> dict[str, Any]:
+    """Trainer RSS, batch by batch, through one epoch of a dataset six times the cache (0 workers)."""
+    dataset_mb = ITEMS * ITEM_KB // 1000
+    cache = max(8, dataset_mb // 6) * 2**20
     code = (
-        "import json, resource, sluicegate\n"
+        "import json, sluicegate\n"
         "from bench.stream_case import _rss_mb\n"
         f"ds = sluicegate.open({str(root / 'store-bytes')!r}, cache_bytes={cache}, prefetch={cache // 4})\n"
         "loader = ds.to_pytorch(iterable=True, fields=()).loader(batch_size=64)\n"
-        "rss = [round(_rss_mb(), 1) for _ in [0]]\n"
-        "for i, b in enumerate(loader):\n"
+        "rss = [round(_rss_mb(), 1)]\n"
+        "for batch in loader:\n"
         "    rss.append(round(_rss_mb(), 1))\n"
         "print(json.dumps(rss))\n"
     )
@@ -331,14 +356,19 @@ def _rss_flat(root: Path, paths: list[Path]) -> dict[str, Any]:
         cwd=Path(__file__).resolve().parents[1],
     )
     rss = json.loads(out.stdout.strip().splitlines()[-1])
-    tail = rss[len(rss) // 10 :]  # after the first 10 %: the cache has filled to its budget
-    growth = max(tail) - min(tail)
+    second_half = rss[len(rss) // 2 :]
+    growth = max(second_half) - min(second_half)
+    above_start = max(rss) - rss[0]
+    budget_mb = cache * 1.25 / 2**20  # cache plus read-ahead
     return {
         "cache_mb": cache // 2**20,
-        "dataset_mb": ITEMS * ITEM_KB // 1000,
+        "dataset_mb": dataset_mb,
         "rss_mb_samples": rss[:: max(1, len(rss) // 20)],
-        "growth_after_10pct_mb": round(growth, 1),
-        "pass": growth < 0.25 * cache / 2**20,
+        "growth_second_half_mb": round(growth, 1),
+        "max_above_start_mb": round(above_start, 1),
+        # Flat: the second half of the epoch grows by less than a tenth of the data it streamed, and
+        # nothing beyond the cache and read-ahead budgets (plus batch buffers) is ever held.
+        "pass": growth < dataset_mb / 20 and above_start < budget_mb + 64,
     }
 
 
@@ -374,24 +404,24 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"{c['items']} items of {c['item_kb']} KB (bytes mode) and {c['jpegs']} 256x256 JPEGs "
         f"(jpeg mode: PIL decode in the loader), batch {c['batch']}; each case in a fresh process, "
-        f">= {c['min_seconds']} s "
-        f"measured after a warm-up epoch (cold S3: first epoch only). {m['cpus']} CPUs, load average "
-        f"{m['load_average_1m']} at start, {m['date_utc']}. Versions: "
+        f">= {c['min_seconds']} s measured after a warm-up epoch (cold S3: first epoch only), best of "
+        f"{c['rounds']} round(s). {m['cpus']} CPUs shared with other work (load average per case in the "
+        f"table), load average {m['load_average_1m']} at start, {m['date_utc']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
         + ".",
         "",
         "| mode | workers | system | samples/s | MB/s | first batch (s) | peak RSS trainer (MB) "
-        "| peak RSS workers (MB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| peak RSS workers (MB) | load avg |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case in r["cases"]:
         head = f"| {case['mode']} | {case['workers']} | {case['system']} |"
         if "error" in case:
-            lines.append(f"{head} error: {' '.join(case['error'])[:120]} | | | | |")
+            lines.append(f"{head} error: {' '.join(case['error'])[:120]} | | | | | |")
             continue
         lines.append(
             f"{head} {case['samples_per_s']:,.0f} | {case['mb_per_s']:,.0f} | {case['first_batch_s']:.2f} | "
-            f"{case['peak_rss_mb']:,.0f} | {case['workers_peak_rss_mb']:,.0f} |"
+            f"{case['peak_rss_mb']:,.0f} | {case['workers_peak_rss_mb']:,.0f} | {case['load_average_1m']} |"
         )
     lines += ["", "## Targets", "", "| target | result |", "|---|---|"]
     for config, t in r["targets"].items():
@@ -412,7 +442,8 @@ def _markdown(r: dict[str, Any]) -> str:
     rss = r["rss_flat"]
     lines.append(
         f"| trainer RSS flat over an epoch ({rss['dataset_mb']} MB through a {rss['cache_mb']} MB cache) | "
-        f"{'PASS' if rss['pass'] else 'FAIL'} (+{rss['growth_after_10pct_mb']} MB after the first 10 %) |"
+        f"{'PASS' if rss['pass'] else 'FAIL'} (+{rss['growth_second_half_mb']} MB over the second half; "
+        f"at most +{rss['max_above_start_mb']} MB above the start) |"
     )
     big = r["big_items"]
     ours = big["sluicegate"].get("mb_per_s", 0.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import resource
 import sys
 import time
@@ -43,9 +44,39 @@ class Spec(BaseModel):
     max_epochs: int = 20
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _rss_mb(pid: int | str = "self") -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # exited between listing and reading
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (DataLoader workers, a forkserver and its children)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, it starts afresh at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def decode_jpeg(data: bytes) -> torch.Tensor:
@@ -175,6 +206,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     measured_items = measured_bytes = 0
     measured_s = 0.0
     rss: list[float] = []
+    workers_rss = 0.0  # the most that all descendant processes held together at a sample
     epochs = 0
     while epochs < spec.max_epochs:
         set_epoch(epochs)
@@ -188,6 +220,7 @@ def measure(spec: Spec) -> dict[str, Any]:
             items += len(batch["id"]) if isinstance(batch, dict) else len(batch)
             if batch_no % 8 == 0:
                 rss.append(round(_rss_mb(), 1))
+                workers_rss = max(workers_rss, sum(_rss_mb(p) for p in _descendants(os.getpid())))
         elapsed = time.perf_counter() - t0
         epochs += 1
         if epochs == 1 and not spec.cold:
@@ -197,17 +230,15 @@ def measure(spec: Spec) -> dict[str, Any]:
         measured_s += elapsed
         if spec.cold or measured_s >= spec.min_seconds:
             break
-    self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    del loader  # stops workers, so their peak shows in RUSAGE_CHILDREN
-    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "items_per_epoch": items,
         "epochs_measured": epochs - (0 if spec.cold else 1),
         "samples_per_s": measured_items / measured_s if measured_s else 0.0,
         "mb_per_s": measured_bytes / measured_s / 1e6 if measured_s else 0.0,
         "first_batch_s": first_batch_s,
-        "peak_rss_mb": round(self_peak, 1),
-        "workers_peak_rss_mb": round(children_peak, 1) if spec.workers else 0.0,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "workers_peak_rss_mb": round(workers_rss, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "rss_last_epoch_mb": rss,
     }
 

@@ -60,6 +60,7 @@ __all__ = [
     "Plan",
     "StoreUpstream",
     "Upstream",
+    "UrlRefused",
     "UrlUpstream",
     "close_on_collect",
 ]
@@ -151,6 +152,15 @@ class Upstream(Protocol):
 
 class _Permanent(StoreError):
     """An upstream refusal that retrying will not change (e.g. HTTP 403 on an expired URL)."""
+
+
+class UrlRefused(_Permanent):
+    """The server refused a (presigned) URL; ``status`` tells a caller that can get a fresh URL (403:
+    expired or bad signature) from one that cannot."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 _IMPORT_PID = os.getpid()
@@ -247,9 +257,10 @@ class UrlUpstream:
         if response.status_code >= 500 or response.status_code in (408, 429):
             raise StoreError(f"upstream answered HTTP {response.status_code} for blob {ref.sha}")
         if response.status_code != 200:
-            raise _Permanent(
+            raise UrlRefused(
                 f"upstream refused blob {ref.sha} of item {ref.item_id!r}: HTTP {response.status_code} "
-                f"{response.text[:200]}"
+                f"{response.text[:200]}",
+                response.status_code,
             )
         return response.content
 

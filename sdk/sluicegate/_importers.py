@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import _manifest
 from ._exceptions import ImportError_
+from ._imageinfo import HEADER_BYTES, ImageInfo, image_info
 from ._manifest import Annotation, ItemRecord, MetaValue
 from ._store import S3Options, Store
 
@@ -82,8 +83,7 @@ class _Entry:
     declared_size: tuple[int, int] | None = None  # (width, height) the index claims
 
 
-@dataclass(frozen=True)
-class _Scanned:
+class _Scanned(NamedTuple):  # a tuple: built once per file, cheaper than a dataclass
     sha: str
     size: int
     media_type: str
@@ -162,9 +162,7 @@ def import_dataset(
     store = Store(uri, s3)
     with _progress_bars(progress) as bars:
         scanned, uploaded, present = _scan_and_upload(store, entries, workers, bars)
-    table = _manifest.records_to_table(
-        [_record(entry, found) for entry, found in zip(entries, scanned, strict=True)]
-    )
+    table = _manifest.records_to_table(_records(entries, scanned))
     change = _MergeInto(table)
     version = store.commit(change, message=message or f"import {fmt.value} from {', '.join(map(str, paths))}")
     return ImportResult(
@@ -440,41 +438,71 @@ _PLANNERS: dict[Format, Callable[[Sequence[Path]], list[_Entry]]] = {
 
 
 def _scan_file(path: str) -> tuple[_Scanned, bytes | None]:
-    """Hash, stat and read the image header of one file (raises OSError or PIL's errors).
+    """Hash, stat and read the image header of one file (raises OSError or Pillow's errors).
 
-    Files up to ``_READ_WHOLE`` bytes are read once and parsed from memory (PIL's many small reads
-    of a file cost more than the file); larger ones are streamed through the hash. The bytes of
-    files up to ``_KEEP_BYTES`` come back too, so that storing them does not read them again.
+    Files up to ``_READ_WHOLE`` bytes are read with one system call, and those bytes serve the
+    hash, the header and (up to ``_KEEP_BYTES``) the store, which then does not read the file again.
+    Larger ones are streamed through the hash. Plain ``os`` calls: a file object costs more than
+    reading a small image.
     """
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        source: BinaryIO
-        data: bytes | None = None
-        if size <= _READ_WHOLE:
-            data = fh.read()
-            sha = hashlib.sha256(data).hexdigest()
-            source = io.BytesIO(data)
-        else:
-            sha = hashlib.file_digest(fh, "sha256").hexdigest()
-            source = fh
-        image = _open_image(source, os.path.splitext(path)[1])
-        width, height = image.size
-        kind = image.format or "unknown"
-    found = _Scanned(sha, size, Image.MIME.get(kind, f"image/{kind.lower()}"), width, height)
-    return found, data if size <= _KEEP_BYTES else None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size > _READ_WHOLE:
+            return _scan_large(fd, path), None
+        data = _read_to_end(fd, size)
+    finally:
+        os.close(fd)
+    media_type, width, height = _known_image(data) or _pillow_image(io.BytesIO(data), path)
+    found = _Scanned(hashlib.sha256(data).hexdigest(), len(data), media_type, width, height)
+    return found, data if len(data) <= _KEEP_BYTES else None
 
 
-def _open_image(source: BinaryIO, suffix: str) -> Image.Image:
-    """The image's header (pixels are never decoded here), trying the format its suffix names first."""
-    hint = Image.registered_extensions().get(suffix.lower())
+def _read_to_end(fd: int, size: int) -> bytes:
+    data = os.read(fd, size + 1)  # the whole file at once; one byte more notices a grown file
+    if len(data) == size:
+        return data
+    chunks = [data]  # a short read, or the file changed since it was measured: read to its end
+    while chunk := os.read(fd, 2**20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _scan_large(fd: int, path: str) -> _Scanned:
+    with open(fd, "rb", closefd=False) as fh:
+        sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        size = fh.tell()
+        fh.seek(0)
+        media_type, width, height = _known_image(fh.read(HEADER_BYTES)) or _pillow_image(fh, path)
+    return _Scanned(sha, size, media_type, width, height)
+
+
+def _known_image(header: bytes) -> ImageInfo | None:
+    """The header's facts for the common formats, or ``None`` where Pillow has to tell."""
+    info = image_info(header)
+    limit = Image.MAX_IMAGE_PIXELS
+    if info is not None and limit is not None and info.width * info.height > limit:
+        return None  # Pillow warns about, or refuses, images this large: let it
+    return info
+
+
+def _pillow_image(source: BinaryIO, path: str) -> ImageInfo:
+    """The image's facts from Pillow (pixels are never decoded here), trying the format its suffix
+    names first."""
+    hint = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    image = None
     if hint is not None:
         source.seek(0)
         try:
-            return Image.open(source, formats=[hint])
+            image = Image.open(source, formats=[hint])
         except UnidentifiedImageError:
-            pass  # a misnamed file: let PIL try every format
-    source.seek(0)
-    return Image.open(source)
+            pass  # a misnamed file: let Pillow try every format
+    if image is None:
+        source.seek(0)
+        image = Image.open(source)
+    kind = image.format or "unknown"
+    width, height = image.size
+    return ImageInfo(Image.MIME.get(kind, f"image/{kind.lower()}"), width, height)
 
 
 def _scan_one(entry: _Entry) -> tuple[_Scanned, bytes | None] | str:
@@ -526,7 +554,7 @@ def _scan_and_upload(
     problems = _Problems()
     scanned: list[_Scanned] = []
     queued: set[str] = set()
-    in_flight: Future[int] | None = None
+    in_flight: Future[None] | None = None
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as uploader:
         for start in range(0, len(entries), _BATCH):
             part = entries[start : start + _BATCH]
@@ -548,9 +576,7 @@ def _scan_and_upload(
                 in_flight = None
             if batch and not problems.messages:
                 upload_task.grow(len(batch))
-                in_flight = uploader.submit(
-                    asyncio.run, store.put_blobs_async(batch, on_done=lambda: upload_task(1))
-                )
+                in_flight = uploader.submit(_store_batch, store, batch, upload_task)
         if in_flight is not None:
             in_flight.result()
     problems.raise_if_any()
@@ -562,18 +588,34 @@ def _scan_chunk(chunk: Sequence[_Entry]) -> list[tuple[_Scanned, bytes | None] |
     return [_scan_one(entry) for entry in chunk]
 
 
-def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
-    return ItemRecord(
-        id=entry.id,
-        blob=found.sha,
-        size=found.size,
-        media_type=found.media_type,
-        width=found.width,
-        height=found.height,
-        metadata=dict(entry.metadata or {}),
-        labels=_manifest.label_counts(entry.annotations),
-        annotations=list(entry.annotations),
-    )
+def _store_batch(store: Store, batch: list[tuple[str, Path | bytes]], bar: _Bar) -> None:
+    asyncio.run(store.put_blobs_async(batch))
+    bar(len(batch))  # once per batch: a progress update per file costs more than storing it
+
+
+def _records(entries: Sequence[_Entry], scanned: Sequence[_Scanned]) -> list[ItemRecord]:
+    """The manifest rows, built without validating them again: each entry was validated when it
+    was planned and the file's facts come from the scan (validation cost more than the scan)."""
+    counts: dict[int, dict[str, int]] = {}  # by annotation tuple: image folders share one per class
+    records = []
+    for entry, found in zip(entries, scanned, strict=True):
+        labels = counts.get(id(entry.annotations))
+        if labels is None:
+            labels = counts[id(entry.annotations)] = _manifest.label_counts(entry.annotations)
+        records.append(
+            ItemRecord.model_construct(
+                id=entry.id,
+                blob=found.sha,
+                size=found.size,
+                media_type=found.media_type,
+                width=found.width,
+                height=found.height,
+                metadata=dict(entry.metadata or {}),
+                labels=labels,
+                annotations=list(entry.annotations),
+            )
+        )
+    return records
 
 
 # -- progress --------------------------------------------------------------------------------------

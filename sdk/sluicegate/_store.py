@@ -17,6 +17,7 @@ probe past it, so a writer that dies between the two steps loses nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import shutil
@@ -52,6 +53,10 @@ _LATEST = "refs/latest"
 # obstore raises its NotFoundError for object stores but the builtin FileNotFoundError for local paths.
 _NOT_FOUND = (_ObsNotFound, FileNotFoundError)
 _COMMIT_ATTEMPTS = 20
+_LOCAL_WRITERS = 4  # threads copying files into a local store
+# Linux's unnamed files (O_TMPFILE); the errors that say a filesystem or kernel lacks them.
+_UNNAMED_FILES = hasattr(os, "O_TMPFILE")
+_NO_UNNAMED_FILES = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,13 @@ class Store:
         self._writable()
         root = self.local_root
         if root is not None:
-            return await asyncio.to_thread(self._put_local_files, root, list(blobs), on_done)
+            # A few threads: file-system calls release the GIL and wait in the kernel.
+            items = list(blobs)
+            parts = [items[i :: _LOCAL_WRITERS] for i in range(min(_LOCAL_WRITERS, len(items)))]
+            stored = await asyncio.gather(
+                *(asyncio.to_thread(self._put_local_files, root, part, on_done) for part in parts)
+            )
+            return sum(stored)
         sem = asyncio.Semaphore(concurrency)
 
         async def one(sha: str, source: Path | bytes) -> None:
@@ -185,39 +196,39 @@ class Store:
     def _put_local_files(
         self, root: Path, blobs: list[tuple[str, Path | bytes]], on_done: Callable[[], None] | None
     ) -> int:
-        """Copy files into a local store: staged in ``staging/``, then hard-linked to ``blobs/<sha>``.
+        """Copy files into a local store so that ``blobs/<sha>`` appears whole or not at all.
 
-        obstore stages each file beside its target (``blobs/<sha>#n``): three entry changes in the
-        one large ``blobs/`` directory per file. Staging elsewhere leaves one there (the link), which
-        measured 3-10x faster for many small files (bench/store_query.py). The link is create-only
-        and atomic, so a crash leaves at most a stray staging file, never a partial blob.
+        Bytes are written to an unnamed file in ``blobs/`` (``O_TMPFILE``) that is then linked as
+        ``blobs/<sha>``: one entry change in that large directory, nothing left behind by a crash.
+        Files, and bytes on filesystems without unnamed files, are staged in ``staging/`` and then
+        hard-linked; obstore's own staging beside the target (``blobs/<sha>#n``) makes three entry
+        changes there per file, which measured 3-10x slower for many small files
+        (bench/store_query.py). Links are create-only and atomic, so a crash leaves at most a stray
+        staging file, never a partial blob.
         """
-        staging, target = root / "staging", root / "blobs"
+        staging, target = f"{root}/staging", f"{root}/blobs"  # plain strings: pathlib costs more
         tag = f"{os.getpid()}-{threading.get_ident()}"
+        unnamed = _UNNAMED_FILES and os.path.isdir("/proc/self/fd")  # links an unnamed file by its fd
         try:
-            staging.mkdir(exist_ok=True)
-            target.mkdir(exist_ok=True)
+            os.makedirs(staging, exist_ok=True)
+            os.makedirs(target, exist_ok=True)
+            target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise StoreError(f"cannot write to {self.uri}: {exc.strerror or exc}") from exc
-        for sha, source in blobs:
-            tmp = f"{staging}/{sha}.{tag}"  # plain strings: pathlib costs more than a small file
-            try:
-                if isinstance(source, Path):
-                    shutil.copyfile(source, tmp)
-                else:
-                    with open(tmp, "wb") as fh:
-                        fh.write(source)
+        try:
+            for sha, source in blobs:
                 try:
-                    os.link(tmp, f"{target}/{sha}")
-                except FileExistsError:
-                    pass  # content-addressed: the bytes there are these bytes
-                finally:
-                    os.unlink(tmp)
-            except OSError as exc:
-                what = source if isinstance(source, Path) else f"blob {sha}"
-                raise StoreError(f"cannot store {what} in {self.uri}: {exc.strerror or exc}") from exc
-            if on_done is not None:
-                on_done()
+                    if unnamed and isinstance(source, bytes):
+                        unnamed = _link_unnamed(target_fd, sha, source)  # False: not supported here
+                    if not (unnamed and isinstance(source, bytes)):
+                        _link_staged(f"{staging}/{sha}.{tag}", f"{target}/{sha}", source)
+                except OSError as exc:
+                    what = source if isinstance(source, Path) else f"blob {sha}"
+                    raise StoreError(f"cannot store {what} in {self.uri}: {exc.strerror or exc}") from exc
+                if on_done is not None:
+                    on_done()
+        finally:
+            os.close(target_fd)
         return len(blobs)
 
     def get_blob(self, sha: str) -> bytes:
@@ -407,6 +418,50 @@ class Store:
                 return
             except BaseError as exc:
                 raise StoreError(f"cannot update {_LATEST} on {self.uri}: {exc}") from exc
+
+
+def _link_unnamed(dir_fd: int, name: str, data: bytes) -> bool:
+    """Write ``data`` to an unnamed file in the directory ``dir_fd`` and link it there as ``name``
+    (kept as is when present); ``False`` when the filesystem has no unnamed files."""
+    try:
+        fd = os.open(".", os.O_WRONLY | os.O_TMPFILE, 0o666, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NO_UNNAMED_FILES:
+            return False
+        raise
+    try:
+        _write_all(fd, data)
+        # A directory fd makes os.link call linkat with AT_SYMLINK_FOLLOW: it links the file itself.
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
+    except FileExistsError:
+        pass  # content-addressed: the bytes there are these bytes
+    finally:
+        os.close(fd)
+    return True
+
+
+def _link_staged(tmp: str, target: str, source: Path | bytes) -> None:
+    """Copy ``source`` to the staging file ``tmp``, then link it as ``target`` (kept when present)."""
+    if isinstance(source, Path):
+        shutil.copyfile(source, tmp)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, source)
+        finally:
+            os.close(fd)
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        pass  # content-addressed: the bytes there are these bytes
+    finally:
+        os.unlink(tmp)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    while written < len(data):  # partial writes: very large buffers, full disks
+        written += os.write(fd, memoryview(data)[written:])
 
 
 def verify(sha: str, data: bytes | memoryview) -> None:

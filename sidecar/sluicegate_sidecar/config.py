@@ -1,4 +1,10 @@
-"""The sidecar's configuration: CLI flags, each defaulting to a ``SLUICEGATE_*`` environment variable."""
+"""The sidecar's configuration: CLI flags, each defaulting to a ``SLUICEGATE_*`` environment variable.
+
+Two modes, exactly one of them configured: *store mode* (``--store``: read the dataset store directly,
+pick the shard from the query and rank given here) and *broker mode* (``--broker-url``: in a cluster,
+where the operator's broker decides the shard from the pod's token and hands out presigned URLs; the
+sidecar then holds no storage credentials and takes no query, version or rank).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sluicegate._broker_protocol import TOKEN_PATH, SidecarEnv
 from sluicegate._engine import EngineConfig
 from sluicegate._env import detect
 from sluicegate._exceptions import ConfigError
@@ -69,7 +76,20 @@ class Listen(BaseModel):
 class SidecarConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: str = Field(min_length=1, description="dataset store URI (local path, file://, s3://)")
+    store: str | None = Field(
+        default=None, min_length=1, description="dataset store URI (local path, file://, s3://)"
+    )
+    broker_url: str | None = Field(
+        default=None, pattern=r"^https://\S+$", description="https:// base URL of the operator's broker"
+    )
+    broker_ca: str | None = Field(
+        default=None, description="PEM of the CA that signed the broker's certificate, or a file holding it"
+    )
+    token_file: Path = Field(
+        default=Path(TOKEN_PATH), description="the pod's projected token, re-read for every broker request"
+    )
+    stream: str | None = Field(default=None, description="DatasetStream the broker must find the pod in")
+    namespace: str | None = None
     version: int | None = Field(default=None, ge=1, description="version to pin; latest at start if unset")
     query: str | None = None
     rank: int = Field(default=0, ge=0)
@@ -103,6 +123,18 @@ class SidecarConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SidecarConfig:
+        if (self.store is None) == (self.broker_url is None):
+            raise ValueError(
+                "give exactly one of --store (read a dataset store directly) and --broker-url (in a "
+                f"cluster: the injected {SidecarEnv.BROKER_URL}); "
+                + ("both are set" if self.store else "neither is set")
+            )
+        if self.broker_url is not None:
+            # The broker decides these from the pod's token: a value here would be silently ignored.
+            decided = sorted(_BROKER_DECIDES & self.model_fields_set)
+            if decided:
+                flags = ", ".join("--" + name.replace("_", "-") for name in decided)
+                raise ValueError(f"{flags}: the broker decides these in broker mode; remove them")
         if self.rank >= self.world_size:
             raise ValueError(f"rank {self.rank} is outside [0, {self.world_size})")
         if self.cache_disk and self.cache_dir is None:
@@ -120,9 +152,16 @@ class SidecarConfig(BaseModel):
         )
 
 
+_BROKER_DECIDES = frozenset({"version", "query", "rank", "world_size", "seed", "shuffle", "remainder"})
+
 _FLAGS: tuple[tuple[str, str, str], ...] = (
     # flag, environment variable, help
-    ("store", "SLUICEGATE_STORE", "dataset store URI"),
+    ("store", "SLUICEGATE_STORE", "dataset store URI (store mode)"),
+    ("broker-url", SidecarEnv.BROKER_URL, "https:// URL of the operator's broker (broker mode)"),
+    ("broker-ca", SidecarEnv.BROKER_CA, "PEM (or a PEM file) of the CA of the broker's certificate"),
+    ("token-file", SidecarEnv.TOKEN_FILE, "the pod's projected ServiceAccount token (broker mode)"),
+    ("stream", SidecarEnv.STREAM, "DatasetStream of this pod (broker mode; checked by the broker)"),
+    ("namespace", SidecarEnv.NAMESPACE, "namespace of this pod (broker mode; informational)"),
     ("version", "SLUICEGATE_VERSION", "dataset version to pin (default: latest at start)"),
     ("query", "SLUICEGATE_QUERY", "slice query"),
     ("rank", "SLUICEGATE_RANK", "this pod's rank (default: from the environment)"),
@@ -130,10 +169,10 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("seed", "SLUICEGATE_SEED", "shuffle seed"),
     ("shuffle", "SLUICEGATE_SHUFFLE", "shuffle: true or false"),
     ("remainder", "SLUICEGATE_REMAINDER", "pad or drop"),
-    ("listen", "SLUICEGATE_LISTEN", "comma-separated: 127.0.0.1:PORT, http://127.0.0.1:PORT, unix:///PATH"),
-    ("cache-memory", "SLUICEGATE_CACHE_MEMORY", "memory cache budget: bytes or a quantity like 512Mi"),
-    ("cache-dir", "SLUICEGATE_CACHE_DIR", "disk cache directory"),
-    ("cache-disk", "SLUICEGATE_CACHE_DISK", "disk cache budget (0: none)"),
+    ("listen", SidecarEnv.LISTEN, "comma-separated: 127.0.0.1:PORT, http://127.0.0.1:PORT, unix:///PATH"),
+    ("cache-memory", SidecarEnv.CACHE_MEMORY, "memory cache budget: bytes or a quantity like 512Mi"),
+    ("cache-dir", SidecarEnv.CACHE_DIR, "disk cache directory"),
+    ("cache-disk", SidecarEnv.CACHE_DISK, "disk cache budget (0: none)"),
     ("concurrency", "SLUICEGATE_CONCURRENCY", "upstream fetches in flight"),
     ("attempts", "SLUICEGATE_ATTEMPTS", "tries per blob on transient upstream faults"),
     ("timeout-s", "SLUICEGATE_TIMEOUT_S", "limit on one upstream fetch, seconds"),
@@ -143,7 +182,8 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> SidecarConfig:
-    """Flags win over environment variables; rank and world size default to :func:`sluicegate._env.detect`."""
+    """Flags win over environment variables; in store mode rank and world size default to
+    :func:`sluicegate._env.detect`."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="sluicegate-sidecar", description="Serve one shard of one pinned dataset version on loopback."
@@ -157,7 +197,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         value = args[key] if args[key] is not None else env.get(var)
         if value is not None:
             raw[key] = value
-    if "rank" not in raw or "world_size" not in raw:
+    if "broker_url" not in raw and ("rank" not in raw or "world_size" not in raw):
         where = detect(env)
         raw.setdefault("rank", str(where.rank))
         raw.setdefault("world_size", str(where.world_size))

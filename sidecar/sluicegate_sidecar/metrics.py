@@ -34,11 +34,16 @@ class SidecarCollector(Collector):
     """Reads the engine's stats and the request counts on every scrape."""
 
     def __init__(
-        self, engine: Engine, info: Callable[[], Info | None], requests: Counter[tuple[str, int]]
+        self,
+        engine: Engine,
+        info: Callable[[], Info | None],
+        requests: Counter[tuple[str, int]],
+        renewals: Counter[str] | None = None,
     ) -> None:
         self._engine = engine
         self._info = info
         self._requests = requests
+        self._renewals = renewals  # broker mode: URL renewals by reason
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine.stats
@@ -73,6 +78,15 @@ class SidecarCollector(Collector):
         for (path, code), n in sorted(self._requests.items()):
             requests.add_metric([path, str(code)], n)
         yield requests
+        if self._renewals is not None:
+            renewals = CounterMetricFamily(
+                "sluicegate_url_renewals",
+                "Renewals of the broker's presigned blob URLs: before expiry, or after the store refused one",
+                labels=["reason"],
+            )
+            for reason in ("expiring", "refused"):
+                renewals.add_metric([reason], self._renewals[reason])
+            yield renewals
         info = self._info()
         if info is not None:
             shard = GaugeMetricFamily(

@@ -1,5 +1,8 @@
 """The sidecar's HTTP server: one shard of one pinned dataset version, on loopback TCP and a unix socket.
 
+The shard plan comes from the store and the configured query (store mode) or from the operator's broker
+(broker mode, see :mod:`.broker`); everything after that is the same.
+
 The paths, models and batch framing are :mod:`sluicegate._protocol`'s; fetching, verifying, caching and
 prefetching are the :class:`~sluicegate._engine.Engine`'s, the same one embedded mode runs. Every error is a
 JSON ``{code, message}``; a bad request gets a 4xx and the sidecar keeps serving.
@@ -22,7 +25,7 @@ from prometheus_client.registry import CollectorRegistry
 from pydantic import ValidationError
 from sluicegate import _partition
 from sluicegate import _protocol as proto
-from sluicegate._engine import Engine, Plan, StoreUpstream, engine_store, read_manifest
+from sluicegate._engine import Engine, Plan, StoreUpstream, Upstream, engine_store, read_manifest
 from sluicegate._exceptions import (
     ConfigError,
     IntegrityError,
@@ -32,7 +35,9 @@ from sluicegate._exceptions import (
     SluicegateError,
     StoreError,
 )
+from sluicegate._store import Store
 
+from .broker import BrokerClient, BrokerRefused, BrokerUpstream, plan_of
 from .config import SidecarConfig
 from .metrics import SidecarCollector
 
@@ -67,13 +72,31 @@ class Sidecar:
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
-        self.store = engine_store(config.store, None)
-        self.engine = Engine(StoreUpstream(self.store), config.engine())
+        self.store: Store | None = None
+        self.broker: BrokerUpstream | None = None
+        upstream: Upstream
+        if config.broker_url is None:
+            assert config.store is not None  # the config holds exactly one of the two
+            self.store = engine_store(config.store, None)
+            upstream = StoreUpstream(self.store)
+        else:
+            client = BrokerClient(
+                config.broker_url, config.broker_ca, config.token_file, config.stream, config.timeout_s
+            )
+            upstream = self.broker = BrokerUpstream(client, config.timeout_s)
+        self.engine = Engine(upstream, config.engine())
         self.plan: Plan | None = None
         self.info: proto.Info | None = None
         self.requests: Counter[tuple[str, int]] = Counter()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(SidecarCollector(self.engine, lambda: self.info, self.requests))
+        self.registry.register(
+            SidecarCollector(
+                self.engine,
+                lambda: self.info,
+                self.requests,
+                self.broker.renewals if self.broker is not None else None,
+            )
+        )
         self._orders: OrderedDict[tuple[int, int, int], _partition.Positions] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -84,9 +107,10 @@ class Sidecar:
 
     def _load_plan(self) -> tuple[Plan, proto.Info]:
         """The shard's manifest rows from the store and the query (a broker response is the other source)."""
-        cfg = self.config
-        version = self.store.resolve(cfg.version)
-        everything = Plan(version, read_manifest(self.store, version))
+        cfg, store = self.config, self.store
+        assert store is not None
+        version = store.resolve(cfg.version)
+        everything = Plan(version, read_manifest(store, version))
         selected = everything.select([cfg.query]) if cfg.query else np.arange(len(everything), dtype=np.int64)
         mine = _partition.shard(
             len(selected),
@@ -98,7 +122,7 @@ class Sidecar:
         )
         plan = Plan(version, everything.manifest, index=selected[mine])
         info = proto.Info(
-            dataset=self.store.uri,
+            dataset=store.uri,
             version=version,
             query=cfg.query,
             total=len(selected),
@@ -111,22 +135,33 @@ class Sidecar:
         )
         return plan, info
 
+    async def _fetch_plan(self) -> tuple[Plan, proto.Info]:
+        if self.broker is None:
+            return await asyncio.to_thread(self._load_plan)
+        response = await self.broker.broker.plan()
+        plan, info = await asyncio.to_thread(plan_of, response)
+        self.broker.adopt(response)
+        return plan, info
+
     async def load(self) -> None:
-        """Load the plan; transient store faults are retried, a permanent problem stops the sidecar."""
+        """Load the plan. Store mode: transient store faults are retried, a permanent problem stops the
+        sidecar. Broker mode: everything is retried (with backoff), because every refusal can pass: a
+        RoleBinding gets added, the stream becomes Ready, the kubelet rotates the token."""
         delay = 0.5
         while True:
             try:
-                plan, info = await asyncio.to_thread(self._load_plan)
+                plan, info = await self._fetch_plan()
                 break
-            except (ConfigError, QueryError, NotFoundError) as exc:
-                # Retrying cannot fix a bad query or a missing version: exit so the pod shows the reason.
-                self.failure = f"cannot serve: {exc}"
-                log.error("%s", self.failure)
-                self.stopping.set()
-                return
-            except StoreError as exc:
-                self.failure = f"cannot load the shard plan yet (retrying in {delay:.0f}s): {exc}"
-                log.warning("%s", self.failure)
+            except (ConfigError, QueryError, StoreError) as exc:
+                if self.broker is None and isinstance(exc, ConfigError | QueryError | NotFoundError):
+                    # Retrying cannot fix a bad query or a missing version: exit so the pod shows the reason.
+                    self.failure = f"cannot serve: {exc}"
+                    log.error("%s", self.failure)
+                    self.stopping.set()
+                    return
+                self.failure = f"cannot load the shard plan yet (retrying in {delay:g}s): {exc}"
+                refused = isinstance(exc, BrokerRefused | ConfigError)
+                log.log(logging.ERROR if refused else logging.WARNING, "%s", self.failure)
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
         self.plan, self.info, self.failure = plan, info, None

@@ -1,12 +1,25 @@
-"""e2e tests run against the real control plane from tests/testbed (issue #4)."""
+"""e2e tests run against the real control plane from tests/testbed (issue #4).
+
+Shared here: the session's loopback S3 server and :func:`control_plane`, a sluicegate operator on the
+testbed with a sample Dataset published in one namespace and ServiceAccounts allowed to stream it in
+another (each test module starts its own, with the settings it needs).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import ssl
+import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 # `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path.
@@ -14,11 +27,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from sluicegate import S3Options  # noqa: E402
+from sluicegate._broker_protocol import AUDIENCE  # noqa: E402
+from sluicegate._manifest import ItemRecord  # noqa: E402
+
+from tests.operator import devcluster  # noqa: E402
+from tests.s3server import GoUnavailable, S3Server, build  # noqa: E402
 from tests.testbed import Testbed, pytest_plugin, wait_for  # noqa: E402
 
 # The session fixture and the hook attaching component logs to failures.
 testbed = pytest_plugin.testbed
 pytest_runtest_makereport = pytest_plugin.pytest_runtest_makereport
+
+INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,3 +59,208 @@ def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]
     )
     yield name
     testbed.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """The SigV4-enforcing S3 server (versitygw) on loopback; every control plane uses its own bucket."""
+    try:
+        binary = build()
+    except GoUnavailable as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"S3 server unavailable and CI=true: {error}", pytrace=False)
+        pytest.skip(f"S3 server unavailable: {error}")
+    with S3Server(binary=binary) as server:
+        yield server
+
+
+@dataclass
+class ControlPlane:
+    testbed: Testbed
+    s3: S3Server
+    url: str
+    ca: ssl.SSLContext
+    data_ns: str
+    team_ns: str
+    log: Path
+    records: list[ItemRecord]
+    uri: str
+
+    @property
+    def s3_options(self) -> S3Options:
+        """What the operator reads the Dataset with (tests compare against the store directly)."""
+        s3 = self.s3
+        return S3Options(
+            endpoint=s3.endpoint,
+            region=s3.region,
+            access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key,
+        )
+
+    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.testbed.kubectl(*args, **kw)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, *objs: dict[str, Any]) -> None:
+        self.testbed.apply(*objs)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def broker(self, path: str, token: str | None, body: dict[str, Any] | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with httpx.Client(verify=self.ca, trust_env=False, timeout=30) as client:
+            return client.post(self.url + path, json=body or {}, headers=headers)
+
+    def pod_token(self, pod: dict[str, Any], *, audience: str = AUDIENCE) -> str:
+        """A real token from the TokenRequest API, bound to ``pod`` (like the kubelet's projected one)."""
+        meta = pod["metadata"]
+        return self.kubectl(
+            "create",
+            "token",
+            pod["spec"]["serviceAccountName"],
+            "-n",
+            meta["namespace"],
+            "--duration=3600s",
+            f"--audience={audience}",
+            "--bound-object-kind=Pod",
+            f"--bound-object-name={meta['name']}",
+            f"--bound-object-uid={meta['uid']}",
+        ).stdout.strip()
+
+    def stream(self, name: str, **spec: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "sluicegate.io/v1alpha1",
+            "kind": "DatasetStream",
+            "metadata": {"name": name, "namespace": self.team_ns},
+            "spec": {"dataset": {"namespace": self.data_ns, "name": "coco"}, **spec},
+        }
+
+    def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 30) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            obj = self.get(kind, name, "-n", ns)
+            conds = obj.get("status", {}).get("conditions", [])
+            return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
+
+        try:
+            return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{self.log_tail()}"
+            ) from exc
+
+    def indexed_job(
+        self, name: str, stream: str, *, service_account: str = "trainer", completions: int = 4
+    ) -> list[dict[str, Any]]:
+        """An Indexed Job of ``completions`` pods labelled with ``stream`` (Ready first); its Running
+        pods, sorted by completion index."""
+        self.wait_ready("datasetstreams", self.team_ns, stream)
+        probe = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "probe",
+                "namespace": self.team_ns,
+                "labels": {"sluicegate.io/stream": stream},
+            },
+            "spec": {"serviceAccountName": service_account, "containers": [{"name": "main", "image": "x"}]},
+        }
+        # The API server picks up a new webhook configuration asynchronously; a server-side dry run
+        # shows when.
+        wait_for(
+            lambda: (
+                "initContainers"
+                in json.loads(
+                    self.kubectl(
+                        "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe)
+                    ).stdout
+                )["spec"]
+            ),
+            timeout_s=30,
+            what="the webhook to inject",
+        )
+        self.apply(
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {"name": name, "namespace": self.team_ns},
+                "spec": {
+                    "completions": completions,
+                    "parallelism": completions,
+                    "completionMode": "Indexed",
+                    "template": {
+                        "metadata": {"labels": {"sluicegate.io/stream": stream}},
+                        "spec": {
+                            "serviceAccountName": service_account,
+                            "restartPolicy": "Never",
+                            "containers": [{"name": "main", "image": "trainer:e2e"}],
+                        },
+                    },
+                },
+            }
+        )
+
+        def running() -> list[dict[str, Any]] | None:
+            pods = self.get("pods", "-n", self.team_ns, "-l", f"batch.kubernetes.io/job-name={name}")["items"]
+            ok = len(pods) == completions and all(p["status"].get("phase") == "Running" for p in pods)
+            return sorted(pods, key=lambda p: int(p["metadata"]["annotations"][INDEX])) if ok else None
+
+        return wait_for(running, timeout_s=60, what=f"{completions} Running pods of the Indexed Job")
+
+
+@contextlib.contextmanager
+def control_plane(
+    testbed: Testbed,
+    s3: S3Server,
+    log: Path,
+    *,
+    data_ns: str,
+    team_ns: str,
+    service_accounts: Sequence[str] = ("trainer",),
+    items: int = 40,
+    operator_args: Sequence[str] = (),
+) -> Iterator[ControlPlane]:
+    """A local operator on the testbed, the sample Dataset ``coco`` in ``data_ns`` (keys in a Secret
+    there, storage on ``s3``) and, in ``team_ns``, ``service_accounts`` each bound to the verb
+    ``stream`` on it by a RoleBinding ``coco-stream-<sa>``."""
+    suffix = uuid.uuid4().hex[:6]
+    uri, records = devcluster.sample_dataset(s3, f"datasets-{suffix}", items)
+    operator = devcluster.start(
+        testbed,
+        f"sluicegate-{suffix}",
+        f"sg-{suffix}",
+        log,
+        extra_args=("--resync=5", "--sidecar-image=sluicegate:e2e", *operator_args),
+    )
+    try:
+        for ns in (data_ns, team_ns):
+            testbed.kubectl("create", "namespace", ns)
+        devcluster.publish_dataset(testbed, data_ns, uri, s3)
+        testbed.kubectl(
+            "create",
+            "role",
+            "coco-stream",
+            "-n",
+            data_ns,
+            "--verb=stream",
+            "--resource=datasets.sluicegate.io",
+            "--resource-name=coco",
+        )
+        for sa in service_accounts:
+            testbed.kubectl("create", "serviceaccount", sa, "-n", team_ns)
+            testbed.kubectl(
+                "create",
+                "rolebinding",
+                f"coco-stream-{sa}",
+                "-n",
+                data_ns,
+                "--role=coco-stream",
+                f"--serviceaccount={team_ns}:{sa}",
+            )
+        yield ControlPlane(testbed, s3, operator.url, operator.ca, data_ns, team_ns, log, records, uri)
+    finally:
+        operator.stop(testbed)
+        for ns in (data_ns, team_ns, operator.namespace):
+            testbed.kubectl("delete", "namespace", ns, "--wait=false", check=False)

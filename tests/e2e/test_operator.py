@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import ssl
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -30,139 +26,30 @@ from sluicegate._broker_protocol import AUDIENCE, BrokerPaths, PlanResponse
 from sluicegate._manifest import ItemRecord
 from sluicegate._store import sha256_hex
 
-from tests.operator import devcluster
-from tests.s3server import GoUnavailable, S3Server, build
+from tests.e2e.conftest import ControlPlane, control_plane
+from tests.s3server import S3Server
 from tests.testbed import CommandError, Testbed, wait_for
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 ITEMS = 40
 PRESIGN_TTL_S = 20
-INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-@dataclass
-class ControlPlane:
-    testbed: Testbed
-    s3: S3Server
-    url: str
-    ca: ssl.SSLContext
-    data_ns: str
-    team_ns: str
-    log: Path
-    records: list[ItemRecord]
-
-    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return self.testbed.kubectl(*args, **kw)
-
-    def get(self, *args: str) -> Any:
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def apply(self, *objs: dict[str, Any]) -> None:
-        self.testbed.apply(*objs)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def broker(self, path: str, token: str | None, body: dict[str, Any] | None = None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with httpx.Client(verify=self.ca, trust_env=False, timeout=30) as client:
-            return client.post(self.url + path, json=body or {}, headers=headers)
-
-    def pod_token(self, pod: dict[str, Any], *, audience: str = AUDIENCE) -> str:
-        meta = pod["metadata"]
-        return self.kubectl(
-            "create",
-            "token",
-            pod["spec"]["serviceAccountName"],
-            "-n",
-            meta["namespace"],
-            "--duration=3600s",
-            f"--audience={audience}",
-            "--bound-object-kind=Pod",
-            f"--bound-object-name={meta['name']}",
-            f"--bound-object-uid={meta['uid']}",
-        ).stdout.strip()
-
-    def stream(self, name: str, **spec: Any) -> dict[str, Any]:
-        return {
-            "apiVersion": "sluicegate.io/v1alpha1",
-            "kind": "DatasetStream",
-            "metadata": {"name": name, "namespace": self.team_ns},
-            "spec": {"dataset": {"namespace": self.data_ns, "name": "coco"}, **spec},
-        }
-
-    def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 30) -> dict[str, Any]:
-        def ready() -> dict[str, Any] | None:
-            obj = self.get(kind, name, "-n", ns)
-            conds = obj.get("status", {}).get("conditions", [])
-            return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
-
-        try:
-            return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
-        except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{self.log_tail()}"
-            ) from exc
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    try:
-        binary = build()
-    except GoUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"S3 server unavailable and CI=true: {error}", pytrace=False)
-        pytest.skip(f"S3 server unavailable: {error}")
-    with S3Server(binary=binary) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
 def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     suffix = uuid.uuid4().hex[:6]
-    data_ns, team_ns = f"data-{suffix}", f"team-{suffix}"
-    uri, records = devcluster.sample_dataset(s3, f"datasets-{suffix}", ITEMS)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    operator = devcluster.start(
+    with control_plane(
         testbed,
-        f"sluicegate-{suffix}",
-        f"sg-{suffix}",
-        log,
-        extra_args=(f"--presign-ttl={PRESIGN_TTL_S}", "--resync=5", "--sidecar-image=sluicegate:e2e"),
-    )
-    try:
-        for ns in (data_ns, team_ns):
-            testbed.kubectl("create", "namespace", ns)
-        devcluster.publish_dataset(testbed, data_ns, uri, s3)
-        for sa in ("trainer", "temp"):
-            testbed.kubectl("create", "serviceaccount", sa, "-n", team_ns)
-        testbed.kubectl(
-            "create",
-            "role",
-            "coco-stream",
-            "-n",
-            data_ns,
-            "--verb=stream",
-            "--resource=datasets.sluicegate.io",
-            "--resource-name=coco",
-        )
-        for sa in ("trainer", "temp"):
-            testbed.kubectl(
-                "create",
-                "rolebinding",
-                f"coco-stream-{sa}",
-                "-n",
-                data_ns,
-                "--role=coco-stream",
-                f"--serviceaccount={team_ns}:{sa}",
-            )
-        yield ControlPlane(testbed, s3, operator.url, operator.ca, data_ns, team_ns, log, records)
-    finally:
-        operator.stop(testbed)
-        for ns in (data_ns, team_ns, operator.namespace):
-            testbed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        s3,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        data_ns=f"data-{suffix}",
+        team_ns=f"team-{suffix}",
+        service_accounts=("trainer", "temp"),
+        items=ITEMS,
+        operator_args=(f"--presign-ttl={PRESIGN_TTL_S}",),
+    ) as plane:
+        yield plane
 
 
 def _matching(records: list[ItemRecord], *, policy: bool = False) -> set[str]:
@@ -173,53 +60,7 @@ def _matching(records: list[ItemRecord], *, policy: bool = False) -> set[str]:
 def job_pods(cp: ControlPlane) -> list[dict[str, Any]]:
     """An Indexed Job of 4 labelled pods streaming `train` (labels.car > 0, 4 shards)."""
     cp.apply(cp.stream("train", query="labels.car > 0", sharding={"seed": 3}))
-    cp.wait_ready("datasetstreams", cp.team_ns, "train")
-    probe = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "probe", "namespace": cp.team_ns, "labels": {"sluicegate.io/stream": "train"}},
-        "spec": {"serviceAccountName": "trainer", "containers": [{"name": "main", "image": "x"}]},
-    }
-    # The API server picks up a new webhook configuration asynchronously; a server-side dry run shows when.
-    wait_for(
-        lambda: (
-            "initContainers"
-            in json.loads(
-                cp.kubectl(
-                    "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(probe)
-                ).stdout
-            )["spec"]
-        ),
-        timeout_s=30,
-        what="the webhook to inject",
-    )
-    cp.apply(
-        {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": "trainer", "namespace": cp.team_ns},
-            "spec": {
-                "completions": 4,
-                "parallelism": 4,
-                "completionMode": "Indexed",
-                "template": {
-                    "metadata": {"labels": {"sluicegate.io/stream": "train"}},
-                    "spec": {
-                        "serviceAccountName": "trainer",
-                        "restartPolicy": "Never",
-                        "containers": [{"name": "main", "image": "trainer:e2e"}],
-                    },
-                },
-            },
-        }
-    )
-
-    def running() -> list[dict[str, Any]] | None:
-        pods = cp.get("pods", "-n", cp.team_ns, "-l", "batch.kubernetes.io/job-name=trainer")["items"]
-        ok = len(pods) == 4 and all(p["status"].get("phase") == "Running" for p in pods)
-        return sorted(pods, key=lambda p: int(p["metadata"]["annotations"][INDEX])) if ok else None
-
-    return wait_for(running, timeout_s=60, what="4 Running pods of the Indexed Job")
+    return cp.indexed_job("trainer", "train")
 
 
 # -- CRDs ------------------------------------------------------------------------------------------

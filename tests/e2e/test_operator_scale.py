@@ -45,6 +45,8 @@ def test_benchmark_runs_at_tiny_scale(testbed: Testbed, s3_server: S3Server, tmp
     )
     assert broker["cached_items_per_second"] > 0
     assert broker["baseline_presign_many_urls_per_second"] > 0
+    # Every plan request passed through the broker's histogram, and took part of the client's time.
+    assert 0 < broker["cached_broker_mean_ms"] <= broker["cached_ms"]["max"]
 
     text = markdown(
         {"machine": {"date_utc": "-", "cpus": 2, "load_average_1m": 0.0}, "machine_after": 0.0}

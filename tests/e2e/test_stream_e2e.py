@@ -1,0 +1,249 @@
+"""A DatasetStream end to end: webhook-injected pods stream their shards through sidecars in broker mode.
+
+A Dataset in ``data`` (storage on the SigV4-enforcing S3 server, keys in a Secret there), a DatasetStream in
+``team-a`` with a query, a RoleBinding granting ``stream``, and an Indexed Job of 4 pods. Pods never run
+containers on the testbed (kwok), so each pod's sidecar and trainer run here as processes, with exactly the
+environment the webhook injected into that pod (only the socket and token paths moved to a temp dir) and a
+real token from the TokenRequest API bound to that pod. No storage credentials reach those processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sluicegate
+from sluicegate._broker_protocol import SOCKET_PATH, BrokerPaths, PlanResponse, SidecarEnv, TrainerEnv
+
+from tests.e2e.conftest import ControlPlane, control_plane
+from tests.s3server import S3Server
+from tests.sidecar.helpers import metrics
+from tests.testbed import Testbed, wait_for
+
+pytestmark = pytest.mark.e2e
+
+QUERY = "labels.car > 0"
+WORLD = 4
+PRESIGN_TTL_S = 6  # short, so the test sees URLs expire and the sidecar renew them
+SIDECAR = "sluicegate-sidecar"
+
+# The trainer: what a training script does with the pod's shard.
+TRAINER = """
+import hashlib, json, sluicegate
+ds = sluicegate.connect(timeout=45)
+print(json.dumps([[item.id, item.blob, hashlib.sha256(item.data).hexdigest()] for item in ds]))
+"""
+
+
+@pytest.fixture(scope="module")
+def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    with control_plane(
+        testbed,
+        s3,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        data_ns="data",
+        team_ns="team-a",
+        operator_args=(f"--presign-ttl={PRESIGN_TTL_S}",),
+    ) as plane:
+        yield plane
+
+
+@pytest.fixture(scope="module")
+def pods(cp: ControlPlane) -> list[dict[str, Any]]:
+    cp.apply(cp.stream("train", query=QUERY, sharding={"seed": 7}))
+    return cp.indexed_job("trainer", "train", completions=WORLD)
+
+
+@pytest.fixture(scope="module")
+def expected(cp: ControlPlane) -> dict[str, str]:
+    """The query result read from the store directly (with the keys only the operator holds): id -> sha256."""
+    ds = sluicegate.open(cp.uri, query=QUERY, s3=cp.s3_options)
+    return {item.id: hashlib.sha256(item.data).hexdigest() for item in ds}
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
+
+
+def _clean_environ() -> dict[str, str]:
+    """This process's environment without anything sluicegate or S3 would read."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLUICEGATE_", "AWS_"))}
+
+
+@dataclass
+class LocalPod:
+    """One pod's sidecar (and on demand its trainer) as local processes, with the injected environment."""
+
+    name: str
+    root: Path
+    sidecar_env: dict[str, str]
+    trainer_env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def of(cls, pod: dict[str, Any], cp: ControlPlane, root: Path) -> LocalPod:
+        sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == SIDECAR)
+        sidecar_env, trainer_env = _env(sidecar), _env(pod["spec"]["containers"][0])
+        assert sidecar_env[SidecarEnv.LISTEN] == trainer_env[TrainerEnv.ADDRESS] == f"unix://{SOCKET_PATH}"
+        # The operator runs locally and was told its public URL, so the injected URL works as is.
+        assert sidecar_env[SidecarEnv.BROKER_URL] == cp.url
+        socket = root / "sidecar.sock"
+        sidecar_env |= {SidecarEnv.LISTEN: f"unix://{socket}", SidecarEnv.TOKEN_FILE: str(root / "token")}
+        trainer_env |= {TrainerEnv.ADDRESS: f"unix://{socket}"}
+        return cls(pod["metadata"]["name"], root, sidecar_env, trainer_env)
+
+    @property
+    def log(self) -> Path:
+        return self.root / "sidecar.log"
+
+    def start(self, token: str) -> LocalPod:
+        (self.root / "token").write_text(token)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sluicegate_sidecar"],
+                env={**_clean_environ(), **self.sidecar_env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def get(self, path: str) -> httpx.Response | None:
+        """``path`` from the sidecar over its unix socket; None while it does not listen yet."""
+        transport = httpx.HTTPTransport(uds=self.sidecar_env[SidecarEnv.LISTEN].removeprefix("unix://"))
+        try:
+            with httpx.Client(transport=transport, trust_env=False, timeout=10) as client:
+                return client.get(f"http://sidecar{path}")
+        except httpx.TransportError:
+            return None
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"sidecar of {self.name} exited {self.process.returncode}:\n{self.logs()}")
+        response = self.get("/readyz")
+        return response is not None and response.status_code == 200
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def train(self) -> subprocess.Popen[str]:
+        """The trainer script, started (collect it with :func:`_shard`)."""
+        return subprocess.Popen(
+            [sys.executable, "-c", TRAINER],
+            env={**_clean_environ(), **self.trainer_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _shard(trainer: subprocess.Popen[str], pod: LocalPod) -> list[tuple[str, str, str]]:
+    out, err = trainer.communicate(timeout=90)
+    assert trainer.returncode == 0, f"trainer of {pod.name} failed:\n{err}\nsidecar log:\n{pod.logs()}"
+    return [(i, blob, sha) for i, blob, sha in json.loads(out)]
+
+
+@pytest.fixture
+def local_pods(cp: ControlPlane, pods: list[dict[str, Any]]) -> Iterator[list[LocalPod]]:
+    # A short path: a unix socket's path must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="sg-") as tmp, contextlib.ExitStack() as stack:
+        local = []
+        for pod in pods:
+            root = Path(tmp) / pod["metadata"]["name"][-8:]
+            root.mkdir()
+            local.append(LocalPod.of(pod, cp, root))
+            stack.callback(local[-1].stop)
+        yield local
+
+
+def test_four_ranks_stream_disjoint_equal_shards_of_exactly_the_query(
+    cp: ControlPlane, pods: list[dict[str, Any]], local_pods: list[LocalPod], expected: dict[str, str]
+) -> None:
+    for index, pod in enumerate(pods):
+        annotations = pod["metadata"]["annotations"]
+        ranks = (annotations["sluicegate.io/rank"], annotations["sluicegate.io/world-size"])
+        assert ranks == (str(index), str(WORLD))
+        assert local_pods[index].trainer_env[TrainerEnv.RANK] == str(index)
+        env_text = json.dumps(local_pods[index].sidecar_env)
+        assert cp.s3.secret_key not in env_text
+        assert cp.s3.access_key not in env_text
+    for pod, local in zip(pods, local_pods, strict=True):
+        local.start(cp.pod_token(pod))
+    for local in local_pods:
+        wait_for(local.ready, timeout_s=40, what=f"sidecar of {local.name} ready")
+
+    # Rank 0 reads only after its URLs expired: the store refuses them, the sidecar renews them.
+    stale = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, cp.pod_token(pods[0])).content)
+    trainers = {rank: local_pods[rank].train() for rank in range(1, WORLD)}
+    shards = {rank: _shard(trainer, local_pods[rank]) for rank, trainer in trainers.items()}
+    time.sleep(max(0.0, stale.expires_at.timestamp() - time.time()) + 1)
+    with httpx.Client(trust_env=False) as http:
+        refused = http.get(stale.urls[stale.rows[0].blob])
+    assert refused.status_code == 403, "the storage server refuses a presigned URL past its expiry"
+    shards[0] = _shard(local_pods[0].train(), local_pods[0])
+
+    per_rank = -(-len(expected) // WORLD)
+    assert {rank: len(shard) for rank, shard in shards.items()} == dict.fromkeys(range(WORLD), per_rank)
+    for rank, shard in shards.items():
+        for item_id, blob, sha in shard:
+            assert sha == blob == expected[item_id], f"rank {rank}: bytes of {item_id} do not match the store"
+    seen = Counter(item_id for shard in shards.values() for item_id, _, _ in shard)
+    assert set(seen) == set(expected), "together the ranks serve exactly the query result"
+    padding = WORLD * per_rank - len(expected)
+    assert sum(seen.values()) - len(seen) == padding, "disjoint but for the padding that equalises counts"
+
+    for rank, local in enumerate(local_pods):
+        info = local.get("/v1/info")
+        assert info is not None
+        served = info.json()
+        assert (served["rank"], served["world_size"], served["total"]) == (rank, WORLD, len(expected))
+    counters = metrics(local_pods[0].get("/metrics").text)  # type: ignore[union-attr]
+    assert counters["sluicegate_items_served_total"] == per_rank
+    renewed = counters['sluicegate_url_renewals_total{reason="expiring"}']
+    renewed += counters['sluicegate_url_renewals_total{reason="refused"}']
+    assert renewed >= 1, local_pods[0].logs()
+
+
+def test_token_of_another_audience_is_refused_until_a_good_one_arrives(
+    cp: ControlPlane, pods: list[dict[str, Any]], local_pods: list[LocalPod]
+) -> None:
+    local = local_pods[1].start(cp.pod_token(pods[1], audience="other.example.com"))
+
+    def refusal() -> str | None:
+        assert not local.ready(), "a sidecar with a foreign token must not become ready"
+        response = local.get("/readyz")
+        if response is None or "broker refused" not in response.text:
+            return None
+        return str(response.json()["message"])
+
+    message = wait_for(refusal, timeout_s=30, what="the sidecar to report the broker's refusal")
+    assert "HTTP 401" in message
+    assert "audience" in message
+    assert "the broker refused (HTTP 401 unauthenticated)" in local.logs()
+    # The kubelet rotates the projected token in place: the sidecar re-reads it and recovers on its own.
+    (local.root / "token").write_text(cp.pod_token(pods[1]))
+    wait_for(local.ready, timeout_s=30, what="the sidecar to recover with a good token")

@@ -1,0 +1,227 @@
+"""Broker mode without a cluster: a stand-in broker over real TLS hands out URLs presigned on the real
+SigV4 S3 server (versitygw), so the sidecar meets the store's own refusals. The operator's broker itself is
+exercised end to end in tests/e2e/test_stream_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sluicegate
+from aiohttp import web
+from sluicegate import S3Options, Store
+from sluicegate._broker_protocol import (
+    BrokerError,
+    BrokerErrorCode,
+    BrokerPaths,
+    PlanResponse,
+    UrlsRequest,
+    UrlsResponse,
+)
+from sluicegate._exceptions import ConfigError
+from sluicegate._partition import Remainder
+from sluicegate._store import blob_key
+from sluicegate_sidecar.config import parse_args
+
+from tests.s3server import S3Server
+from tests.s3server.fixtures import s3_server  # noqa: F401  (the SigV4 server, not the root conftest's moto)
+from tests.sidecar.helpers import InProcessSidecar, make_dataset
+from tests.testbed import wait_for
+from tests.testbed.pki import CertificateAuthority
+
+pytestmark = pytest.mark.integration
+
+GOOD = "good-token"
+
+
+class StandInBroker:
+    """Serves a whole store's latest version as one shard over HTTPS. Its first URLs live 1 s although
+    ``expires_at`` claims an hour (a broker whose clock is behind the store's): only a refusal tells."""
+
+    def __init__(self, store: Store, pki: Path) -> None:
+        self.store = store
+        self.ca = CertificateAuthority(pki)
+        self._pair = self.ca.issue("broker", "broker", hosts=("127.0.0.1",), server=True)
+        self.url_requests = 0
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    def _presign(self, blobs: list[str], ttl: timedelta) -> dict[str, str]:
+        return dict(zip(blobs, self.store.presign_many([blob_key(b) for b in blobs], ttl), strict=True))
+
+    @staticmethod
+    def _refused(request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") == f"Bearer {GOOD}":
+            return None
+        error = BrokerError(
+            code=BrokerErrorCode.UNAUTHENTICATED, message="the token's audience is not sluicegate.io"
+        )
+        return web.Response(status=401, text=error.model_dump_json(), content_type="application/json")
+
+    async def _plan(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        version = self.store.resolve(None)
+        rows: list[dict[str, Any]] = self.store.manifest(version)[0].to_pylist()
+        plan = PlanResponse.model_validate(
+            {
+                "namespace": "team-a",
+                "stream": "train",
+                "dataset": "data/coco",
+                "version": version,
+                "query": "",
+                "policies": [],
+                "total": len(rows),
+                "rank": 0,
+                "world_size": 1,
+                "seed": 0,
+                "shuffle": True,
+                "remainder": Remainder.PAD,
+                "rows": rows,
+                "urls": self._presign([r["blob"] for r in rows], timedelta(seconds=1)),
+                "expires_at": datetime.now(UTC) + timedelta(hours=1),
+            }
+        )
+        return web.Response(text=plan.model_dump_json(), content_type="application/json")
+
+    async def _urls(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        self.url_requests += 1
+        body = UrlsRequest.model_validate_json(await request.read())
+        fresh = UrlsResponse(
+            urls=self._presign(body.blobs, timedelta(hours=1)),
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+        )
+        return web.Response(text=fresh.model_dump_json(), content_type="application/json")
+
+    def __enter__(self) -> StandInBroker:
+        self._thread.start()
+
+        async def start() -> str:
+            app = web.Application()
+            app.router.add_post(BrokerPaths.PLAN, self._plan)
+            app.router.add_post(BrokerPaths.URLS, self._urls)
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self._pair.cert, self._pair.key)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls)
+            await site.start()
+            sock: Any = site._server.sockets[0]  # type: ignore[union-attr]
+            return f"https://127.0.0.1:{sock.getsockname()[1]}"
+
+        self.url = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def broker(s3_server: S3Server, tmp_path: Path) -> Iterator[tuple[StandInBroker, dict[str, bytes]]]:  # noqa: F811
+    bucket = f"broker-{tmp_path.name[-20:].lower().replace('_', '-').strip('-')}"
+    s3_server.create_bucket(bucket)
+    options = S3Options(
+        endpoint=s3_server.endpoint,
+        region=s3_server.region,
+        access_key_id=s3_server.access_key,
+        secret_access_key=s3_server.secret_key,
+    )
+    uri = f"s3://{bucket}/ds"
+    expected = make_dataset(uri, 12, size=2000, s3=options)
+    with StandInBroker(Store(uri, options), tmp_path / "pki") as stand_in:
+        yield stand_in, expected
+
+
+def _argv(broker: StandInBroker, token: Path, ca: str) -> list[str]:
+    return [
+        "--broker-url",
+        broker.url,
+        "--broker-ca",
+        ca,
+        "--token-file",
+        str(token),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+
+
+def _readyz(sc: InProcessSidecar) -> httpx.Response:
+    return httpx.get(sc.tcp + "/readyz", trust_env=False, timeout=10)
+
+
+def test_urls_the_store_refuses_are_renewed_once_and_bytes_verified(
+    broker: tuple[StandInBroker, dict[str, bytes]], tmp_path: Path
+) -> None:
+    stand_in, expected = broker
+    token = tmp_path / "token"
+    token.write_text(GOOD + "\n")
+    # The CA as a file path here (the webhook injects the PEM itself, which the next test uses).
+    with InProcessSidecar(_argv(stand_in, token, str(stand_in.ca.cert_path))) as sc:
+        wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="sidecar ready")
+        time.sleep(2.5)  # the first URLs are past their real expiry now
+        ds = sluicegate.connect(sc.tcp)
+        assert {item.id: item.data for item in ds} == expected
+        assert sc.sidecar is not None
+        assert sc.sidecar.broker is not None
+        assert sc.sidecar.broker.renewals == Counter(refused=1), "concurrent refusals share one renewal"
+        assert stand_in.url_requests == 1
+        assert sc.sidecar.engine.stats.integrity_failures == 0
+        scrape = httpx.get(sc.tcp + "/metrics", trust_env=False).text
+        assert 'sluicegate_url_renewals_total{reason="refused"} 1.0' in scrape
+        info = httpx.get(sc.tcp + "/v1/info", trust_env=False).json()
+        assert (info["dataset"], info["items"], info["query"]) == ("data/coco", len(expected), None)
+
+
+def test_refused_token_keeps_readiness_false_until_the_rotated_token_is_accepted(
+    broker: tuple[StandInBroker, dict[str, bytes]], tmp_path: Path
+) -> None:
+    stand_in, _ = broker
+    token = tmp_path / "token"
+    token.write_text("stale-token")
+    with InProcessSidecar(_argv(stand_in, token, stand_in.ca.pem.decode())) as sc:
+
+        def refusal() -> str | None:
+            response = _readyz(sc)
+            assert response.status_code in (200, 503)
+            assert response.status_code == 503, "a refused sidecar must not report ready"
+            message = str(response.json()["message"])
+            return message if "refused" in message else None
+
+        message = wait_for(refusal, timeout_s=20, what="the broker's refusal in /readyz")
+        assert "HTTP 401 unauthenticated" in message
+        assert "audience is not sluicegate.io" in message
+        token.write_text(GOOD)  # the kubelet rotates the projected token in place
+        wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="ready with the rotated token")
+
+
+def test_broker_mode_configuration() -> None:
+    broker = {"SLUICEGATE_BROKER_URL": "https://sluicegate-operator.sluicegate-system.svc"}
+    cfg = parse_args([], {**broker, "SLUICEGATE_STREAM": "train", "JOB_COMPLETION_INDEX": "3"})
+    assert (cfg.store, cfg.stream, cfg.rank) == (None, "train", 0), "the rank comes from the broker"
+    assert cfg.token_file == Path("/var/run/secrets/sluicegate.io/token")
+    with pytest.raises(ConfigError, match=r"exactly one of --store .* both are set"):
+        parse_args(["--store", "/data"], broker)
+    with pytest.raises(ConfigError, match="neither is set"):
+        parse_args([], {})
+    with pytest.raises(ConfigError, match="--query, --rank: the broker decides these"):
+        parse_args(["--query", "labels.car > 0"], {**broker, "SLUICEGATE_RANK": "3"})
+    with pytest.raises(ConfigError, match="broker-url"):
+        parse_args(["--broker-url", "http://plain.example"], {})
