@@ -21,6 +21,11 @@ import boto3
 import httpx
 import numpy as np
 import pytest
+
+# TensorFlow and triton (which torchvision pulls in) both register LLVM options; loading TensorFlow
+# first aborts the process when triton loads. The suite imports both, so torch goes first.
+import torch  # noqa: F401
+import torchvision  # noqa: F401
 from PIL import Image
 from sluicegate import S3Options, Store
 

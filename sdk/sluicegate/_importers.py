@@ -162,7 +162,9 @@ def import_dataset(
     store = Store(uri, s3)
     with _progress_bars(progress) as bars:
         scanned, uploaded, present = _scan_and_upload(store, entries, workers, bars)
-    table = _manifest.records_to_table(_records(entries, scanned))
+    table = _manifest.records_to_table(
+        [_record(entry, found) for entry, found in zip(entries, scanned, strict=True)]
+    )
     change = _MergeInto(table)
     version = store.commit(change, message=message or f"import {fmt.value} from {', '.join(map(str, paths))}")
     return ImportResult(
@@ -593,29 +595,18 @@ def _store_batch(store: Store, batch: list[tuple[str, Path | bytes]], bar: _Bar)
     bar(len(batch))  # once per batch: a progress update per file costs more than storing it
 
 
-def _records(entries: Sequence[_Entry], scanned: Sequence[_Scanned]) -> list[ItemRecord]:
-    """The manifest rows, built without validating them again: each entry was validated when it
-    was planned and the file's facts come from the scan (validation cost more than the scan)."""
-    counts: dict[int, dict[str, int]] = {}  # by annotation tuple: image folders share one per class
-    records = []
-    for entry, found in zip(entries, scanned, strict=True):
-        labels = counts.get(id(entry.annotations))
-        if labels is None:
-            labels = counts[id(entry.annotations)] = _manifest.label_counts(entry.annotations)
-        records.append(
-            ItemRecord.model_construct(
-                id=entry.id,
-                blob=found.sha,
-                size=found.size,
-                media_type=found.media_type,
-                width=found.width,
-                height=found.height,
-                metadata=dict(entry.metadata or {}),
-                labels=labels,
-                annotations=list(entry.annotations),
-            )
-        )
-    return records
+def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
+    return ItemRecord(
+        id=entry.id,
+        blob=found.sha,
+        size=found.size,
+        media_type=found.media_type,
+        width=found.width,
+        height=found.height,
+        metadata=dict(entry.metadata or {}),
+        labels=_manifest.label_counts(entry.annotations),
+        annotations=list(entry.annotations),
+    )
 
 
 # -- progress --------------------------------------------------------------------------------------

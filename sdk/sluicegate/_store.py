@@ -435,6 +435,8 @@ def _link_unnamed(dir_fd: int, name: str, data: bytes) -> bool:
         os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
     except FileExistsError:
         pass  # content-addressed: the bytes there are these bytes
+    except OSError:
+        return False  # linking by fd refused (sandboxes, odd /proc): staging tries again, or explains
     finally:
         os.close(fd)
     return True
