@@ -95,8 +95,8 @@ def _payload_bytes(batch: Any) -> int:
         batch = batch.get("data", batch.get("image"))
     if isinstance(batch, torch.Tensor):
         return int(batch.numel() * batch.element_size())
-    if hasattr(batch, "values") and isinstance(batch.values, torch.Tensor):  # sluicegate.torch.Packed
-        return int(batch.values.numel())
+    if hasattr(batch, "nbytes") and not isinstance(batch, list):  # sluicegate.torch.Packed
+        return int(batch.nbytes)
     return sum(_payload_bytes(x) if not isinstance(x, bytes | bytearray) else len(x) for x in batch)
 
 

@@ -53,7 +53,6 @@ _LATEST = "refs/latest"
 # obstore raises its NotFoundError for object stores but the builtin FileNotFoundError for local paths.
 _NOT_FOUND = (_ObsNotFound, FileNotFoundError)
 _COMMIT_ATTEMPTS = 20
-_LOCAL_WRITERS = 4  # threads copying files into a local store
 # Linux's unnamed files (O_TMPFILE); the errors that say a filesystem or kernel lacks them.
 _UNNAMED_FILES = hasattr(os, "O_TMPFILE")
 _NO_UNNAMED_FILES = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
@@ -164,13 +163,7 @@ class Store:
         self._writable()
         root = self.local_root
         if root is not None:
-            # A few threads: file-system calls release the GIL and wait in the kernel.
-            items = list(blobs)
-            parts = [items[i :: _LOCAL_WRITERS] for i in range(min(_LOCAL_WRITERS, len(items)))]
-            stored = await asyncio.gather(
-                *(asyncio.to_thread(self._put_local_files, root, part, on_done) for part in parts)
-            )
-            return sum(stored)
+            return await asyncio.to_thread(self._put_local_files, root, list(blobs), on_done)
         sem = asyncio.Semaphore(concurrency)
 
         async def one(sha: str, source: Path | bytes) -> None:

@@ -274,73 +274,117 @@ def _in_worker() -> bool:
 
 
 class Packed:
-    """Variable-length 1-D tensors (typically the bytes of a batch's files) packed into one buffer.
+    """Variable-length 1-D tensors (typically the bytes of a batch's files), as one batch.
 
-    ``packed[i]`` is the i-th tensor (a view); ``values`` holds them end to end and ``offsets``
-    (int64, ``n + 1``) says where each starts. Both live in one storage, which is what crosses from a
-    DataLoader worker to the trainer: one shared-memory segment and one handle per batch, instead of
-    one per item (or a pickled copy of every byte).
+    ``packed[i]`` is the i-th tensor; ``values`` holds them end to end and ``offsets`` (int64, ``n + 1``)
+    says where each starts. Packed in a DataLoader worker, both live in one shared-memory storage,
+    which is what crosses to the trainer: one segment and one handle per batch, instead of one per item
+    or a pickled copy of every byte. Packed in the trainer itself (no workers), it keeps the item
+    tensors as they are and copies them into one buffer only if ``values``/``offsets`` are asked for.
     """
 
-    __slots__ = ("_buffer", "offsets", "values")
+    __slots__ = ("_buffer", "_count", "_dtype", "_parts")
 
-    def __init__(self, buffer: torch.Tensor, count: int, dtype: torch.dtype) -> None:
-        header = 8 * (count + 1)  # int64 offsets first; a multiple of 8 keeps any dtype aligned
-        storage = buffer.untyped_storage()
-        size = (buffer.numel() - header) // _element_size(dtype)
-        self._buffer = buffer
-        self.offsets = torch.empty(0, dtype=torch.int64).set_(storage, 0, (count + 1,), (1,))
-        self.values = torch.empty(0, dtype=dtype).set_(storage, header // _element_size(dtype), (size,), (1,))
+    def __init__(
+        self,
+        buffer: torch.Tensor | None,
+        count: int,
+        dtype: torch.dtype,
+        parts: list[torch.Tensor] | None = None,
+    ) -> None:
+        self._buffer, self._count, self._dtype, self._parts = buffer, count, dtype, parts
 
     @classmethod
     def pack(cls, tensors: Sequence[torch.Tensor]) -> Packed:
         dtype = tensors[0].dtype
-        lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-        nbytes = 8 * (len(tensors) + 1) + int(lengths.sum()) * _element_size(dtype)
-        # In a worker, built straight in shared memory (as default_collate does): the hand-off copies nothing.
-        shared = _in_worker()
-        storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
-        packed = cls(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)), len(tensors), dtype)
-        packed.offsets[0] = 0
-        torch.cumsum(lengths, 0, out=packed.offsets[1:])
-        # NumPy's single-threaded memcpy, not torch.cat: in the trainer process torch's intra-op threads
-        # spin against the training loop for the cores, which made packing 20x slower on 2 busy cores.
-        np.concatenate([t.numpy() for t in tensors], out=packed.values.numpy())
-        return packed
+        if not _in_worker():
+            return cls(None, len(tensors), dtype, list(tensors))
+        return cls(_pack_buffer(tensors, shared=True), len(tensors), dtype)
+
+    def _packed(self) -> torch.Tensor:
+        if self._buffer is None:
+            assert self._parts is not None
+            self._buffer = _pack_buffer(self._parts, shared=False)
+        return self._buffer
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        buffer = self._packed()
+        return torch.empty(0, dtype=torch.int64).set_(buffer.untyped_storage(), 0, (self._count + 1,), (1,))
+
+    @property
+    def values(self) -> torch.Tensor:
+        buffer = self._packed()
+        size = _element_size(self._dtype)
+        header = 8 * (self._count + 1)
+        count = (buffer.numel() - header) // size
+        return torch.empty(0, dtype=self._dtype).set_(
+            buffer.untyped_storage(), header // size, (count,), (1,)
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data held (the offsets header not counted)."""
+        if self._parts is not None:
+            return sum(t.numel() * t.element_size() for t in self._parts)
+        return int(self._packed().numel()) - 8 * (self._count + 1)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Packed, (self._buffer, len(self), self.values.dtype))
+        return (Packed, (self._packed(), self._count, self._dtype))
 
     def __repr__(self) -> str:
-        return f"Packed({len(self)} tensors, {self.values.numel()} {self.values.dtype} values)"
+        return f"Packed({self._count} tensors, {self.nbytes} bytes of {self._dtype})"
 
     def __len__(self) -> int:
-        return self.offsets.numel() - 1
+        return self._count
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for {len(self)} packed tensors")
-        index %= len(self)
-        return self.values[int(self.offsets[index]) : int(self.offsets[index + 1])]
+        if not -self._count <= index < self._count:
+            raise IndexError(f"index {index} is out of range for {self._count} packed tensors")
+        index %= self._count
+        if self._parts is not None:
+            return self._parts[index]
+        offsets = self.offsets
+        return self.values[int(offsets[index]) : int(offsets[index + 1])]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        bounds = self.offsets.tolist()
-        for start, end in itertools.pairwise(bounds):
-            yield self.values[start:end]
+        if self._parts is not None:
+            yield from self._parts
+            return
+        values = self.values
+        for start, end in itertools.pairwise(self.offsets.tolist()):
+            yield values[start:end]
 
     def tobytes(self) -> list[bytes]:
         """Each packed tensor's bytes."""
-        raw = self.values.numpy().tobytes()
-        bounds = (self.offsets * self.values.element_size()).tolist()
-        return [raw[start:end] for start, end in itertools.pairwise(bounds)]
+        return [t.numpy().tobytes() for t in self]
 
     def pin_memory(self) -> Packed:
         """Pinned copy (DataLoader's ``pin_memory=True`` calls this)."""
-        return Packed(self._buffer.pin_memory(), len(self), self.values.dtype)
+        return Packed(self._packed().pin_memory(), self._count, self._dtype)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
         """A copy on ``device`` (the whole buffer in one transfer)."""
-        return Packed(self._buffer.to(device, non_blocking=non_blocking), len(self), self.values.dtype)
+        return Packed(self._packed().to(device, non_blocking=non_blocking), self._count, self._dtype)
+
+
+def _pack_buffer(tensors: Sequence[torch.Tensor], *, shared: bool) -> torch.Tensor:
+    """One uint8 buffer: int64 offsets (``n + 1``; 8-byte multiples keep any dtype aligned), then values."""
+    dtype = tensors[0].dtype
+    lengths = np.array([t.numel() for t in tensors], dtype=np.int64)
+    header = 8 * (len(tensors) + 1)
+    nbytes = header + int(lengths.sum()) * _element_size(dtype)
+    # In a worker, built straight in shared memory (as default_collate does): the hand-off copies nothing.
+    storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+    raw = buffer.numpy()
+    offsets = raw[:header].view(np.int64)
+    offsets[0] = 0
+    np.cumsum(lengths, out=offsets[1:])
+    # NumPy's single-threaded memcpy, not torch.cat: in the trainer process torch's intra-op threads
+    # spin against the training loop for the cores, which made packing 20x slower on 2 busy cores.
+    np.concatenate([t.numpy().view(np.uint8) for t in tensors], out=raw[header:])
+    return buffer
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -355,8 +399,8 @@ def _same_type(batch: Sequence[Any]) -> bool:
 def collate(batch: Sequence[Any]) -> Any:
     """Collate samples like ``default_collate``, but never fail on ragged data.
 
-    * tensors of one shape are stacked (in shared memory inside workers); 1-D tensors of different
-      lengths (file bytes) become one :class:`Packed`; other ragged tensors stay a list;
+    * 1-D uint8 tensors (file bytes) become one :class:`Packed`; other tensors of one shape are stacked
+      (in shared memory inside workers); ragged ones stay a list;
     * numbers and NumPy arrays of one type become tensors;
     * dicts with the same keys collate per key; tuples of one length collate per position;
     * anything else (strings, ``None``, lists such as annotations, PIL images) stays a list.
@@ -367,10 +411,10 @@ def collate(batch: Sequence[Any]) -> Any:
     if isinstance(first, torch.Tensor):
         if not all(isinstance(x, torch.Tensor) and x.dtype == first.dtype for x in batch):
             return list(batch)
+        if first.dtype == torch.uint8 and all(x.dim() == 1 for x in batch):
+            return Packed.pack(batch)  # file bytes: ragged by nature, even when a batch happens not to be
         if all(x.shape == first.shape for x in batch):
             return default_collate(list(batch))  # type: ignore[no-untyped-call]
-        if all(x.dim() == 1 for x in batch):
-            return Packed.pack(batch)
         return list(batch)
     if isinstance(first, Mapping):
         keys = first.keys()

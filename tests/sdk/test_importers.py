@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sluicegate import Annotation, ImportError_, Store, _importers, import_dataset
+from sluicegate import Annotation, ImportError_, Store, _importers, _store, import_dataset
 from sluicegate._manifest import rows
 from sluicegate._query import select_rows
 
@@ -372,3 +372,50 @@ def test_large_and_misnamed_files_are_scanned_alike(
     assert small == large
     misnamed = next(r for r in small if r.id == "dog/really-a-png.jpg")
     assert (misnamed.media_type, misnamed.width, misnamed.height) == ("image/png", 7, 5)
+
+
+# -- file scanning ---------------------------------------------------------------------------------
+
+
+def test_other_formats_are_read_by_pillow_and_fake_headers_are_not_images(
+    tmp_path: Path, write_png: PngWriter
+) -> None:
+    root = tmp_path / "mixed"
+    write_png(root / "a" / "p.png", 6, 4, seed=1)
+    Image.new("RGB", (9, 3), "blue").save(root / "a" / "t.tiff")  # no header parser: Pillow's job
+    result = import_dataset("imagefolder", root, tmp_path / "store")
+    items = {r.id: r for r in rows(Store(tmp_path / "store").manifest(result.version)[0])}
+    assert (items["a/t.tiff"].media_type, items["a/t.tiff"].width, items["a/t.tiff"].height) == (
+        "image/tiff",
+        9,
+        3,
+    )
+    fake = root / "a" / "fake.png"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # a PNG signature, then nothing valid
+    with pytest.raises(ImportError_, match=r"a/fake\.png is not an image"):
+        import_dataset("imagefolder", root, tmp_path / "store")
+
+
+def test_stores_without_unnamed_files_stage_their_blobs(
+    tmp_path: Path, write_png: PngWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filesystems without O_TMPFILE (and other systems) take the staging path: same blobs."""
+    root = _folder(tmp_path / "pets", write_png)
+    staged_calls: list[str] = []
+    link_staged = _store._link_staged
+
+    def counted(tmp: str, target: str, source: Path | bytes) -> None:
+        staged_calls.append(target)
+        link_staged(tmp, target, source)
+
+    monkeypatch.setattr(_store, "_link_staged", counted)
+    fast = import_dataset("imagefolder", root, tmp_path / "fast")
+    assert staged_calls == []  # small files: unnamed files linked into blobs/ (Linux)
+    monkeypatch.setattr(_store, "_UNNAMED_FILES", False)
+    staged = import_dataset("imagefolder", root, tmp_path / "staged")
+    assert fast.blobs_uploaded == staged.blobs_uploaded == 3
+    assert Store(tmp_path / "fast").existing_blobs() == Store(tmp_path / "staged").existing_blobs()
+    for sha in Store(tmp_path / "staged").existing_blobs():
+        Store(tmp_path / "staged").get_blob(sha)  # whole: verified against its hash
+    assert len(staged_calls) == 3
+    assert list((tmp_path / "staged" / "staging").iterdir()) == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,25 @@ def test_decode_modes_and_transform(images: Dataset) -> None:
 def test_non_images_fail_clearly_when_decoded(ds: Dataset) -> None:
     with pytest.raises(ConfigError, match="not an image"):
         ds.to_pytorch(decode="image")[0]
+
+
+def test_packed_bytes_keep_their_boundaries_in_and_out_of_one_buffer() -> None:
+    parts = [torch.tensor(list(b), dtype=torch.uint8) for b in (b"ab", b"", b"cdef")]
+    packed = collate(parts)
+    assert isinstance(packed, Packed)
+    assert len(packed) == 3
+    assert packed.nbytes == 6
+    assert packed.tobytes() == [b"ab", b"", b"cdef"]
+    assert packed.offsets.tolist() == [0, 2, 2, 6]
+    assert bytes(packed.values.numpy()) == b"abcdef"
+    # Crossing a process boundary sends the one buffer; the other side sees the same tensors.
+    again = pickle.loads(pickle.dumps(packed))
+    assert again.tobytes() == [b"ab", b"", b"cdef"]
+    assert again[-1].tolist() == list(b"cdef")
+    with pytest.raises(IndexError):
+        again[3]
+    # Bytes of one length are still bytes, not a 2-D tensor.
+    assert isinstance(collate([torch.ones(3, dtype=torch.uint8)] * 2), Packed)
 
 
 def test_collate_stacks_what_it_can_and_lists_the_rest() -> None:
