@@ -37,9 +37,11 @@ test: lint servers
 unit: $(INSTALLED)
 	$(PY) -m pytest -m "not integration and not e2e"
 
-bench: $(INSTALLED)
-	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS),bench]'
-	$(PY) -m bench
+BENCH ?=
+bench: $(INSTALLED) servers
+	$(PY) -m pip install -q -c constraints.txt -r bench/requirements.txt
+	$(PY) -m pip install -q --no-deps -r bench/requirements-nodeps.txt
+	$(PY) -m bench $(BENCH)
 
 e2e: $(INSTALLED)
 	$(PY) -m pytest tests/e2e -m e2e

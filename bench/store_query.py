@@ -41,7 +41,7 @@ QUERIES = [
     'not (meta.split = "test") and labels.dog = 0 and labels.cat = 0 and meta.frame < 5000',
 ]
 IMAGES = 10_000
-ROUNDS = 7
+ROUNDS = 9
 
 
 def run() -> dict[str, Any]:

@@ -52,6 +52,7 @@ from ._store import S3Options, Store, _version_key, blob_key
 
 __all__ = [
     "BlobRef",
+    "Digested",
     "Engine",
     "EngineConfig",
     "EngineStats",
@@ -71,6 +72,7 @@ T = TypeVar("T")
 _HASH_INLINE_BYTES = (
     256 * 1024
 )  # smaller blobs hash on the loop; bigger ones in a thread (hashlib drops the GIL)
+_FILE_THREADS = 2  # worker threads a burst of local reads is split over (the machines here have 2 cores)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -142,10 +144,21 @@ class EngineStats:
 # -- upstreams ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Digested:
+    """Fetched bytes with their sha256 already computed (where it was cheaper to hash: a worker thread).
+
+    The engine still compares the digest with the expected hash; it only skips computing it again.
+    """
+
+    data: bytes
+    sha256: str
+
+
 class Upstream(Protocol):
     """Where blobs come from. ``fetch`` returns the bytes unverified; the engine verifies and retries."""
 
-    async def fetch(self, ref: BlobRef) -> bytes: ...
+    async def fetch(self, ref: BlobRef) -> bytes | Digested: ...
 
     async def aclose(self) -> None: ...
 
@@ -192,11 +205,12 @@ class StoreUpstream:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._urls: UrlUpstream | None = None
+        root = store.local_root
+        self._files = None if root is None else _FileReader(root)
 
-    async def fetch(self, ref: BlobRef) -> bytes:
-        root = self.store.local_root
-        if root is not None:
-            return await asyncio.to_thread(_read_file, root / blob_key(ref.sha), ref)
+    async def fetch(self, ref: BlobRef) -> bytes | Digested:
+        if self._files is not None:
+            return await self._files.read(ref)
         if not forked():
             return await self.store.get_blob_async(ref.sha)
         if self._urls is None:
@@ -207,6 +221,60 @@ class StoreUpstream:
     async def aclose(self) -> None:
         if self._urls is not None:
             await self._urls.aclose()
+
+
+_ReadResult = tuple["asyncio.Future[Digested]", Digested | BaseException]
+
+
+class _FileReader:
+    """Reads and hashes local blobs in worker threads, many per thread hop.
+
+    One ``to_thread`` per 100 KB blob costs about as much as reading it; here the reads requested in one
+    loop iteration (a batch, a read-ahead burst) are split over :data:`_FILE_THREADS` threads, each of
+    which reads and hashes its share and hands the results back in one callback. hashlib drops the GIL
+    while hashing, so the threads hash in parallel and the loop stays free to serve.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._queue: list[tuple[BlobRef, asyncio.Future[Digested]]] = []
+
+    async def read(self, ref: BlobRef) -> Digested:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Digested] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush, loop)  # after the other reads requested in this iteration
+        self._queue.append((ref, future))
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queue = self._queue, []
+        for share in (batch[i::_FILE_THREADS] for i in range(_FILE_THREADS)):
+            if share:
+                loop.run_in_executor(None, self._read_share, loop, share)
+
+    def _read_share(
+        self, loop: asyncio.AbstractEventLoop, share: list[tuple[BlobRef, asyncio.Future[Digested]]]
+    ) -> None:
+        results: list[_ReadResult] = []
+        for ref, future in share:
+            try:
+                data = _read_file(self.root / blob_key(ref.sha), ref)
+                results.append((future, Digested(data, hashlib.sha256(data).hexdigest())))
+            except Exception as exc:  # delivered to the one waiter it belongs to
+                results.append((future, exc))
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(_settle, results)
+
+
+def _settle(results: list[_ReadResult]) -> None:
+    for future, outcome in results:
+        if future.done():  # its waiter was cancelled
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _read_file(path: Path, ref: BlobRef) -> bytes:
@@ -287,8 +355,6 @@ class Manifest:
     first item needs three columns. Built from Parquet bytes, or from a table already in memory.
     """
 
-    _NOT_QUERIED = ("annotations", "blob")  # no query field reads these
-
     def __init__(self, source: pa.Table | bytes, where: str = "manifest") -> None:
         self._lock = threading.Lock()
         self._columns: dict[str, pa.Array] = {}
@@ -318,23 +384,26 @@ class Manifest:
 
     def column(self, name: str) -> pa.Array:
         """One column, decoded once and kept contiguous (take() on chunks concatenates them every call)."""
+        return self.columns([name])[0]
+
+    def columns(self, names: Sequence[str]) -> list[pa.Array]:
+        """Several columns; those not decoded yet are read in one pass (decoded in parallel)."""
         with self._lock:
-            if name not in self._columns:
-                source = self._table if self._table is not None else self._read(columns=[name])
-                self._columns[name] = source.column(name).combine_chunks()
-            return self._columns[name]
+            missing = [n for n in names if n not in self._columns]
+            if missing:
+                source = self._table if self._table is not None else self._read(columns=missing)
+                for name in missing:
+                    self._columns[name] = source.column(name).combine_chunks()
+            return [self._columns[n] for n in names]
 
     def query_table(self, queries: Sequence[str]) -> pa.Table:
-        """A table :func:`select_rows` can evaluate ``queries`` on: every queryable column present (so
-        unknown fields are still reported), but only the ones the queries name decoded; the rest null."""
+        """A table :func:`select_rows` can evaluate ``queries`` on: just the columns they name.
+
+        Naming a field the manifest lacks raises :class:`QueryError` here, resolved against every field.
+        """
         fields = query_fields(self.schema)
-        needed = {column for q in queries for column in Query.parse(q).columns(fields)}
-        names = [n for n in self.schema.names if n not in self._NOT_QUERIED]
-        schema = pa.schema([self.schema.field(n) for n in names])
-        columns = [
-            self.column(f.name) if f.name in needed else pa.nulls(self.num_rows, f.type) for f in schema
-        ]
-        return pa.table(columns, schema=schema)
+        needed = sorted({column for q in queries for column in Query.parse(q).columns(fields)})
+        return pa.table(self.columns(needed), schema=pa.schema([self.schema.field(n) for n in needed]))
 
     def rows(self, positions: Positions) -> list[dict[str, Any]]:
         """Full rows at ``positions`` (plain dicts, as the wire carries them)."""
@@ -393,10 +462,7 @@ class Plan:
 
     def refs(self, positions: Positions | Sequence[int]) -> list[BlobRef]:
         idx = pa.array(self._at(positions))
-        m = self.manifest
-        shas = m.column("blob").take(idx).to_pylist()
-        sizes = m.column("size").take(idx).to_pylist()
-        ids = m.column("id").take(idx).to_pylist()
+        shas, sizes, ids = (c.take(idx).to_pylist() for c in self.manifest.columns(["blob", "size", "id"]))
         if self.urls is None:
             return [BlobRef(s, n, i) for s, n, i in zip(shas, sizes, ids, strict=True)]
         urls = self.urls
@@ -646,8 +712,11 @@ class Engine:
     async def _fetch_verified(self, ref: BlobRef) -> bytes:
         got = ""
         for _ in range(2):
-            data = await self._fetch_retrying(ref)
-            got = await _sha256(data)
+            fetched = await self._fetch_retrying(ref)
+            if isinstance(fetched, Digested):
+                data, got = fetched.data, fetched.sha256
+            else:
+                data, got = fetched, await _sha256(fetched)
             if got == ref.sha:
                 return data
             self.stats.integrity_failures += 1
@@ -657,7 +726,7 @@ class Engine:
             f"{got}); it was not delivered. Repair the store (re-import the item) or exclude it with a query"
         )
 
-    async def _fetch_retrying(self, ref: BlobRef) -> bytes:
+    async def _fetch_retrying(self, ref: BlobRef) -> bytes | Digested:
         if self._upstream_slots is None:
             self._upstream_slots = asyncio.Semaphore(self.config.concurrency)
         cfg = self.config
@@ -665,7 +734,7 @@ class Engine:
             started = time.perf_counter()
             try:
                 async with self._upstream_slots, asyncio.timeout(cfg.timeout_s):
-                    data = await self.upstream.fetch(ref)
+                    fetched = await self.upstream.fetch(ref)
             except Exception as exc:
                 self.stats.upstream_errors += 1
                 if not _transient(exc):
@@ -681,8 +750,8 @@ class Engine:
                 continue
             self.stats.upstream_latency.observe(time.perf_counter() - started)
             self.stats.upstream_fetches += 1
-            self.stats.upstream_bytes += len(data)
-            return data
+            self.stats.upstream_bytes += len(fetched.data if isinstance(fetched, Digested) else fetched)
+            return fetched
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     # -- read-ahead ----------------------------------------------------------------------------

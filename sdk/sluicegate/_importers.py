@@ -22,7 +22,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NamedTuple
@@ -71,8 +70,7 @@ class ImportResult(BaseModel):
     blobs_present: int = Field(description="distinct files the store already had (skipped)")
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):  # a tuple: one per file, cheaper to build than a frozen dataclass
     """One item to import, before its file has been looked at."""
 
     id: str
@@ -608,7 +606,9 @@ def _store_batch(store: Store, batch: list[tuple[str, Path | bytes]], bar: _Bar)
 
 
 def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
-    return ItemRecord(
+    # Not validated again: the entry was when it was planned (ids non-empty, annotations and
+    # metadata checked) and the scan computed the rest; validating cost 5.9 µs a record, this 3.7.
+    return ItemRecord.model_construct(
         id=entry.id,
         blob=found.sha,
         size=found.size,

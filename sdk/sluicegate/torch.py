@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import multiprocessing
-import multiprocessing.context
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
@@ -132,29 +130,16 @@ class _SampleMaker:
 # -- datasets ----------------------------------------------------------------------------------------
 
 
-def _forkserver() -> multiprocessing.context.ForkServerContext:
-    """The ``forkserver`` context, its server preloaded with torch and this adapter.
-
-    Workers fork from a server that has already imported them, instead of each importing torch anew
-    (seconds per worker on a small machine).
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
 class _Loadable:
     """The ``loader()`` shortcut both dataset forms share."""
 
     def loader(self, batch_size: int | None = 1, **kwargs: Any) -> tud.DataLoader[Any]:
         """A DataLoader over this dataset with :func:`collate` as the default ``collate_fn``.
 
-        Workers start by ``forkserver`` unless ``multiprocessing_context`` says otherwise: the object-store
-        client's runtime does not survive ``fork`` once the trainer has used it.
+        Samples carry ragged fields (the file's bytes, annotations), which torch's default collate
+        cannot stack; :func:`collate` keeps them as lists and packs bytes into one shared buffer.
         """
         kwargs.setdefault("collate_fn", collate)
-        if kwargs.get("num_workers", 0) > 0 and "multiprocessing_context" not in kwargs:
-            kwargs["multiprocessing_context"] = _forkserver()
         return tud.DataLoader(self, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
 
 

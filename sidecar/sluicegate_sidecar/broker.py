@@ -1,9 +1,9 @@
 """Broker mode: the pod's shard plan and blob URLs come from the operator's broker, not from the store.
 
 In a cluster the sidecar holds no storage credentials. It presents the pod's projected ServiceAccount
-token (re-read on every request: the kubelet rotates it), receives its shard's manifest rows and one
-presigned URL per blob, and renews the URLs before they expire, or when the store refuses one (a clock
-ahead of the broker's, a revoked signing key).
+token (re-read on every request: the kubelet rotates it), receives its shard's manifest rows, and asks
+for presigned blob URLs in windows ahead of the read position, renewing them before they expire or when
+the store refuses one (a clock ahead of the broker's, a revoked signing key).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -33,12 +34,14 @@ from sluicegate._broker_protocol import (
 from sluicegate._engine import BlobRef, Plan, UrlRefused, UrlUpstream
 from sluicegate._exceptions import ConfigError, StoreError
 from sluicegate._manifest import BASE_SCHEMA, LABEL_PREFIX
+from sluicegate._partition import Positions
 from sluicegate._protocol import Info, WireRow
 
 __all__ = ["BrokerClient", "BrokerRefused", "BrokerUpstream", "plan_of"]
 
 log = logging.getLogger("sluicegate.sidecar.broker")
 M = TypeVar("M", bound=BaseModel)
+_MAX_CONSUMERS = 64  # announcements kept (stream readers, batch clients); the oldest are forgotten
 
 
 class BrokerRefused(StoreError):
@@ -108,7 +111,8 @@ class BrokerClient:
         return response.content
 
     async def plan(self) -> PlanResponse:
-        raw = await self._post(BrokerPaths.PLAN, PlanRequest(stream=self._stream))
+        # Rows only: the URLs come in windows as the reads reach them (BrokerUpstream).
+        raw = await self._post(BrokerPaths.PLAN, PlanRequest(stream=self._stream, presign=False))
         return _parse(PlanResponse, raw)
 
     async def urls(self, blobs: Sequence[str]) -> UrlsResponse:
@@ -163,75 +167,160 @@ def plan_of(response: PlanResponse) -> tuple[Plan, Info]:
     return Plan(response.version, table), info
 
 
-class BrokerUpstream:
-    """Fetches blobs through the broker's presigned URLs, renewing them in time.
+@dataclass(frozen=True, slots=True)
+class _Url:
+    url: str
+    renew_at: float  # time.time() after which it is not handed to a fetch any more
+    window: int  # the request that brought it: a store refusal discards its whole window
 
-    A renewal asks for fresh URLs for every blob of the shard once three quarters of their lifetime has
-    passed (at most a minute before expiry), so no fetch starts on a URL about to lapse; a 403 from the
-    store triggers one renewal and one retry. Concurrent fetches share one renewal.
+
+class BrokerUpstream:
+    """Fetches blobs through presigned URLs that it asks the broker for in windows, ahead of the reads.
+
+    The plan carries no URLs (it is asked for with ``presign=false``, so it costs the broker no signing).
+    The server announces, per consumer, the plan positions it reads next (:meth:`expect`); when one of
+    the next ``lead`` of them (or of those the engine fetches now, if more) has no usable URL, one
+    request asks for up to ``window`` URLs of the announced blobs that lack one. So the broker signs at
+    the rate data is consumed, and no URL is asked for long before its use, so few lapse unused.
+
+    A URL counts as usable until three quarters of its lifetime (at most a minute before expiry); a
+    fetch that finds none asks for its own window; a 403 from the store discards the refused URL's whole
+    window and renews it once (concurrent refusals share the renewal). A URL is dropped once its blob is
+    fetched: the engine caches the bytes, and blobs it holds get no URL.
     """
 
-    def __init__(self, broker: BrokerClient, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        broker: BrokerClient,
+        timeout_s: float = 30.0,
+        window: int = 1000,
+        lead: int = 500,
+        cached: Callable[[str], bool] = lambda sha: False,
+    ) -> None:
+        if not 1 <= window <= MAX_URLS_PER_REQUEST:
+            raise ConfigError(f"the URL window must be in [1, {MAX_URLS_PER_REQUEST}], got {window}")
         self.broker = broker
+        self.window, self.lead = window, max(1, lead)
+        self._cached = cached  # blobs the engine holds need no URL
         self._http = UrlUpstream(timeout_s)
-        self._urls: dict[str, str] = {}
-        self._blobs: list[str] = []
-        self._renew_at = 0.0
-        self._generation = 0  # bumped by every renewal, so a stale 403 does not renew twice
-        self._renewing: asyncio.Task[None] | None = None
-        self.renewals: Counter[str] = Counter()  # by reason: "expiring" or "refused"
+        self._blob_at: list[str] = []  # blob hash of each plan position
+        self._urls: dict[str, _Url] = {}
+        self._pending: dict[str, asyncio.Task[None]] = {}  # blob -> the request bringing its URL
+        self._ahead: OrderedDict[str, Sequence[int] | Positions] = (
+            OrderedDict()
+        )  # consumer -> positions it reads next
+        self._windows = 0
+        self.renewals: Counter[str] = Counter()  # URL requests by reason: "ahead", "missing", "refused"
 
     def adopt(self, plan: PlanResponse) -> None:
-        """Use the URLs of a fresh plan."""
-        self._blobs = list(dict.fromkeys(row.blob for row in plan.rows))
-        self._urls = dict(plan.urls)
-        self._schedule(plan.expires_at)
+        """Serve a fresh plan (and use its URLs, if the broker sent any)."""
+        self._blob_at = [row.blob for row in plan.rows]
+        self._urls.clear()
+        self._ahead.clear()
+        if plan.urls:
+            self._store(plan.urls, plan.expires_at)
 
-    def _schedule(self, expires_at: datetime) -> None:
-        expires = expires_at.timestamp()
+    def expect(self, consumer: str, positions: Sequence[int] | Positions, fetching: int) -> None:
+        """``consumer`` reads these plan positions next, in order (replaces its last announcement); the
+        engine fetches the first ``fetching`` of them now (the request and its read-ahead)."""
+        lead = max(self.lead, fetching)
+        upcoming = positions[: lead + self.window]
+        self._ahead[consumer] = upcoming
+        self._ahead.move_to_end(consumer)
+        while len(self._ahead) > _MAX_CONSUMERS:
+            self._ahead.popitem(last=False)
         now = time.time()
-        self._renew_at = expires - min(60.0, max(0.0, expires - now) / 4)
+        if any(self._needs_url(self._blob_at[p], now) for p in upcoming[:lead]):
+            self._request(self._lacking([consumer], now), "ahead")  # not awaited: fetches wait for it
 
     async def fetch(self, ref: BlobRef) -> bytes:
-        if time.time() >= self._renew_at:
-            await self._renew("expiring", self._generation)
-        generation = self._generation
+        url = await self._url(ref.sha, "missing")
         try:
-            return await self._http.fetch(self._located(ref))
+            data = await self._http.fetch(self._located(ref, url))
         except UrlRefused as exc:
             if exc.status != 403:
                 raise
-            log.warning("the store refused the URL of blob %s (%s); renewing the URLs", ref.sha, exc)
-            await self._renew("refused", generation)
-            return await self._http.fetch(self._located(ref))
+            log.warning("the store refused the URL of blob %s (%s); renewing its window", ref.sha, exc)
+            self._discard_window_of(ref.sha, url)
+            url = await self._url(ref.sha, "refused")
+            data = await self._http.fetch(self._located(ref, url))
+        self._urls.pop(ref.sha, None)
+        return data
 
-    def _located(self, ref: BlobRef) -> BlobRef:
-        return BlobRef(ref.sha, ref.size, ref.item_id, self._urls.get(ref.sha))
+    @staticmethod
+    def _located(ref: BlobRef, url: str) -> BlobRef:
+        return BlobRef(ref.sha, ref.size, ref.item_id, url)
 
-    async def _renew(self, reason: str, generation: int) -> None:
-        task = self._renewing
-        if task is None:
-            if generation != self._generation:
-                return  # renewed since the caller took its URL
-            task = self._renewing = asyncio.get_running_loop().create_task(self._renew_all(reason))
-            task.add_done_callback(self._renewed)
-        # Shielded: a cancelled request must not cancel the renewal other fetches wait for.
-        await asyncio.shield(task)
+    def _needs_url(self, sha: str, now: float) -> bool:
+        entry = self._urls.get(sha)
+        fresh = entry is not None and now < entry.renew_at
+        return not fresh and sha not in self._pending and not self._cached(sha)
 
-    def _renewed(self, _: asyncio.Task[None]) -> None:
-        self._renewing = None
+    def _lacking(self, consumers: Sequence[str], now: float, first: str | None = None) -> list[str]:
+        """Up to ``window`` blobs (``first``, then the consumers' upcoming ones) that need a URL."""
+        found = dict.fromkeys([first] if first is not None else [])
+        for consumer in consumers:
+            for position in self._ahead.get(consumer, ()):
+                if len(found) >= self.window:
+                    return list(found)
+                sha = self._blob_at[position]
+                if sha not in found and self._needs_url(sha, now):
+                    found[sha] = None
+        return list(found)
 
-    async def _renew_all(self, reason: str) -> None:
-        earliest: datetime | None = None
-        for start in range(0, len(self._blobs), MAX_URLS_PER_REQUEST):
-            fresh = await self.broker.urls(self._blobs[start : start + MAX_URLS_PER_REQUEST])
-            self._urls.update(fresh.urls)
-            earliest = fresh.expires_at if earliest is None else min(earliest, fresh.expires_at)
-        if earliest is not None:
-            self._schedule(earliest)
-        self._generation += 1
+    async def _url(self, sha: str, reason: str) -> str:
+        entry = self._urls.get(sha)
+        if entry is None or time.time() >= entry.renew_at:
+            task = self._pending.get(sha)
+            if task is None:
+                # The most recent consumers' upcoming blobs ride along: their URLs are needed soon too.
+                consumers = list(reversed(self._ahead))
+                task = self._request(self._lacking(consumers, time.time(), first=sha), reason)
+            # Shielded: a cancelled fetch must not cancel a request other fetches wait for.
+            await asyncio.shield(task)
+            entry = self._urls.get(sha)
+            if entry is None:
+                raise StoreError(f"the broker sent no URL for blob {sha} although it was asked for one")
+        return entry.url
+
+    def _request(self, blobs: list[str], reason: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._ask(blobs, reason))
+        for sha in blobs:
+            self._pending[sha] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            for sha in blobs:
+                if self._pending.get(sha) is task:
+                    del self._pending[sha]
+            if not task.cancelled() and task.exception() is not None:
+                # Fetches waiting on it raise it themselves (and the engine retries); this is for the log.
+                log.warning("asking the broker for %d blob URLs failed: %s", len(blobs), task.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _ask(self, blobs: list[str], reason: str) -> None:
+        fresh = await self.broker.urls(blobs)
+        self._store(fresh.urls, fresh.expires_at)
         self.renewals[reason] += 1
-        log.info("renewed %d blob URLs (%s); valid until %s", len(self._blobs), reason, earliest)
+        log.debug("got %d blob URLs (%s); valid until %s", len(fresh.urls), reason, fresh.expires_at)
+
+    def _store(self, urls: Mapping[str, str], expires_at: datetime) -> None:
+        expires, now = expires_at.timestamp(), time.time()
+        renew_at = expires - min(60.0, max(0.0, expires - now) / 4)
+        self._windows += 1
+        if len(self._urls) > _MAX_CONSUMERS * self.window:  # announced but never read: forget the stale
+            self._urls = {sha: u for sha, u in self._urls.items() if now < u.renew_at}
+        for sha, url in urls.items():
+            self._urls[sha] = _Url(url, renew_at, self._windows)
+
+    def _discard_window_of(self, sha: str, refused_url: str) -> None:
+        """Forget every URL of the refused one's window (a clock skew or a rotated key spoils them all),
+        unless a renewal already replaced it."""
+        entry = self._urls.get(sha)
+        if entry is None or entry.url != refused_url:
+            return
+        self._urls = {s: u for s, u in self._urls.items() if u.window != entry.window}
 
     async def aclose(self) -> None:
         await self._http.aclose()

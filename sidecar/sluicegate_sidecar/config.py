@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sluicegate._broker_protocol import TOKEN_PATH, SidecarEnv
+from sluicegate._broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv
 from sluicegate._engine import EngineConfig
 from sluicegate._env import detect
 from sluicegate._exceptions import ConfigError
@@ -107,6 +107,12 @@ class SidecarConfig(BaseModel):
     readahead: int = Field(
         default=256, ge=0, description="items the sidecar prefetches past a stream request"
     )
+    url_window: int = Field(
+        default=1000,
+        ge=1,
+        le=MAX_URLS_PER_REQUEST,
+        description="broker mode: blob URLs asked for at once, ahead of the read position",
+    )
     shutdown_timeout_s: float = Field(default=10.0, ge=0)
 
     @field_validator("listen", mode="before")
@@ -177,6 +183,7 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("attempts", "SLUICEGATE_ATTEMPTS", "tries per blob on transient upstream faults"),
     ("timeout-s", "SLUICEGATE_TIMEOUT_S", "limit on one upstream fetch, seconds"),
     ("readahead", "SLUICEGATE_READAHEAD", "items to prefetch past a stream request"),
+    ("url-window", "SLUICEGATE_URL_WINDOW", "blob URLs to ask the broker for at once (broker mode)"),
     ("shutdown-timeout-s", "SLUICEGATE_SHUTDOWN_TIMEOUT_S", "grace period for requests on SIGTERM"),
 )
 

@@ -43,7 +43,7 @@ class SidecarCollector(Collector):
         self._engine = engine
         self._info = info
         self._requests = requests
-        self._renewals = renewals  # broker mode: URL renewals by reason
+        self._renewals = renewals  # broker mode: URL window requests by reason
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine.stats
@@ -81,10 +81,11 @@ class SidecarCollector(Collector):
         if self._renewals is not None:
             renewals = CounterMetricFamily(
                 "sluicegate_url_renewals",
-                "Renewals of the broker's presigned blob URLs: before expiry, or after the store refused one",
+                "Requests to the broker for a window of presigned blob URLs: ahead of the reads, for a fetch "
+                "that found no usable URL, or after the store refused one",
                 labels=["reason"],
             )
-            for reason in ("expiring", "refused"):
+            for reason in ("ahead", "missing", "refused"):
                 renewals.add_metric([reason], self._renewals[reason])
             yield renewals
         info = self._info()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -83,7 +84,14 @@ class Sidecar:
             client = BrokerClient(
                 config.broker_url, config.broker_ca, config.token_file, config.stream, config.timeout_s
             )
-            upstream = self.broker = BrokerUpstream(client, config.timeout_s)
+            upstream = self.broker = BrokerUpstream(
+                client,
+                config.timeout_s,
+                window=config.url_window,
+                # Ask for the next window while the prefetcher still has URLs for all it may fetch.
+                lead=max(config.url_window // 2, config.readahead),
+                cached=lambda sha: sha in self.engine.memory,
+            )
         self.engine = Engine(upstream, config.engine())
         self.plan: Plan | None = None
         self.info: proto.Info | None = None
@@ -275,7 +283,10 @@ class Sidecar:
         end = params.start + params.count
         ahead = order[end : end + self.config.readahead]
         client = f"stream:{params.epoch}:{params.worker}:{params.num_workers}"
-        return await self._serve(request, order[params.start : end].tolist(), ahead.tolist(), client)
+        # The rest of the epoch's order goes along (a view), so broker URLs can be asked for ahead.
+        return await self._serve(
+            request, order[params.start : end].tolist(), ahead.tolist(), client, order[params.start :]
+        )
 
     async def _select(self, request: web.Request) -> web.Response:
         body = proto.SelectRequest.model_validate_json(await request.read())
@@ -287,8 +298,15 @@ class Sidecar:
         )
 
     async def _serve(
-        self, request: web.Request, indexes: Sequence[int], readahead: Sequence[int], client: str
+        self,
+        request: web.Request,
+        indexes: Sequence[int],
+        readahead: Sequence[int],
+        client: str,
+        upcoming: Sequence[int] | _partition.Positions | None = None,
     ) -> web.StreamResponse:
+        """``upcoming``: the positions the client reads from here on, as far as known (default: the
+        requested and the read-ahead ones)."""
         plan, info = self._ready()
         n = len(plan)
         for index in (*indexes, *readahead):
@@ -297,16 +315,26 @@ class Sidecar:
                     f"index {index} is outside this sidecar's shard: it holds {n} items (0..{n - 1}) "
                     f"for rank {info.rank} of {info.world_size}"
                 )
+        client = client or str(id(request.transport))
+        if self.broker is not None:
+            fetching = len(indexes) + len(readahead)
+            self.broker.expect(client, [*indexes, *readahead] if upcoming is None else upcoming, fetching)
         if readahead:
-            self.engine.readahead(client or str(id(request.transport)), plan.refs(readahead))
+            self.engine.readahead(client, plan.refs(readahead))
         blobs = await self.engine.get_many(plan.refs(indexes)) if indexes else []
         header = proto.encode_header(info.version, plan.rows(indexes) if indexes else [])
         response = web.StreamResponse(headers={"Content-Type": proto.BATCH_CONTENT_TYPE})
         response.content_length = len(header) + sum(len(b) for b in blobs)
+        _widen_send_buffer(request)
         await response.prepare(request)
         await response.write(header)
         for blob in blobs:
-            await response.write(blob)
+            # Memoryview slices: the transport sends them as they are, where bytes would be sliced (a copy)
+            # and the unsent rest copied again into its buffer; a slice small enough to go out in one send
+            # (see _widen_send_buffer) is usually never buffered at all.
+            view = memoryview(blob)
+            for start in range(0, len(view), _WRITE_SLICE):
+                await response.write(view[start : start + _WRITE_SLICE])
         await response.write_eof()
         return response
 
@@ -380,6 +408,18 @@ class Sidecar:
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
         return self.plan is not None or self.failure is None
+
+
+_WRITE_SLICE = 1 << 20
+_SOCKET_BUFFER = 4 << 20  # Linux caps it at net.core.wmem_max (4 MiB by default) and doubles it
+
+
+def _widen_send_buffer(request: web.Request) -> None:
+    """A send buffer that holds several MB: big items go out in a few syscalls instead of ~20 per MB."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
 
 
 def _host(sock: Any) -> str:

@@ -45,8 +45,12 @@ def test_benchmark_runs_at_tiny_scale(testbed: Testbed, s3_server: S3Server, tmp
     )
     assert broker["cached_items_per_second"] > 0
     assert broker["baseline_presign_many_urls_per_second"] > 0
-    # Every plan request passed through the broker's histogram, and took part of the client's time.
+    # Every request passed through the broker's histogram, and took part of the client's time.
     assert 0 < broker["cached_broker_mean_ms"] <= broker["cached_ms"]["max"]
+    assert broker["url_window_ms"]["n"] == broker["presigned_ms"]["n"] == 4
+    assert 0 < broker["url_window_broker_mean_ms"] <= broker["url_window_ms"]["max"]
+    assert 0 < broker["presigned_broker_mean_ms"] <= broker["presigned_ms"]["max"]
+    assert broker["presigned_response_mb"] > broker["response_mb"], "the rows-only plan carries no URLs"
 
     text = markdown(
         {"machine": {"date_utc": "-", "cpus": 2, "load_average_1m": 0.0}, "machine_after": 0.0}

@@ -19,10 +19,12 @@ import pytest
 import sluicegate
 from aiohttp import web
 from sluicegate import S3Options, Store
+from sluicegate import _protocol as proto
 from sluicegate._broker_protocol import (
     BrokerError,
     BrokerErrorCode,
     BrokerPaths,
+    PlanRequest,
     PlanResponse,
     UrlsRequest,
     UrlsResponse,
@@ -44,14 +46,19 @@ GOOD = "good-token"
 
 
 class StandInBroker:
-    """Serves a whole store's latest version as one shard over HTTPS. Its first URLs live 1 s although
-    ``expires_at`` claims an hour (a broker whose clock is behind the store's): only a refusal tells."""
+    """Serves a whole store's latest version as one shard over HTTPS, URLs only on request like the real
+    broker. URLs live ``ttl`` and say so, except the first window's when ``first_lives`` is set: those
+    live that long although ``expires_at`` claims ``ttl`` (a broker whose clock is behind the store's:
+    only a refusal tells)."""
 
     def __init__(self, store: Store, pki: Path) -> None:
         self.store = store
         self.ca = CertificateAuthority(pki)
         self._pair = self.ca.issue("broker", "broker", hosts=("127.0.0.1",), server=True)
-        self.url_requests = 0
+        self.ttl = timedelta(hours=1)
+        self.first_lives: timedelta | None = None
+        self.plan_requests: list[PlanRequest] = []
+        self.url_windows: list[list[str]] = []  # the blobs of each /v1/urls request
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -73,6 +80,7 @@ class StandInBroker:
         refused = self._refused(request)
         if refused is not None:
             return refused
+        self.plan_requests.append(PlanRequest.model_validate_json(await request.read()))
         version = self.store.resolve(None)
         rows: list[dict[str, Any]] = self.store.manifest(version)[0].to_pylist()
         plan = PlanResponse.model_validate(
@@ -90,8 +98,10 @@ class StandInBroker:
                 "shuffle": True,
                 "remainder": Remainder.PAD,
                 "rows": rows,
-                "urls": self._presign([r["blob"] for r in rows], timedelta(seconds=1)),
-                "expires_at": datetime.now(UTC) + timedelta(hours=1),
+                "urls": self._presign([r["blob"] for r in rows], self.ttl)
+                if self.plan_requests[-1].presign
+                else {},
+                "expires_at": datetime.now(UTC) + self.ttl,
             }
         )
         return web.Response(text=plan.model_dump_json(), content_type="application/json")
@@ -100,12 +110,10 @@ class StandInBroker:
         refused = self._refused(request)
         if refused is not None:
             return refused
-        self.url_requests += 1
         body = UrlsRequest.model_validate_json(await request.read())
-        fresh = UrlsResponse(
-            urls=self._presign(body.blobs, timedelta(hours=1)),
-            expires_at=datetime.now(UTC) + timedelta(hours=1),
-        )
+        lives = self.first_lives if self.first_lives is not None and not self.url_windows else self.ttl
+        self.url_windows.append(body.blobs)
+        fresh = UrlsResponse(urls=self._presign(body.blobs, lives), expires_at=datetime.now(UTC) + self.ttl)
         return web.Response(text=fresh.model_dump_json(), content_type="application/json")
 
     def __enter__(self) -> StandInBroker:
@@ -150,7 +158,7 @@ def broker(s3_server: S3Server, tmp_path: Path) -> Iterator[tuple[StandInBroker,
         yield stand_in, expected
 
 
-def _argv(broker: StandInBroker, token: Path, ca: str) -> list[str]:
+def _argv(broker: StandInBroker, token: Path, ca: str, *more: str) -> list[str]:
     return [
         "--broker-url",
         broker.url,
@@ -160,6 +168,7 @@ def _argv(broker: StandInBroker, token: Path, ca: str) -> list[str]:
         str(token),
         "--listen",
         "127.0.0.1:0",
+        *more,
     ]
 
 
@@ -167,27 +176,76 @@ def _readyz(sc: InProcessSidecar) -> httpx.Response:
     return httpx.get(sc.tcp + "/readyz", trust_env=False, timeout=10)
 
 
+def _stream(sc: InProcessSidecar, start: int, count: int) -> dict[str, bytes]:
+    """Items ``[start, start + count)`` of epoch 0's order, read like the SDK does."""
+    response = httpx.get(
+        sc.tcp + proto.Paths.STREAM, params={"start": start, "count": count}, trust_env=False, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    header, blobs = proto.decode_batch(response.content)
+    return {row.id: blob for row, blob in zip(header.rows, blobs, strict=True)}
+
+
 def test_urls_the_store_refuses_are_renewed_once_and_bytes_verified(
     broker: tuple[StandInBroker, dict[str, bytes]], tmp_path: Path
 ) -> None:
     stand_in, expected = broker
+    stand_in.first_lives = timedelta(seconds=1)
     token = tmp_path / "token"
     token.write_text(GOOD + "\n")
     # The CA as a file path here (the webhook injects the PEM itself, which the next test uses).
-    with InProcessSidecar(_argv(stand_in, token, str(stand_in.ca.cert_path))) as sc:
+    argv = _argv(stand_in, token, str(stand_in.ca.cert_path), "--readahead", "0")
+    with InProcessSidecar(argv) as sc:
         wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="sidecar ready")
-        time.sleep(2.5)  # the first URLs are past their real expiry now
+        assert [r.presign for r in stand_in.plan_requests] == [False], "the plan is asked for rows only"
+        first = _stream(sc, 0, 1)  # brings the first window: a URL for every blob, each dead in 1 s
+        assert [len(w) for w in stand_in.url_windows] == [len(expected)]
+        time.sleep(2.5)  # the first window's URLs are past their real expiry now
         ds = sluicegate.connect(sc.tcp)
         assert {item.id: item.data for item in ds} == expected
+        assert first.items() <= expected.items()
         assert sc.sidecar is not None
         assert sc.sidecar.broker is not None
-        assert sc.sidecar.broker.renewals == Counter(refused=1), "concurrent refusals share one renewal"
-        assert stand_in.url_requests == 1
+        assert sc.sidecar.broker.renewals == Counter(ahead=1, refused=1), "refusals share one renewal"
+        assert len(stand_in.url_windows) == 2
+        assert len(stand_in.url_windows[1]) == len(expected) - 1, "all but the cached blob, renewed at once"
         assert sc.sidecar.engine.stats.integrity_failures == 0
         scrape = httpx.get(sc.tcp + "/metrics", trust_env=False).text
         assert 'sluicegate_url_renewals_total{reason="refused"} 1.0' in scrape
         info = httpx.get(sc.tcp + "/v1/info", trust_env=False).json()
         assert (info["dataset"], info["items"], info["query"]) == ("data/coco", len(expected), None)
+
+
+def test_urls_come_in_windows_ahead_of_the_reads_and_are_renewed_before_expiry(
+    broker: tuple[StandInBroker, dict[str, bytes]], tmp_path: Path
+) -> None:
+    stand_in, expected = broker
+    stand_in.ttl = timedelta(seconds=4)  # honest: usable for 3 s (three quarters), then renewed in time
+    token = tmp_path / "token"
+    token.write_text(GOOD)
+    argv = _argv(stand_in, token, stand_in.ca.pem.decode(), "--url-window", "4", "--readahead", "0")
+    with InProcessSidecar(argv) as sc:
+        wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="sidecar ready")
+        assert stand_in.url_windows == [], "no URL is asked for before a read"
+        got = _stream(sc, 0, 1)
+        assert [len(w) for w in stand_in.url_windows] == [4], "one window ahead of the first read"
+        time.sleep(3.5)  # the three unused URLs of that window are past their renewal time, not expiry
+        got |= _stream(sc, 1, len(expected) - 1)
+        assert got == expected
+        assert sc.sidecar is not None
+        assert sc.sidecar.broker is not None
+        renewals = sc.sidecar.broker.renewals
+        assert renewals["refused"] == 0, "no fetch used a URL about to lapse"
+        assert renewals["ahead"] == 2, "the stale URLs were renewed ahead of their fetches, not used"
+        assert all(1 <= len(w) <= 4 for w in stand_in.url_windows), stand_in.url_windows
+        assert len(stand_in.url_windows) >= len(expected) // 4
+        assert set().union(*map(set, stand_in.url_windows)) == {
+            row["blob"] for row in stand_in.store.manifest()[0].select(["blob"]).to_pylist()
+        }
+        # A second epoch from the memory cache asks the broker for nothing.
+        before = len(stand_in.url_windows)
+        assert _stream(sc, 0, len(expected)) == expected
+        assert len(stand_in.url_windows) == before
 
 
 def test_refused_token_keeps_readiness_false_until_the_rotated_token_is_accepted(
