@@ -4,9 +4,12 @@ disk tier, read-ahead."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -14,8 +17,17 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluicegate import IntegrityError, NotFoundError, Store, StoreError
-from sluicegate._engine import BlobRef, Engine, EngineConfig, Manifest, MemoryCache, Plan, StoreUpstream
+from sluicegate import IntegrityError, NotFoundError, QueryError, Store, StoreError
+from sluicegate._engine import (
+    BlobRef,
+    Digested,
+    Engine,
+    EngineConfig,
+    Manifest,
+    MemoryCache,
+    Plan,
+    StoreUpstream,
+)
 
 from tests.sidecar.helpers import make_dataset
 
@@ -212,9 +224,52 @@ def test_manifest_decodes_lazily_and_matches_the_full_table(tmp_path: Path) -> N
     assert plan.select(["labels.car >= 1"]).tolist() == [0, 2]  # items 7 and 44 have cars, 3 does not
     assert plan.position_of("item000003") == 1
     assert plan.position_of("item000004") is None
+    # Resolved against every field, not just the decoded ones.
+    with pytest.raises(QueryError, match=r"labels\.truck"):
+        plan.select(["labels.truck >= 1"])
     assert len(expected) == 50
     with pytest.raises(StoreError, match="not a readable Parquet"):
         Manifest(b"not parquet", "x")
     pq.write_table(full.replace_schema_metadata({b"sluicegate": b"{}"}), data := io.BytesIO())
     with pytest.raises(StoreError, match="version info"):
         Manifest(data.getvalue(), "y")
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=8)
+        self.submitted = 0
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_local_reads_requested_together_share_thread_hops_and_keep_errors_apart(
+    store: Store, tmp_path: Path
+) -> None:
+    refs = _plan(store).refs(list(range(40)))
+    missing = refs[13]
+    (tmp_path / "ds" / "blobs" / missing.sha).unlink()
+    upstream = StoreUpstream(store)
+    executor = _CountingExecutor()
+
+    async def run() -> list[bytes | Digested | BaseException]:
+        asyncio.get_running_loop().set_default_executor(executor)
+        return await asyncio.gather(*(upstream.fetch(r) for r in refs), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert executor.submitted <= 2  # one hop per thread for the whole burst, not one per blob
+    assert isinstance(results[13], NotFoundError)
+    assert missing.sha in str(results[13])
+    for ref, got in zip(refs, results, strict=True):
+        if ref is not missing:
+            assert isinstance(got, Digested)
+            assert got.sha256 == ref.sha == _sha(got.data)
+            assert len(got.data) == ref.size

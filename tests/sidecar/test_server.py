@@ -56,6 +56,18 @@ def test_ranks_serve_disjoint_equal_shards_over_tcp_and_unix(
     assert sum(seen.values()) == 54
 
 
+def test_multi_megabyte_items_arrive_intact_over_tcp_and_unix(tmp_path: Path) -> None:
+    # Bigger than one write slice of the server, so an item goes out in several sends.
+    uri = str(tmp_path / "big")
+    expected = make_dataset(uri, 3, size=2_500_000)
+    with InProcessSidecar(_args(uri, tmp_path)) as sc:
+        for address in sc.addresses:
+            ds = sluicegate.connect(address)
+            assert {i.id: i.data for i in ds} == expected
+            assert ds[1].data == expected[ds[1].id]
+            ds.close()
+
+
 def test_stream_endpoint_follows_the_epoch_order(
     dataset: tuple[str, dict[str, bytes]], tmp_path: Path
 ) -> None:
