@@ -73,6 +73,9 @@ _HASH_INLINE_BYTES = (
     256 * 1024
 )  # smaller blobs hash on the loop; bigger ones in a thread (hashlib drops the GIL)
 _FILE_THREADS = 2  # worker threads a burst of local reads is split over (the machines here have 2 cores)
+# Local reads in flight at once, at least: they are queued for _FILE_THREADS threads, not open connections,
+# and a bigger burst means fewer thread hops per blob (the configured limit is meant for remote stores).
+_LOCAL_IN_FLIGHT = 128
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -217,6 +220,11 @@ class StoreUpstream:
             self._urls = UrlUpstream()
         url = self.store.presign(blob_key(ref.sha), _URL_LIFETIME)
         return await self._urls.fetch(BlobRef(ref.sha, ref.size, ref.item_id, url))
+
+    @property
+    def local(self) -> bool:
+        """Whether blobs are files read here (see :class:`_FileReader`) rather than remote objects."""
+        return self._files is not None
 
     async def aclose(self) -> None:
         if self._urls is not None:
@@ -633,6 +641,10 @@ class Engine:
         self.stats = EngineStats()
         self.memory = MemoryCache(self.config.memory_bytes)
         self.disk = DiskCache(self.config.disk_dir, self.config.disk_bytes) if self.config.disk_dir else None
+        local = isinstance(upstream, StoreUpstream) and upstream.local
+        self._max_inflight = (
+            max(self.config.concurrency, _LOCAL_IN_FLIGHT) if local else self.config.concurrency
+        )
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
         self._inflight_bytes = 0
         self._hints: dict[str, deque[BlobRef]] = {}
@@ -728,7 +740,7 @@ class Engine:
 
     async def _fetch_retrying(self, ref: BlobRef) -> bytes | Digested:
         if self._upstream_slots is None:
-            self._upstream_slots = asyncio.Semaphore(self.config.concurrency)
+            self._upstream_slots = asyncio.Semaphore(self._max_inflight)
         cfg = self.config
         for attempt in range(cfg.attempts):
             started = time.perf_counter()
@@ -797,7 +809,7 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if not self._has_room(ref.size) or len(self._inflight) >= self.config.concurrency:
+            if not self._has_room(ref.size) or len(self._inflight) >= self._max_inflight:
                 # Wait for the consumer to take something (or a fetch to land) before reading further.
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
