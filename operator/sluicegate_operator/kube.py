@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -219,64 +219,30 @@ class Kube:
 
     async def create_secret(self, namespace: str, name: str, data: Mapping[str, bytes]) -> bool:
         """Create a Secret; ``False`` when one of that name exists already (another replica won)."""
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": {"app.kubernetes.io/part-of": "sluicegate"},
-            },
-            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
-        }
-        try:
-            await asyncio.to_thread(
-                partial(
-                    self._core.create_namespaced_secret,
-                    namespace,
-                    body,
-                    _request_timeout=REQUEST_TIMEOUT_S,
-                    _preload_content=False,
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise KubeError(f"create Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
-        return True
+        body = _secret(namespace, name, data)
+        return await self._write_unless_conflict(
+            partial(self._core.create_namespaced_secret, namespace, body), f"create Secret {namespace}/{name}"
+        )
 
     async def replace_secret(
         self, namespace: str, name: str, data: Mapping[str, bytes], resource_version: str
     ) -> bool:
         """Replace a Secret if it still is at ``resource_version``; ``False`` when someone else changed it."""
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "resourceVersion": resource_version,
-                "labels": {"app.kubernetes.io/part-of": "sluicegate"},
-            },
-            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
-        }
+        body = _secret(namespace, name, data)
+        body["metadata"]["resourceVersion"] = resource_version
+        return await self._write_unless_conflict(
+            partial(self._core.replace_namespaced_secret, name, namespace, body),
+            f"replace Secret {namespace}/{name}",
+        )
+
+    async def _write_unless_conflict(self, call: Callable[..., Any], what: str) -> bool:
+        """Run a write; ``False`` on 409 Conflict (someone else wrote first)."""
         try:
-            await asyncio.to_thread(
-                partial(
-                    self._core.replace_namespaced_secret,
-                    name,
-                    namespace,
-                    body,
-                    _request_timeout=REQUEST_TIMEOUT_S,
-                    _preload_content=False,
-                )
-            )
+            await asyncio.to_thread(partial(call, _request_timeout=REQUEST_TIMEOUT_S, _preload_content=False))
         except ApiException as exc:
             if exc.status == 409:
                 return False
-            raise KubeError(f"replace Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
+            raise KubeError(f"{what}: {exc.status} {exc.reason}") from exc
         return True
 
     async def get_webhook_configuration(self, name: str) -> Json | None:
@@ -308,3 +274,17 @@ class Kube:
         if ops:
             await self._must(self._admission.patch_mutating_webhook_configuration, name, ops)
         return True
+
+
+def _secret(namespace: str, name: str, data: Mapping[str, bytes]) -> Json:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "sluicegate"},
+        },
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }

@@ -65,6 +65,21 @@ def set_condition(
     return [c for c in conditions if c.type != type_] + [new]
 
 
+def _set_ready(
+    obj: Dataset | DatasetStream, status: ConditionStatus, reason: str, message: str, now: datetime
+) -> list[Condition]:
+    """``obj``'s conditions with Ready set as observed at its current generation."""
+    return set_condition(
+        obj.status.conditions,
+        type_=READY,
+        status=status,
+        reason=reason,
+        message=message,
+        generation=obj.metadata.generation,
+        now=now,
+    )
+
+
 def ready_condition(conditions: list[Condition]) -> Condition | None:
     return next((c for c in conditions if c.type == READY), None)
 
@@ -96,15 +111,7 @@ def dataset_ready(
         latest_version=latest_version,
         items=items,
         labels=labels,
-        conditions=set_condition(
-            ds.status.conditions,
-            type_=READY,
-            status=ConditionStatus.TRUE,
-            reason=Reason.READY,
-            message=message,
-            generation=ds.metadata.generation,
-            now=now,
-        ),
+        conditions=_set_ready(ds, ConditionStatus.TRUE, Reason.READY, message, now),
     )
 
 
@@ -113,15 +120,7 @@ def dataset_failed(ds: Dataset, *, reason: str, message: str, now: datetime) -> 
     return ds.status.model_copy(
         update={
             "observed_generation": ds.metadata.generation,
-            "conditions": set_condition(
-                ds.status.conditions,
-                type_=READY,
-                status=ConditionStatus.FALSE,
-                reason=reason,
-                message=message,
-                generation=ds.metadata.generation,
-                now=now,
-            ),
+            "conditions": _set_ready(ds, ConditionStatus.FALSE, reason, message, now),
         }
     )
 
@@ -166,15 +165,7 @@ def stream_ready(
             "world_size": world,
             "shards": world,
             "items_per_shard": per_shard,
-            "conditions": set_condition(
-                stream.status.conditions,
-                type_=READY,
-                status=ConditionStatus.TRUE,
-                reason=Reason.READY,
-                message=message,
-                generation=stream.metadata.generation,
-                now=now,
-            ),
+            "conditions": _set_ready(stream, ConditionStatus.TRUE, Reason.READY, message, now),
         }
     )
 
@@ -183,15 +174,7 @@ def stream_failed(stream: DatasetStream, *, reason: str, message: str, now: date
     return stream.status.model_copy(
         update={
             "observed_generation": stream.metadata.generation,
-            "conditions": set_condition(
-                stream.status.conditions,
-                type_=READY,
-                status=ConditionStatus.FALSE,
-                reason=reason,
-                message=message,
-                generation=stream.metadata.generation,
-                now=now,
-            ),
+            "conditions": _set_ready(stream, ConditionStatus.FALSE, reason, message, now),
         }
     )
 
