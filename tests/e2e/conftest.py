@@ -138,6 +138,16 @@ class ControlPlane:
             "spec": {"dataset": {"namespace": self.data_ns, "name": "coco"}, **spec},
         }
 
+    def pod(self, name: str, service_account: str, stream: str | None) -> dict[str, Any]:
+        """A one-container pod in the team namespace, labelled for ``stream`` unless it is ``None``."""
+        labels = {} if stream is None else {"labels": {"sluicegate.io/stream": stream}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": self.team_ns, **labels},
+            "spec": {"serviceAccountName": service_account, "containers": [{"name": "main", "image": "x"}]},
+        }
+
     def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 30) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
             obj = self.get(kind, name, "-n", ns)
@@ -157,16 +167,7 @@ class ControlPlane:
         """An Indexed Job of ``completions`` pods labelled with ``stream`` (Ready first); its Running
         pods, sorted by completion index."""
         self.wait_ready("datasetstreams", self.team_ns, stream)
-        probe = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": "probe",
-                "namespace": self.team_ns,
-                "labels": {"sluicegate.io/stream": stream},
-            },
-            "spec": {"serviceAccountName": service_account, "containers": [{"name": "main", "image": "x"}]},
-        }
+        probe = self.pod("probe", service_account, stream)
         # The API server picks up a new webhook configuration asynchronously; a server-side dry run
         # shows when.
         wait_for(

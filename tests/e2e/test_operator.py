@@ -200,16 +200,7 @@ def test_indexed_job_pods_are_injected_with_ranks(cp: ControlPlane, job_pods: li
 
 def test_pod_refused_without_role_binding(cp: ControlPlane) -> None:
     cp.kubectl("create", "serviceaccount", "intruder", "-n", cp.team_ns)
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "intruder",
-            "namespace": cp.team_ns,
-            "labels": {"sluicegate.io/stream": "train"},
-        },
-        "spec": {"serviceAccountName": "intruder", "containers": [{"name": "main", "image": "x"}]},
-    }
+    pod = cp.pod("intruder", "intruder", "train")
     with pytest.raises(CommandError) as info:
         cp.kubectl("create", "-f", "-", input=json.dumps(pod))
     stderr = info.value.result.stderr
@@ -296,30 +287,12 @@ def test_broker_refusals(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> No
     assert "not bound to a pod" in message
 
     # A pod of the same ServiceAccount that is not a pod of the stream.
-    cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "bystander", "namespace": cp.team_ns},
-            "spec": {"serviceAccountName": "trainer", "containers": [{"name": "main", "image": "x"}]},
-        }
-    )
+    cp.apply(cp.pod("bystander", "trainer", None))
     bystander = cp.get("pod", "bystander", "-n", cp.team_ns)
     assert refused(cp.pod_token(bystander))[:2] == (403, "forbidden")
 
     # Access revoked after admission: the broker checks RBAC on every request.
-    cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": "temp",
-                "namespace": cp.team_ns,
-                "labels": {"sluicegate.io/stream": "train"},
-            },
-            "spec": {"serviceAccountName": "temp", "containers": [{"name": "main", "image": "x"}]},
-        }
-    )
+    cp.apply(cp.pod("temp", "temp", "train"))
     temp = cp.get("pod", "temp", "-n", cp.team_ns)
     temp_token = cp.pod_token(temp)
     assert cp.broker(BrokerPaths.PLAN, temp_token).status_code == 200
@@ -404,18 +377,7 @@ def test_presigned_url_expires(cp: ControlPlane, job_pods: list[dict[str, Any]])
 def test_deleting_a_stream_while_pods_run(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> None:
     cp.apply(cp.stream("short-lived"))
     cp.wait_ready("datasetstreams", cp.team_ns, "short-lived")
-    cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": "short",
-                "namespace": cp.team_ns,
-                "labels": {"sluicegate.io/stream": "short-lived"},
-            },
-            "spec": {"serviceAccountName": "trainer", "containers": [{"name": "main", "image": "x"}]},
-        }
-    )
+    cp.apply(cp.pod("short", "trainer", "short-lived"))
     pod = cp.get("pod", "short", "-n", cp.team_ns)
     token = cp.pod_token(pod)
     assert cp.broker(BrokerPaths.PLAN, token).status_code == 200
