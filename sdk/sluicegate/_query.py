@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from ._exceptions import QueryError
@@ -409,7 +410,7 @@ def select_rows(table: pa.Table, queries: Sequence[Query | str]) -> pa.Array:
     """Row positions (int64, ascending) of ``table`` that match every query in ``queries``."""
     parsed = [q if isinstance(q, Query) else Query.parse(q) for q in queries]
     if not parsed:
-        return pa.array(range(table.num_rows), pa.int64())
+        return pa.array(np.arange(table.num_rows, dtype=np.int64))
     fields = query_fields(table.schema)
     where, params, columns = [], [], set()
     for q in parsed:
@@ -417,7 +418,8 @@ def select_rows(table: pa.Table, queries: Sequence[Query | str]) -> pa.Array:
         where.append(sql)
         params.extend(p)
         columns.update(q.columns(fields))
-    view = table.select(sorted(columns)).append_column("__row", pa.array(range(table.num_rows), pa.int64()))
+    rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    view = table.select(sorted(columns)).append_column("__row", rows)
     con = duckdb.connect()
     try:
         con.register("manifest", view)
