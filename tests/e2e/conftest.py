@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import ssl
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,19 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sluicegate import S3Options
+from sluicegate._broker_protocol import AUDIENCE
+from sluicegate._manifest import ItemRecord
 
-# `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from sluicegate import S3Options  # noqa: E402
-from sluicegate._broker_protocol import AUDIENCE  # noqa: E402
-from sluicegate._manifest import ItemRecord  # noqa: E402
-
-from tests.operator import devcluster  # noqa: E402
-from tests.s3server import GoUnavailable, S3Server, build  # noqa: E402
-from tests.testbed import Testbed, pytest_plugin, wait_for  # noqa: E402
+from tests.operator import devcluster
+from tests.s3server import S3Server
+from tests.s3server.fixtures import s3_server  # noqa: F401 - the session fixture `s3` builds on
+from tests.testbed import Testbed, pytest_plugin, wait_for
 
 # The session fixture and the hook attaching component logs to failures.
 testbed = pytest_plugin.testbed
@@ -62,16 +55,9 @@ def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]
 
 
 @pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
+def s3(s3_server: S3Server) -> S3Server:  # noqa: F811
     """The SigV4-enforcing S3 server (versitygw) on loopback; every control plane uses its own bucket."""
-    try:
-        binary = build()
-    except GoUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"S3 server unavailable and CI=true: {error}", pytrace=False)
-        pytest.skip(f"S3 server unavailable: {error}")
-    with S3Server(binary=binary) as server:
-        yield server
+    return s3_server
 
 
 @dataclass
