@@ -137,12 +137,12 @@ class Item:
 
     def image(self) -> Image.Image:
         """The bytes decoded as an image (PIL), decoded now, not cached."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             img = Image.open(io.BytesIO(self.data))
             img.load()
-        except (UnidentifiedImageError, OSError) as exc:
+        except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
             raise ConfigError(
                 f"item {self.id!r} ({self.media_type}) is not an image PIL can decode: {exc}"
             ) from exc

@@ -20,7 +20,6 @@ This is the only sluicegate module that imports torch.
 
 from __future__ import annotations
 
-import io
 import itertools
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -73,13 +72,9 @@ def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
 
 def _decode_pil(item: Item, mode: ImageMode) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(item.data))
-        image.load()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"item {item.id!r} ({item.media_type}) is not an image PIL can decode: {exc}; "
-            "use decode='bytes' or a decode callable for this data"
-        ) from exc
+        image = item.image()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; use decode='bytes' or a decode callable for this data") from exc
     return image if mode == "unchanged" else image.convert(mode)
 
 
