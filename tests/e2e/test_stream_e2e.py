@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from sluicegate._broker_protocol import SOCKET_PATH, BrokerPaths, PlanResponse, 
 from tests.e2e.conftest import ControlPlane, control_plane
 from tests.s3server import S3Server
 from tests.sidecar.helpers import metrics
-from tests.testbed import Testbed, wait_for
+from tests.testbed import Testbed, stop_process_group, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -152,13 +151,8 @@ class LocalPod:
         )
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process)
 
 
 def _shard(trainer: subprocess.Popen[str], pod: LocalPod) -> list[tuple[str, str, str]]:

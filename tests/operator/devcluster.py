@@ -29,7 +29,7 @@ from sluicegate._broker_protocol import BrokerPaths
 from sluicegate._manifest import ItemRecord, records_to_table
 
 from tests.s3server import S3Server
-from tests.testbed import Testbed, wait_for
+from tests.testbed import Testbed, stop_process_group, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "sluicegate"
@@ -112,13 +112,7 @@ class Operator:
         return f"{self.release}-sluicegate"
 
     def stop(self, testbed: Testbed) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
         testbed.helm("uninstall", self.release, "-n", self.namespace, check=False)
 
 

@@ -11,7 +11,6 @@ import fcntl
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Self
+
+from tests.testbed import stop_process_group
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -198,15 +199,7 @@ class S3Server:
         process, self._process = self._process, None
         if process is None:
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            # Already gone (it crashed); reap it so no zombie is left.
-            process.wait()
+        stop_process_group(process, timeout_s=5)
 
     def stop(self) -> None:
         self._terminate()

@@ -1,7 +1,7 @@
 """A real Kubernetes control plane on loopback for the e2e tests (issue #4); see README.md here."""
 
 from .build import BuildFailed, GoUnavailable, ensure_binaries, pinned_versions
-from .cluster import CommandError, Testbed, TestbedError, wait_for
+from .cluster import CommandError, Testbed, TestbedError, stop_process_group, wait_for
 
 __all__ = [
     "BuildFailed",
@@ -11,5 +11,6 @@ __all__ = [
     "TestbedError",
     "ensure_binaries",
     "pinned_versions",
+    "stop_process_group",
     "wait_for",
 ]

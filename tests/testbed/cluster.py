@@ -183,6 +183,20 @@ def stop_process_groups(
             _wait_exit(pid, timeout_s)
 
 
+def stop_process_group(process: subprocess.Popen[Any], timeout_s: float = 15) -> None:
+    """SIGTERM to ``process``'s group, SIGKILL after ``timeout_s``; reaps it either way."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()  # already gone: reap it so no zombie is left
+
+
 @dataclass
 class Testbed:
     """A running (or startable) control plane whose state lives in `workdir`."""
