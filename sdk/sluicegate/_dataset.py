@@ -294,9 +294,7 @@ class LocalSource(Source):
         engine = live.engine
 
         async def run() -> list[bytes]:
-            if ahead:
-                engine.readahead("embedded", ahead)
-            return await engine.get_many(refs)
+            return await engine.get_many(refs, ("embedded", ahead) if ahead else None)
 
         return _LocalPending(live.loop.submit(run()), refs, _PlanRows(plan, positions))
 

@@ -31,7 +31,7 @@ from sluicegate._broker_protocol import (
     UrlsRequest,
     UrlsResponse,
 )
-from sluicegate._engine import BlobRef, Plan, UrlRefused, UrlUpstream
+from sluicegate._engine import BlobRef, Limits, Outcome, Plan, UrlRefused, UrlUpstream, fetch_each
 from sluicegate._exceptions import ConfigError, StoreError
 from sluicegate._manifest import BASE_SCHEMA, LABEL_PREFIX
 from sluicegate._partition import Positions
@@ -233,17 +233,20 @@ class BrokerUpstream:
         if any(self._needs_url(self._blob_at[p], now) for p in upcoming[:lead]):
             self._request(self._lacking([consumer], now), "ahead")  # not awaited: fetches wait for it
 
-    async def fetch(self, ref: BlobRef) -> bytes:
+    async def fetch_many(self, refs: Sequence[BlobRef], limits: Limits) -> list[Outcome]:
+        return await fetch_each(self.fetch_one, refs, limits)
+
+    async def fetch_one(self, ref: BlobRef) -> bytes:
         url = await self._url(ref.sha, "missing")
         try:
-            data = await self._http.fetch(self._located(ref, url))
+            data = await self._http.fetch_one(self._located(ref, url))
         except UrlRefused as exc:
             if exc.status != 403:
                 raise
             log.warning("the store refused the URL of blob %s (%s); renewing its window", ref.sha, exc)
             self._discard_window_of(ref.sha, url)
             url = await self._url(ref.sha, "refused")
-            data = await self._http.fetch(self._located(ref, url))
+            data = await self._http.fetch_one(self._located(ref, url))
         self._urls.pop(ref.sha, None)
         return data
 

@@ -319,9 +319,13 @@ class Sidecar:
         if self.broker is not None:
             fetching = len(indexes) + len(readahead)
             self.broker.expect(client, [*indexes, *readahead] if upcoming is None else upcoming, fetching)
-        if readahead:
-            self.engine.readahead(client, plan.refs(readahead))
-        blobs = await self.engine.get_many(plan.refs(indexes)) if indexes else []
+        ahead = (client, plan.refs(readahead)) if readahead else None
+        if indexes:
+            blobs = await self.engine.get_many(plan.refs(indexes), ahead)
+        else:
+            blobs = []
+            if ahead is not None:
+                self.engine.readahead(*ahead)
         header = proto.encode_header(info.version, plan.rows(indexes) if indexes else [])
         response = web.StreamResponse(headers={"Content-Type": proto.BATCH_CONTENT_TYPE})
         response.content_length = len(header) + sum(len(b) for b in blobs)

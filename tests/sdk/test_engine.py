@@ -4,12 +4,11 @@ disk tier, read-ahead."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,13 +19,16 @@ from hypothesis import strategies as st
 from sluicegate import IntegrityError, NotFoundError, QueryError, Store, StoreError
 from sluicegate._engine import (
     BlobRef,
-    Digested,
     Engine,
     EngineConfig,
+    Fetched,
+    Limits,
     Manifest,
     MemoryCache,
+    Outcome,
     Plan,
     StoreUpstream,
+    Workers,
 )
 
 from tests.sidecar.helpers import make_dataset
@@ -235,41 +237,39 @@ def test_manifest_decodes_lazily_and_matches_the_full_table(tmp_path: Path) -> N
         Manifest(data.getvalue(), "y")
 
 
-P = ParamSpec("P")
+class _CountingWorkers(Workers):
+    def __init__(self) -> None:
+        super().__init__(2, "test-io")
+        self.jobs = 0
+
+    def run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        self.jobs += 1
+        return super().run(fn, *args)
+
+
 T = TypeVar("T")
 
 
-class _CountingExecutor(concurrent.futures.ThreadPoolExecutor):
-    def __init__(self) -> None:
-        super().__init__(max_workers=8)
-        self.submitted = 0
-
-    def submit(
-        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> concurrent.futures.Future[T]:
-        self.submitted += 1
-        return super().submit(fn, *args, **kwargs)
-
-
-def test_local_reads_requested_together_share_thread_hops_and_keep_errors_apart(
-    store: Store, tmp_path: Path
-) -> None:
+def test_local_reads_of_a_batch_share_thread_hops_and_keep_errors_apart(store: Store, tmp_path: Path) -> None:
     refs = _plan(store).refs(list(range(40)))
     missing = refs[13]
     (tmp_path / "ds" / "blobs" / missing.sha).unlink()
     upstream = StoreUpstream(store)
-    executor = _CountingExecutor()
+    workers = _CountingWorkers()
 
-    async def run() -> list[bytes | Digested | BaseException]:
-        asyncio.get_running_loop().set_default_executor(executor)
-        return await asyncio.gather(*(upstream.fetch(r) for r in refs), return_exceptions=True)
+    async def run() -> list[Outcome]:
+        limits = Limits(workers, asyncio.Semaphore(4), 4, 5.0)
+        try:
+            return await upstream.fetch_many(refs, limits)
+        finally:
+            workers.close()
 
     results = asyncio.run(run())
-    assert executor.submitted <= 2  # one hop per thread for the whole burst, not one per blob
+    assert workers.jobs == 2  # one hand-off per worker thread for the whole batch, not one per blob
     assert isinstance(results[13], NotFoundError)
     assert missing.sha in str(results[13])
     for ref, got in zip(refs, results, strict=True):
         if ref is not missing:
-            assert isinstance(got, Digested)
+            assert isinstance(got, Fetched)
             assert got.sha256 == ref.sha == _sha(got.data)
             assert len(got.data) == ref.size

@@ -1,0 +1,149 @@
+"""The cache tiers: blobs in memory under a byte budget, and an optional disk tier under its own."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["DiskCache", "MemoryCache"]
+
+
+class MemoryCache:
+    """Blobs in memory under a byte budget; consumed blobs are evicted first, then least recently used."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.nbytes = 0
+        self.consumed_bytes = 0
+        self._fresh: OrderedDict[str, bytes] = OrderedDict()  # not yet served since they arrived
+        self._consumed: OrderedDict[str, bytes] = OrderedDict()
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._fresh or sha in self._consumed
+
+    def __len__(self) -> int:
+        return len(self._fresh) + len(self._consumed)
+
+    @property
+    def fresh_bytes(self) -> int:
+        return self.nbytes - self.consumed_bytes
+
+    def get(self, sha: str) -> bytes | None:
+        data = self._fresh.get(sha)
+        if data is not None:
+            self._fresh.move_to_end(sha)
+            return data
+        data = self._consumed.get(sha)
+        if data is not None:
+            self._consumed.move_to_end(sha)
+        return data
+
+    def consume(self, sha: str) -> None:
+        data = self._fresh.pop(sha, None)
+        if data is not None:
+            self._consumed[sha] = data
+            self.consumed_bytes += len(data)
+
+    def put(self, sha: str, data: bytes) -> list[tuple[str, bytes]]:
+        """Insert ``data``; returns what was evicted to make room (or ``data`` itself if it cannot fit)."""
+        if sha in self:
+            return []
+        if len(data) > self.budget:
+            return [(sha, data)]
+        evicted = []
+        while self.nbytes + len(data) > self.budget:
+            if self._consumed:
+                old, old_data = self._consumed.popitem(last=False)
+                self.consumed_bytes -= len(old_data)
+            else:
+                old, old_data = self._fresh.popitem(last=False)
+            self.nbytes -= len(old_data)
+            evicted.append((old, old_data))
+        self._fresh[sha] = data
+        self.nbytes += len(data)
+        return evicted
+
+    def order(self) -> list[str]:
+        """Eviction order, first out first (for tests and debugging)."""
+        return [*self._consumed, *self._fresh]
+
+
+class DiskCache:
+    """Blobs as files ``<dir>/<sha256>`` under a byte budget (LRU); re-verified on every read.
+
+    Blocking; the engine calls it from worker threads. Files left by an earlier run are adopted.
+    """
+
+    def __init__(self, root: Path, budget: int) -> None:
+        self.root = root
+        self.budget = budget
+        self.nbytes = 0
+        self._index: OrderedDict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def _entries(self) -> OrderedDict[str, int]:
+        if self._index is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            found = sorted(
+                (p.stat().st_mtime, p.name, p.stat().st_size)
+                for p in self.root.iterdir()
+                if p.is_file() and len(p.name) == 64
+            )
+            self._index = OrderedDict((name, size) for _, name, size in found)
+            self.nbytes = sum(self._index.values())
+        return self._index
+
+    def get(self, sha: str) -> bytes | None:
+        with self._lock:
+            if sha not in self._entries():
+                return None
+            self._entries().move_to_end(sha)
+        try:
+            data = (self.root / sha).read_bytes()
+        except OSError:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != sha:
+            self._drop(sha)  # torn write or bit rot: the caller fetches it again
+            return None
+        return data
+
+    def put(self, sha: str, data: bytes) -> int:
+        """Store ``data``; returns how many files were evicted."""
+        if len(data) > self.budget:
+            return 0
+        with self._lock:
+            entries = self._entries()
+            if sha in entries:
+                return 0
+            victims = []
+            while entries and self.nbytes + len(data) > self.budget:
+                old, size = entries.popitem(last=False)
+                self.nbytes -= size
+                victims.append(old)
+            entries[sha] = len(data)
+            self.nbytes += len(data)
+        for old in victims:
+            (self.root / old).unlink(missing_ok=True)
+        tmp = self.root / f".{sha}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_bytes(data)
+        tmp.replace(self.root / sha)  # atomic: a reader never sees half a file under the final name
+        return len(victims)
+
+    def get_many(self, shas: Sequence[str]) -> list[bytes | None]:
+        """:meth:`get` for a batch (one worker hand-off for all of them)."""
+        return [self.get(sha) for sha in shas]
+
+    def put_many(self, blobs: Sequence[tuple[str, bytes]]) -> int:
+        """:meth:`put` for a batch; returns how many files were evicted."""
+        return sum(self.put(sha, data) for sha, data in blobs)
+
+    def _drop(self, sha: str) -> None:
+        with self._lock:
+            size = self._entries().pop(sha, None)
+            if size is not None:
+                self.nbytes -= size
+        (self.root / sha).unlink(missing_ok=True)
