@@ -37,7 +37,7 @@ from ._engine import (
     read_manifest,
 )
 from ._exceptions import ConfigError
-from ._manifest import Annotation, ItemRecord, record_from_row
+from ._manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
 from ._partition import Positions, Remainder
 from ._query import Query
 from ._store import S3Options, Store
@@ -51,6 +51,7 @@ _FIRST_BATCH = 8  # a small first request keeps the time to the first item low
 _MAX_BATCH = 512
 _BATCH_BYTES = 16 * 2**20  # target bytes per request once item sizes are known
 _MIN_DEPTH = 2
+_LABELS, _META = len(LABEL_PREFIX), len(META_PREFIX)
 
 
 # -- items -------------------------------------------------------------------------------------------
@@ -124,16 +125,21 @@ class Item:
 
     @property
     def annotations(self) -> list[Annotation]:
-        return self.record.annotations
+        # Most items of a classification set have none: skip building the record for them.
+        return self.record.annotations if self.row["annotations"] else []
 
     @property
     def labels(self) -> dict[str, int]:
         """Instance count per label."""
-        return self.record.labels
+        if self._record is not None:
+            return self._record.labels
+        return {c[_LABELS:]: v for c, v in self.row.items() if v and c.startswith(LABEL_PREFIX)}
 
     @property
     def metadata(self) -> dict[str, bool | int | float | str]:
-        return self.record.metadata
+        if self._record is not None:
+            return self._record.metadata
+        return {c[_META:]: v for c, v in self.row.items() if v is not None and c.startswith(META_PREFIX)}
 
     def image(self) -> Image.Image:
         """The bytes decoded as an image (PIL), decoded now, not cached."""
@@ -287,16 +293,13 @@ class LocalSource(Source):
         return self.plan.select(queries)
 
     def fetch(self, positions: Positions, readahead: Positions) -> Pending:
+        # ``readahead`` is not announced to the engine: the requests Dataset keeps in flight ahead of the
+        # consumer are this path's read-ahead already, and announcing them again costs a ref per item.
         live = self._running()
         plan = self.plan
         refs = plan.refs(positions)
-        ahead = plan.refs(readahead) if len(readahead) else []
-        engine = live.engine
-
-        async def run() -> list[bytes]:
-            return await engine.get_many(refs, ("embedded", ahead) if ahead else None)
-
-        return _LocalPending(live.loop.submit(run()), refs, _PlanRows(plan, positions))
+        future = live.loop.submit(live.engine.get_many(refs))
+        return _LocalPending(future, refs, _PlanRows(plan, positions))
 
     def describe(self) -> str:
         return f"{self._uri} version {self._version}"

@@ -57,17 +57,19 @@ ITEM_FIELDS = ("annotations", "labels", "metadata", "width", "height", "media_ty
 # -- samples -----------------------------------------------------------------------------------------
 
 
-def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
-    """A uint8 tensor over ``data`` without copying it.
+# torch warns once per process that a bytes buffer is read-only; the tensors made over item bytes are only
+# read (collate copies them), so the warning says nothing useful. Spent here, silenced: a catch_warnings()
+# per item costs more than the tensor, and a global filter would hide it for the user's own buffers too.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
-    torch warns (once per process) that the buffer is read-only; the tensor is only read here and in
-    :func:`collate`, which copies it, so the warning says nothing useful and is silenced.
-    """
+
+def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data`` without copying it."""
     if len(data) == 0:
         return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def _decode_pil(item: Item, mode: ImageMode) -> Image.Image:
