@@ -7,12 +7,18 @@ backoff until ``timeout``; a sidecar that comes back serving another version is 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
+import contextlib
+import mmap
 import os
 import random
+import socket
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -38,6 +44,8 @@ __all__ = ["RemoteSource"]
 
 R = TypeVar("R")
 Buffer = bytes | bytearray
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_FD_TIMEOUT_S = 300.0  # one answer on the fd socket, as for HTTP: a cold batch from a slow store takes long
 
 _ERRORS: dict[proto.ErrorCode, type[Exception]] = {
     proto.ErrorCode.NOT_IN_SHARD: ItemNotInShard,
@@ -225,6 +233,172 @@ class _RemotePending(Pending):
         self._future.cancel()
 
 
+class _FdPool:
+    """Idle blocking connections to a sidecar's fd socket (see :mod:`._protocol`), for this process only.
+
+    Each request owns a connection until its answer is read, so requests kept in flight ahead of the
+    consumer each hold one; no loop thread is involved.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> socket.socket:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_FD_TIMEOUT_S)
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def give(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.append(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+class _FdPending(Pending):
+    """A batch request on the fd socket; :meth:`result` reads the answer and the memory file.
+
+    Like every request, it rides out a sidecar that restarts: a refused or broken connection, or a
+    sidecar that is not ready, is retried (the request is a read, so it can be sent again) with backoff,
+    until ``timeout`` seconds after the first failure.
+    """
+
+    def __init__(self, source: RemoteSource, pool: _FdPool, body: bytes) -> None:
+        self._source, self._pool, self._body = source, pool, body
+        self._sock: socket.socket | None = None
+        with contextlib.suppress(OSError):  # sent again, and reported, by result()
+            self._sock = self._send()
+
+    def _send(self) -> socket.socket:
+        sock = self._pool.take()
+        try:
+            sock.sendall(proto.frame(self._body))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def result(self) -> list[Item]:
+        deadline: float | None = None
+        attempt = 0
+        while True:
+            try:
+                if self._sock is None:
+                    self._sock = self._send()
+                answer, fd, sock = self._receive()
+            except OSError as exc:
+                self._pool.close()  # the other idle connections went the same way
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                if answer.header is not None and fd is not None:
+                    return self._items(answer.header, fd, sock)
+                self._pool.give(sock)
+                error = answer.error or proto.ErrorBody(
+                    code=proto.ErrorCode.INTERNAL, message=f"the sidecar answered status {answer.status}"
+                )
+                if error.code is not proto.ErrorCode.NOT_READY:
+                    raise _ERRORS.get(error.code, StreamError)(error.message)
+                reason = error.message
+            now = time.monotonic()
+            deadline = now + self._source.timeout if deadline is None else deadline
+            if now >= deadline:
+                raise SidecarUnavailable(
+                    f"the sidecar at {self._source.address} did not answer a batch on {self._pool.path} "
+                    f"within {self._source.timeout:.0f}s ({reason}); is the sidecar container running?"
+                )
+            attempt += 1
+            time.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+
+    def _receive(self) -> tuple[proto.FdAnswer, int | None, socket.socket]:
+        """The answer on this request's connection; OSError when the connection failed (closed here)."""
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        fd: int | None = None
+        try:
+            data, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fd = int(array.array("i", payload[:4])[0])
+            if not data:
+                raise ConnectionResetError("the sidecar closed the connection")
+            if len(data) < 4:
+                data += _recv_exactly(sock, 4 - len(data))
+            end = 4 + proto.frame_length(data)
+            if len(data) < end:
+                data += _recv_exactly(sock, end - len(data))
+            answer = proto.FdAnswer.model_validate_json(data[4:end])
+        except BaseException as exc:
+            sock.close()
+            if fd is not None:
+                os.close(fd)
+            if isinstance(exc, ValueError | ValidationError):
+                raise StreamError(
+                    f"malformed answer from the sidecar's fd socket {self._pool.path}: {exc}"
+                ) from exc
+            raise
+        return answer, fd, sock
+
+    def _items(self, header: proto.BatchHeader, fd: int, sock: socket.socket) -> list[Item]:
+        """The items, copied out of the answer's memory file; then the connection may take the next
+        request (the sidecar rewrites that file for it)."""
+        try:
+            self._source.check_version(header.version)
+            total = sum(row.size for row in header.rows)
+            blobs = []
+            if total:
+                # One mapping, populated up front, and one copy per item: faster than a read per item.
+                with mmap.mmap(fd, total, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) as mapped:
+                    offset = 0
+                    for row in header.rows:
+                        blobs.append(mapped[offset : offset + row.size])
+                        offset += row.size
+            else:
+                blobs = [b""] * len(header.rows)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            where = self._source.address
+            raise StreamError(
+                f"cannot read the memory file of a batch from the sidecar at {where}: {exc}"
+            ) from exc
+        finally:
+            os.close(fd)
+        self._pool.give(sock)
+        rows = _WireRows(header.rows)
+        return [
+            Item(row.id, data, rows, i) for i, (row, data) in enumerate(zip(header.rows, blobs, strict=True))
+        ]
+
+    def cancel(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()  # its answer is unread: the connection cannot be reused
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise ConnectionResetError("the sidecar closed the fd socket mid-answer")
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
 class _Connection:
     """The httpx client, created on the loop that uses it (kept apart from _Live so closing it on
     garbage collection does not keep _Live alive)."""
@@ -256,8 +430,20 @@ class _Live:
         self.pid = os.getpid()
         self.loop = LoopThread("sluicegate-client")
         self.connection = _Connection(address)
+        self.fds = _fd_pool(address)
         self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
         close_on_collect(self, self.loop, self.connection.aclose)
+        if self.fds is not None:
+            weakref.finalize(self, self.fds.close)
+
+
+def _fd_pool(address: str) -> _FdPool | None:
+    """The fd socket beside a unix socket address, where the sidecar serves one (see :mod:`._protocol`)."""
+    parsed = urlparse(address)
+    if parsed.scheme != "unix" or not hasattr(socket, "SCM_RIGHTS"):
+        return None
+    path = (parsed.path or parsed.netloc) + proto.FD_SOCKET_SUFFIX
+    return _FdPool(path) if os.path.exists(path) else None
 
 
 class RemoteSource(Source):
@@ -276,6 +462,11 @@ class RemoteSource(Source):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._live = None
+
+    @property
+    def timeout(self) -> float:
+        """How long a request waits for a sidecar that is unreachable or not ready."""
+        return self._timeout
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -374,13 +565,15 @@ class RemoteSource(Source):
         return np.asarray(proto.SelectResponse.model_validate_json(response.content).indexes, dtype=np.int64)
 
     def fetch(self, positions: Positions, readahead: Positions) -> Pending:
+        live = self._running()
         body = proto.BatchRequest(
             indexes=positions.tolist(),
             readahead=readahead[: 16 * proto.MAX_BATCH_ITEMS].tolist(),
-            client=self._running().id,
+            client=live.id,
         ).model_dump_json()
-
-        return _RemotePending(self._running().loop.submit(self._post_batch(body.encode())), self)
+        if live.fds is not None:
+            return _FdPending(self, live.fds, body.encode())
+        return _RemotePending(live.loop.submit(self._post_batch(body.encode())), self)
 
     def describe(self) -> str:
         info = self._info
@@ -391,6 +584,8 @@ class RemoteSource(Source):
         live, self._live = self._live, None
         if live is not None:
             live.loop.close(live.connection.aclose)
+            if live.fds is not None:
+                live.fds.close()
 
 
 def _error_body(status: int, content: bytes) -> proto.ErrorBody:

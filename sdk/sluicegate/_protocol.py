@@ -10,6 +10,14 @@ up with a training loop (see ARCHITECTURE "Speed"). A batch body (``BATCH_CONTEN
     N bytes         BatchHeader as JSON: one manifest row per item (keys are manifest column names)
     ...             the items' bytes, concatenated in header order; item i is ``rows[i]["size"]`` long
 
+Beside each unix socket ``PATH`` the sidecar serves, ``PATH`` + :data:`FD_SOCKET_SUFFIX` takes the same
+batch requests without HTTP and answers with the items' bytes in a memory file (``memfd``) whose descriptor
+travels with the answer (``SCM_RIGHTS``): the bytes are copied once into it and once out of it, never
+through the socket. Both directions are frames (``u32`` big-endian length, then JSON): a
+:class:`BatchRequest`, answered by an :class:`FdAnswer`; an answer with a header carries the descriptor in
+its first message, and the file holds the items' bytes concatenated in header order. A trainer that shares
+the pod's volume with its sidecar uses it; everything else (TCP, no ``memfd``) uses HTTP.
+
 Indexes on the wire are positions in the sidecar's shard in *assignment* order (``0 .. items-1``); the
 epoch order is computed on both sides by the pure functions of :mod:`sluicegate._partition`.
 """
@@ -28,11 +36,13 @@ from ._partition import Remainder
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
+    "FD_SOCKET_SUFFIX",
     "MAX_BATCH_ITEMS",
     "BatchHeader",
     "BatchRequest",
     "ErrorBody",
     "ErrorCode",
+    "FdAnswer",
     "Info",
     "Paths",
     "SelectRequest",
@@ -40,12 +50,17 @@ __all__ = [
     "StreamParams",
     "WireRow",
     "decode_batch",
+    "encode_fd_answer",
     "encode_header",
+    "frame",
+    "frame_length",
 ]
 
 BATCH_CONTENT_TYPE = "application/x-sluicegate-batch"
 MAX_BATCH_ITEMS = 4096  # bounds one response's size and the server's memory per request
 _LEN = struct.Struct(">I")
+FD_SOCKET_SUFFIX = ".fd"
+MAX_FRAME = 4 * 2**20  # a request frame (indexes and read-ahead of one batch) is far smaller
 
 
 class Paths:
@@ -172,3 +187,29 @@ def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[bytes]]:
     if end != len(body):
         raise ValueError(f"batch body is {len(body)} bytes but its header accounts for {end}")
     return header, blobs
+
+
+class FdAnswer(BaseModel):
+    """An fd socket answer: ``header`` (and a descriptor) on success, else ``status`` and ``error``."""
+
+    status: int = 200
+    header: BatchHeader | None = None
+    error: ErrorBody | None = None
+
+
+def frame(payload: bytes) -> bytes:
+    return _LEN.pack(len(payload)) + payload
+
+
+def frame_length(prefix: bytes | bytearray) -> int:
+    """The payload length a frame's first four bytes announce; ValueError past :data:`MAX_FRAME`."""
+    (n,) = _LEN.unpack_from(prefix)
+    if n > MAX_FRAME:
+        raise ValueError(f"a frame of {n} bytes exceeds the limit of {MAX_FRAME}")
+    return int(n)
+
+
+def encode_fd_answer(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
+    """A framed successful :class:`FdAnswer` (rows as in :func:`encode_header`)."""
+    raw = json.dumps({"status": 200, "header": {"version": version, "rows": rows}}, separators=(",", ":"))
+    return frame(raw.encode())

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,7 @@ from sluicegate._store import Store
 
 from .broker import BrokerClient, BrokerRefused, BrokerUpstream, plan_of
 from .config import SidecarConfig
+from .fdsocket import FdServer, memory_file
 from .metrics import SidecarCollector
 
 __all__ = ["Sidecar"]
@@ -57,6 +60,28 @@ _STATUS: tuple[tuple[type[Exception], int, proto.ErrorCode], ...] = (
     (NotFoundError, 502, proto.ErrorCode.UPSTREAM),
     (StoreError, 502, proto.ErrorCode.UPSTREAM),
 )
+
+
+def _error_of(exc: Exception, what: str) -> tuple[int, proto.ErrorBody]:
+    """The status and error body that answer a request that raised ``exc`` (HTTP and the fd socket)."""
+    if isinstance(exc, _NotReady):
+        return 503, proto.ErrorBody(code=proto.ErrorCode.NOT_READY, message=str(exc))
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return 400, proto.ErrorBody(
+            code=proto.ErrorCode.BAD_REQUEST, message=f"malformed request: {problems}"
+        )
+    if isinstance(exc, SluicegateError):
+        for kind, status, code in _STATUS:
+            if isinstance(exc, kind):
+                return status, proto.ErrorBody(code=code, message=str(exc))
+        log.exception("request %s failed", what)
+        return 500, proto.ErrorBody(code=proto.ErrorCode.INTERNAL, message=str(exc))
+    log.exception("request %s failed", what)
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    return 500, proto.ErrorBody(code=proto.ErrorCode.INTERNAL, message=message)
 
 
 def _error(status: int, code: proto.ErrorCode, message: str) -> web.Response:
@@ -107,6 +132,7 @@ class Sidecar:
         )
         self._orders: OrderedDict[tuple[int, int, int], _partition.Positions] = OrderedDict()
         self._runner: web.AppRunner | None = None
+        self._fd_servers: list[FdServer] = []
         self._loading: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.failure: str | None = None  # why the plan is not loaded (yet)
@@ -213,26 +239,13 @@ class Sidecar:
             response = _error(
                 exc.status, proto.ErrorCode.BAD_REQUEST, f"{request.method} {request.path}: {exc.reason}"
             )
-        except _NotReady as exc:
-            response = _error(503, proto.ErrorCode.NOT_READY, str(exc))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-            )
-            response = _error(400, proto.ErrorCode.BAD_REQUEST, f"malformed request: {problems}")
-        except SluicegateError as exc:
-            for kind, status, code in _STATUS:
-                if isinstance(exc, kind):
-                    response = _error(status, code, str(exc))
-                    break
-            else:
-                log.exception("request %s %s failed", request.method, request.path)
-                response = _error(500, proto.ErrorCode.INTERNAL, str(exc))
         except (asyncio.CancelledError, ConnectionResetError):
             raise  # the client went away mid-response; nothing to answer
         except Exception as exc:
-            log.exception("request %s %s failed", request.method, request.path)
-            response = _error(500, proto.ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            status, body = _error_of(exc, f"{request.method} {request.path}")
+            response = web.Response(
+                status=status, text=body.model_dump_json(), content_type="application/json"
+            )
         self.requests[(path, response.status)] += 1
         return response
 
@@ -297,16 +310,17 @@ class Sidecar:
             content_type="application/json",
         )
 
-    async def _serve(
+    async def _payload(
         self,
-        request: web.Request,
         indexes: Sequence[int],
         readahead: Sequence[int],
         client: str,
         upcoming: Sequence[int] | _partition.Positions | None = None,
-    ) -> web.StreamResponse:
-        """``upcoming``: the positions the client reads from here on, as far as known (default: the
-        requested and the read-ahead ones)."""
+    ) -> tuple[proto.Info, list[dict[str, Any]], list[bytes]]:
+        """The rows and bytes of ``indexes``, with ``readahead`` announced for ``client``.
+
+        ``upcoming``: the positions the client reads from here on, as far as known (default: the requested
+        and the read-ahead ones)."""
         plan, info = self._ready()
         n = len(plan)
         for index in (*indexes, *readahead):
@@ -315,18 +329,28 @@ class Sidecar:
                     f"index {index} is outside this sidecar's shard: it holds {n} items (0..{n - 1}) "
                     f"for rank {info.rank} of {info.world_size}"
                 )
-        client = client or str(id(request.transport))
         if self.broker is not None:
             fetching = len(indexes) + len(readahead)
             self.broker.expect(client, [*indexes, *readahead] if upcoming is None else upcoming, fetching)
         ahead = (client, plan.refs(readahead)) if readahead else None
-        if indexes:
-            blobs = await self.engine.get_many(plan.refs(indexes), ahead)
-        else:
-            blobs = []
+        if not indexes:
             if ahead is not None:
                 self.engine.readahead(*ahead)
-        header = proto.encode_header(info.version, plan.rows(indexes) if indexes else [])
+            return info, [], []
+        blobs = await self.engine.get_many(plan.refs(indexes), ahead)
+        return info, plan.rows(indexes), blobs
+
+    async def _serve(
+        self,
+        request: web.Request,
+        indexes: Sequence[int],
+        readahead: Sequence[int],
+        client: str,
+        upcoming: Sequence[int] | _partition.Positions | None = None,
+    ) -> web.StreamResponse:
+        client = client or str(id(request.transport))
+        info, rows, blobs = await self._payload(indexes, readahead, client, upcoming)
+        header = proto.encode_header(info.version, rows)
         response = web.StreamResponse(headers={"Content-Type": proto.BATCH_CONTENT_TYPE})
         response.content_length = len(header) + sum(len(b) for b in blobs)
         _widen_send_buffer(request)
@@ -341,6 +365,26 @@ class Sidecar:
                 await response.write(view[start : start + _WRITE_SLICE])
         await response.write_eof()
         return response
+
+    async def _fd_batch(self, body: bytes) -> tuple[bytes, list[bytes]]:
+        """One request on the fd socket: the framed answer, and the bytes its memory file holds."""
+        path = "fd:" + proto.Paths.BATCH
+        try:
+            request = proto.BatchRequest.model_validate_json(body)
+            info, rows, blobs = await self._payload(
+                request.indexes, request.readahead, request.client or "fd-socket"
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            status, error = _error_of(exc, path)
+            self.requests[(path, status)] += 1
+            return proto.frame(proto.FdAnswer(status=status, error=error).model_dump_json().encode()), []
+        self.requests[(path, 200)] += 1
+        return proto.encode_fd_answer(info.version, rows), blobs
+
+    async def _memory_file(self, blobs: Sequence[bytes], fd: int | None) -> int:
+        return await self.engine.workers.run(memory_file, blobs, fd)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -371,6 +415,10 @@ class Sidecar:
                 site: web.BaseSite = web.UnixSite(self._runner, str(listen.path))
                 await site.start()
                 addresses.append(f"unix://{listen.path}")
+                if hasattr(os, "memfd_create"):
+                    fds = FdServer(_fd_path(listen.path), self._fd_batch, self._memory_file)
+                    await fds.start()
+                    self._fd_servers.append(fds)
             else:
                 site = web.TCPSite(self._runner, listen.host, listen.port)
                 await site.start()
@@ -385,6 +433,9 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace period), then stop the engine."""
+        for fds in self._fd_servers:
+            await fds.stop()
+        self._fd_servers.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -424,6 +475,10 @@ def _widen_send_buffer(request: web.Request) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+
+
+def _fd_path(path: Path) -> Path:
+    return path.with_name(path.name + proto.FD_SOCKET_SUFFIX)
 
 
 def _host(sock: Any) -> str:

@@ -1,0 +1,95 @@
+"""The fd socket: batches whose bytes come in a memory file, for a trainer beside its sidecar."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sluicegate
+from sluicegate import ItemNotInShard
+from sluicegate import _protocol as proto
+
+from tests.sidecar.helpers import InProcessSidecar, make_dataset
+
+N = 41
+
+
+def _start(tmp_path: Path, size: int = 3000) -> tuple[InProcessSidecar, dict[str, bytes], Path]:
+    uri = str(tmp_path / "ds")
+    expected = make_dataset(uri, N, size=size)
+    sock = tmp_path / "run" / "sidecar.sock"
+    return InProcessSidecar(["--store", uri, "--listen", f"unix://{sock}"]), expected, sock
+
+
+def _ask(path: Path, payload: bytes) -> tuple[proto.FdAnswer, int | None, socket.socket]:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(10)
+    conn.connect(str(path))
+    conn.sendall(struct.pack(">I", len(payload)) + payload)
+    data, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4))
+    fds = [array.array("i", p[:4])[0] for level, kind, p in ancillary if kind == socket.SCM_RIGHTS]
+    while len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+        data += conn.recv(1 << 20)
+    return proto.FdAnswer.model_validate_json(data[4:]), (fds[0] if fds else None), conn
+
+
+def test_a_trainer_beside_its_sidecar_gets_batches_through_the_fd_socket(tmp_path: Path) -> None:
+    sidecar, expected, sock = _start(tmp_path)
+    with sidecar as sc:
+        assert (sock.parent / (sock.name + proto.FD_SOCKET_SUFFIX)).exists()
+        ds = sluicegate.connect(f"unix://{sock}")
+        assert {i.id: i.data for i in ds} == expected
+        assert [i.id for i in ds.get_many([3, 1, 3])] == [ds[3].id, ds[1].id, ds[3].id]
+        loader = ds.to_pytorch(iterable=True).loader(batch_size=8, num_workers=2)  # forked workers
+        assert sorted(i for batch in loader for i in batch["id"]) == sorted(expected)
+        ds.close()
+        assert sc.sidecar is not None
+        assert sc.sidecar.requests[("fd:" + proto.Paths.BATCH, 200)] > 0
+        assert sc.sidecar.requests[(proto.Paths.BATCH, 200)] == 0  # no batch went over HTTP
+
+
+def test_bad_requests_on_the_fd_socket_get_a_clear_answer_and_serving_goes_on(tmp_path: Path) -> None:
+    sidecar, expected, sock = _start(tmp_path)
+    fd_path = sock.parent / (sock.name + proto.FD_SOCKET_SUFFIX)
+    with sidecar:
+        ds = sluicegate.connect(f"unix://{sock}")
+        len(ds)  # ready
+        cases = [
+            (b"{not json", 400, "bad_request", "malformed request"),
+            (json.dumps({"indexes": [1], "bogus": 1}).encode(), 400, "bad_request", "bogus"),
+            (json.dumps({"indexes": [0, 99]}).encode(), 404, "not_in_shard", "index 99"),
+        ]
+        for payload, status, code, text in cases:
+            answer, fd, conn = _ask(fd_path, payload)
+            conn.close()
+            assert fd is None
+            assert answer.status == status
+            assert answer.error is not None
+            assert answer.error.code == code
+            assert text in answer.error.message
+        # A frame longer than any request: the connection is dropped, nothing else happens.
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(10)
+        conn.connect(str(fd_path))
+        conn.sendall(struct.pack(">I", 2**31) + b"x" * 100)
+        with contextlib.suppress(ConnectionResetError):  # reset: the sidecar did not read the rest
+            assert conn.recv(10) == b""
+        conn.close()
+        with pytest.raises(ItemNotInShard, match="outside"):
+            ds.source.fetch(np.array([1000]), np.array([], dtype=np.int64)).result()
+        answer, fd, conn = _ask(fd_path, json.dumps({"indexes": [2]}).encode())
+        assert answer.header is not None
+        assert fd is not None
+        row = answer.header.rows[0]
+        assert os.pread(fd, row.size, 0) == expected[row.id]
+        os.close(fd)
+        conn.close()
+        assert {i.id for i in ds} == set(expected)
+        ds.close()
