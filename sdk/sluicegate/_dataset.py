@@ -12,38 +12,24 @@ indexes; iteration walks that order with read-ahead.
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
-import io
 import os
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Self, SupportsIndex
+from typing import Any, Self, SupportsIndex
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from . import _partition
-from ._engine import (
-    BlobRef,
-    Engine,
-    EngineConfig,
-    LoopThread,
-    Plan,
-    StoreUpstream,
-    close_on_collect,
-    engine_store,
-    read_manifest,
-)
+from ._engine import EngineConfig, engine_store
 from ._exceptions import ConfigError
-from ._manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
+from ._local import LocalSource
 from ._partition import Positions, Remainder
 from ._query import Query
-from ._store import S3Options, Store
-
-if TYPE_CHECKING:
-    from PIL import Image
+from ._remote import RemoteSource
+from ._source import Item, Pending, Source
+from ._store import S3Options
 
 __all__ = ["Dataset", "Item", "Source", "connect", "open"]
 
@@ -51,263 +37,6 @@ _FIRST_BATCH = 8  # a small first request keeps the time to the first item low
 _MAX_BATCH = 512
 _BATCH_BYTES = 16 * 2**20  # target bytes per request once item sizes are known
 _MIN_DEPTH = 2
-_LABELS, _META = len(LABEL_PREFIX), len(META_PREFIX)
-
-
-# -- items -------------------------------------------------------------------------------------------
-
-
-class Rows(ABC):
-    """Manifest rows of one batch, materialised on first access and shared by the batch's items."""
-
-    @abstractmethod
-    def row(self, i: int) -> dict[str, Any]: ...
-
-
-class ListRows(Rows):
-    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._rows = rows
-
-    def row(self, i: int) -> dict[str, Any]:
-        return dict(self._rows[i])
-
-
-class _PlanRows(Rows):
-    def __init__(self, plan: Plan, positions: Positions) -> None:
-        self._plan, self._positions = plan, positions
-        self._rows: list[dict[str, Any]] | None = None
-
-    def row(self, i: int) -> dict[str, Any]:
-        if self._rows is None:
-            self._rows = self._plan.rows(self._positions)
-        return self._rows[i]
-
-
-class Item:
-    """One item: its bytes and its manifest row (annotations, labels, metadata) built on first access."""
-
-    __slots__ = ("_i", "_record", "_rows", "data", "id")
-
-    def __init__(self, id: str, data: bytes, rows: Rows, i: int) -> None:
-        self.id = id
-        self.data = data
-        self._rows, self._i = rows, i
-        self._record: ItemRecord | None = None
-
-    @property
-    def row(self) -> dict[str, Any]:
-        """The raw manifest row (column name -> value)."""
-        return self._rows.row(self._i)
-
-    @property
-    def record(self) -> ItemRecord:
-        if self._record is None:
-            self._record = record_from_row(self.row)
-        return self._record
-
-    @property
-    def blob(self) -> str:
-        return str(self.row["blob"])
-
-    @property
-    def media_type(self) -> str:
-        return str(self.row["media_type"])
-
-    @property
-    def width(self) -> int | None:
-        value = self.row["width"]
-        return None if value is None else int(value)
-
-    @property
-    def height(self) -> int | None:
-        value = self.row["height"]
-        return None if value is None else int(value)
-
-    @property
-    def annotations(self) -> list[Annotation]:
-        # Most items of a classification set have none: skip building the record for them.
-        return self.record.annotations if self.row["annotations"] else []
-
-    @property
-    def labels(self) -> dict[str, int]:
-        """Instance count per label."""
-        if self._record is not None:
-            return self._record.labels
-        return {c[_LABELS:]: v for c, v in self.row.items() if v and c.startswith(LABEL_PREFIX)}
-
-    @property
-    def metadata(self) -> dict[str, bool | int | float | str]:
-        if self._record is not None:
-            return self._record.metadata
-        return {c[_META:]: v for c, v in self.row.items() if v is not None and c.startswith(META_PREFIX)}
-
-    def image(self) -> Image.Image:
-        """The bytes decoded as an image (PIL), decoded now, not cached."""
-        from PIL import Image
-
-        try:
-            img = Image.open(io.BytesIO(self.data))
-            img.load()
-        except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
-            raise ConfigError(
-                f"item {self.id!r} ({self.media_type}) is not an image PIL can decode: {exc}"
-            ) from exc
-        return img
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __repr__(self) -> str:
-        return f"Item(id={self.id!r}, {len(self.data)} bytes)"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Crossing a process boundary takes the row along, not the batch (or the whole manifest) behind it.
-        return (_restore_item, (self.id, self.data, self.row))
-
-
-def _restore_item(item_id: str, data: bytes, row: dict[str, Any]) -> Item:
-    return Item(item_id, data, ListRows([row]), 0)
-
-
-# -- sources -----------------------------------------------------------------------------------------
-
-
-class Pending(ABC):
-    """A batch on its way; :meth:`result` waits for it and builds the items in the caller's thread."""
-
-    @abstractmethod
-    def result(self) -> list[Item]: ...
-
-    @abstractmethod
-    def cancel(self) -> None: ...
-
-
-class Source(ABC):
-    """Where a Dataset's items come from: an embedded engine or a sidecar. Pickles without live state."""
-
-    @property
-    def rank(self) -> int:
-        """The rank the epoch order is drawn for when the dataset itself is not sharded."""
-        return 0
-
-    @property
-    def seed(self) -> int | None:
-        """The source's own shuffle seed (a sidecar's); None: no shuffle."""
-        return None
-
-    @property
-    @abstractmethod
-    def version(self) -> int: ...
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def select(self, queries: Sequence[str]) -> Positions:
-        """Positions (ascending) of the source's items that match every query."""
-
-    @abstractmethod
-    def fetch(self, positions: Positions, readahead: Positions) -> Pending:
-        """Start fetching ``positions``; ``readahead`` are the positions that will be asked for next."""
-
-    @abstractmethod
-    def describe(self) -> str: ...
-
-    def close(self) -> None:
-        return None
-
-
-class _LocalPending(Pending):
-    def __init__(
-        self, future: concurrent.futures.Future[list[bytes]], refs: list[BlobRef], rows: Rows
-    ) -> None:
-        self._future, self._refs, self._rows = future, refs, rows
-
-    def result(self) -> list[Item]:
-        blobs = self._future.result()
-        rows = self._rows
-        return [
-            Item(ref.item_id, data, rows, i)
-            for i, (ref, data) in enumerate(zip(self._refs, blobs, strict=True))
-        ]
-
-    def cancel(self) -> None:
-        self._future.cancel()
-
-
-class _Live:
-    """What a LocalSource holds while in use in one process: never pickled, rebuilt after fork."""
-
-    def __init__(self, store: Store, config: EngineConfig) -> None:
-        self.pid = os.getpid()
-        self.loop = LoopThread("sluicegate-engine")
-        self.engine = Engine(StoreUpstream(store), config)
-        close_on_collect(self, self.loop, self.engine.aclose)
-
-
-class LocalSource(Source):
-    """The embedded data path: the same :class:`Engine` the sidecar runs, on a private loop thread."""
-
-    def __init__(self, uri: str, s3: S3Options | None, version: int, config: EngineConfig) -> None:
-        self._uri, self._s3, self._version, self._config = uri, s3, version, config
-        self._store: Store | None = None
-        self._plan: Plan | None = None
-        self._live: _Live | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_uri": self._uri, "_s3": self._s3, "_version": self._version, "_config": self._config}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["_uri"], state["_s3"], state["_version"], state["_config"])  # type: ignore[misc]
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = engine_store(self._uri, self._s3)
-        return self._store
-
-    @property
-    def plan(self) -> Plan:
-        if self._plan is None:
-            self._plan = Plan(self._version, read_manifest(self.store, self._version))
-        return self._plan
-
-    def _running(self) -> _Live:
-        if self._live is None or self._live.pid != os.getpid():
-            # New, or a forked child: the parent's loop thread does not exist here.
-            self._live = _Live(self.store, self._config)
-        return self._live
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def engine(self) -> Engine:
-        return self._running().engine
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def select(self, queries: Sequence[str]) -> Positions:
-        return self.plan.select(queries)
-
-    def fetch(self, positions: Positions, readahead: Positions) -> Pending:
-        # ``readahead`` is not announced to the engine: the requests Dataset keeps in flight ahead of the
-        # consumer are this path's read-ahead already, and announcing them again costs a ref per item.
-        live = self._running()
-        plan = self.plan
-        refs = plan.refs(positions)
-        future = live.loop.submit(live.engine.get_many(refs))
-        return _LocalPending(future, refs, _PlanRows(plan, positions))
-
-    def describe(self) -> str:
-        return f"{self._uri} version {self._version}"
-
-    def close(self) -> None:
-        live, self._live = self._live, None
-        if live is not None:
-            live.loop.close(live.engine.aclose)
 
 
 # -- the dataset -------------------------------------------------------------------------------------
@@ -623,7 +352,6 @@ def connect(address: str | None = None, *, timeout: float = 60.0, prefetch: int 
     Waits up to ``timeout`` seconds for the sidecar to be ready. When several trainer processes share
     the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1), each gets its ``LOCAL_RANK``'s part of the shard.
     """
-    from ._client import RemoteSource
     from ._env import detect
 
     env = detect()

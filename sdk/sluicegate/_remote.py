@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -28,8 +27,6 @@ import numpy as np
 from pydantic import ValidationError
 
 from . import _protocol as proto
-from ._dataset import Item, Pending, Rows, Source
-from ._engine import LoopThread, close_on_collect
 from ._exceptions import (
     IntegrityError,
     ItemNotInShard,
@@ -39,6 +36,7 @@ from ._exceptions import (
     StreamError,
 )
 from ._partition import Positions
+from ._source import Item, Live, Pending, Rows, Source, live_here
 
 __all__ = ["RemoteSource"]
 
@@ -400,13 +398,15 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 class _Connection:
-    """The httpx client, created on the loop that uses it (kept apart from _Live so closing it on
-    garbage collection does not keep _Live alive)."""
+    """A RemoteSource's connections in one process: the httpx client (created on the loop that uses it),
+    the batch connections, the fd socket's pool where there is one, and the id read-ahead is kept under."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._client: httpx.AsyncClient | None = None
         self.batches = _BatchPool(address)
+        self.fds = _fd_pool(address)
+        self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -417,24 +417,12 @@ class _Connection:
         return self._client
 
     async def aclose(self) -> None:
+        if self.fds is not None:
+            self.fds.close()
         await self.batches.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-
-
-class _Live:
-    """What a RemoteSource holds while in use in one process: never pickled, rebuilt after fork."""
-
-    def __init__(self, address: str) -> None:
-        self.pid = os.getpid()
-        self.loop = LoopThread("sluicegate-client")
-        self.connection = _Connection(address)
-        self.fds = _fd_pool(address)
-        self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
-        close_on_collect(self, self.loop, self.connection.aclose)
-        if self.fds is not None:
-            weakref.finalize(self, self.fds.close)
 
 
 def _fd_pool(address: str) -> _FdPool | None:
@@ -454,7 +442,7 @@ class RemoteSource(Source):
         self.address = address
         self._timeout = timeout
         self._info: proto.Info | None = None
-        self._live: _Live | None = None
+        self._live: Live[_Connection] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"address": self.address, "_timeout": self._timeout, "_info": self._info}
@@ -470,14 +458,13 @@ class RemoteSource(Source):
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _running(self) -> _Live:
-        if self._live is None or self._live.pid != os.getpid():
-            self._live = _Live(self.address)
+    def _running(self) -> Live[_Connection]:
+        self._live = live_here(self._live, lambda: Live("sluicegate-client", _Connection(self.address)))
         return self._live
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """A control request through httpx, retried like every request (see :meth:`_retrying`)."""
-        connection = self._running().connection
+        connection = self._running().resource
 
         async def send() -> tuple[int, bytes, httpx.Response]:
             response = await connection.client().request(method, path, **kwargs)
@@ -487,7 +474,7 @@ class RemoteSource(Source):
 
     async def _post_batch(self, body: bytes) -> bytearray:
         """POST a batch request through the fast body reader."""
-        pool = self._running().connection.batches
+        pool = self._running().resource.batches
 
         async def send() -> tuple[int, bytearray, bytearray]:
             status, content = await pool.post(proto.Paths.BATCH, body)
@@ -569,10 +556,10 @@ class RemoteSource(Source):
         body = proto.BatchRequest(
             indexes=positions.tolist(),
             readahead=readahead[: 16 * proto.MAX_BATCH_ITEMS].tolist(),
-            client=live.id,
+            client=live.resource.id,
         ).model_dump_json()
-        if live.fds is not None:
-            return _FdPending(self, live.fds, body.encode())
+        if live.resource.fds is not None:
+            return _FdPending(self, live.resource.fds, body.encode())
         return _RemotePending(live.loop.submit(self._post_batch(body.encode())), self)
 
     def describe(self) -> str:
@@ -583,9 +570,7 @@ class RemoteSource(Source):
     def close(self) -> None:
         live, self._live = self._live, None
         if live is not None:
-            live.loop.close(live.connection.aclose)
-            if live.fds is not None:
-                live.fds.close()
+            live.close()
 
 
 def _error_body(status: int, content: bytes) -> proto.ErrorBody:

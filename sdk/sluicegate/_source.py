@@ -1,0 +1,206 @@
+"""The seam between a Dataset and where its items come from (httpx's transport pattern).
+
+A :class:`Source` fetches batches of items by position; :mod:`._local` is the embedded engine and
+:mod:`._remote` a pod's sidecar. Both hold their live state (a loop thread, connections) in a
+:class:`Live`, which is never pickled, is rebuilt in a forked child (a DataLoader worker) and closes itself
+when garbage collected.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from ._engine import LoopThread, close_on_collect
+from ._exceptions import ConfigError
+from ._manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
+from ._partition import Positions
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["Item", "ListRows", "Live", "Pending", "Rows", "Source"]
+
+_LABELS, _META = len(LABEL_PREFIX), len(META_PREFIX)
+
+
+# -- items -------------------------------------------------------------------------------------------
+
+
+class Rows(ABC):
+    """Manifest rows of one batch, materialised on first access and shared by the batch's items."""
+
+    @abstractmethod
+    def row(self, i: int) -> dict[str, Any]: ...
+
+
+class ListRows(Rows):
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._rows = rows
+
+    def row(self, i: int) -> dict[str, Any]:
+        return dict(self._rows[i])
+
+
+class Item:
+    """One item: its bytes and its manifest row (annotations, labels, metadata) built on first access."""
+
+    __slots__ = ("_i", "_record", "_rows", "data", "id")
+
+    def __init__(self, id: str, data: bytes, rows: Rows, i: int) -> None:
+        self.id = id
+        self.data = data
+        self._rows, self._i = rows, i
+        self._record: ItemRecord | None = None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The raw manifest row (column name -> value)."""
+        return self._rows.row(self._i)
+
+    @property
+    def record(self) -> ItemRecord:
+        if self._record is None:
+            self._record = record_from_row(self.row)
+        return self._record
+
+    @property
+    def blob(self) -> str:
+        return str(self.row["blob"])
+
+    @property
+    def media_type(self) -> str:
+        return str(self.row["media_type"])
+
+    @property
+    def width(self) -> int | None:
+        value = self.row["width"]
+        return None if value is None else int(value)
+
+    @property
+    def height(self) -> int | None:
+        value = self.row["height"]
+        return None if value is None else int(value)
+
+    @property
+    def annotations(self) -> list[Annotation]:
+        # Most items of a classification set have none: skip building the record for them.
+        return self.record.annotations if self.row["annotations"] else []
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Instance count per label."""
+        if self._record is not None:
+            return self._record.labels
+        return {c[_LABELS:]: v for c, v in self.row.items() if v and c.startswith(LABEL_PREFIX)}
+
+    @property
+    def metadata(self) -> dict[str, bool | int | float | str]:
+        if self._record is not None:
+            return self._record.metadata
+        return {c[_META:]: v for c, v in self.row.items() if v is not None and c.startswith(META_PREFIX)}
+
+    def image(self) -> Image.Image:
+        """The bytes decoded as an image (PIL), decoded now, not cached."""
+        from PIL import Image
+
+        try:
+            img = Image.open(io.BytesIO(self.data))
+            img.load()
+        except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+            raise ConfigError(
+                f"item {self.id!r} ({self.media_type}) is not an image PIL can decode: {exc}"
+            ) from exc
+        return img
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Item(id={self.id!r}, {len(self.data)} bytes)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crossing a process boundary takes the row along, not the batch (or the whole manifest) behind it.
+        return (_restore_item, (self.id, self.data, self.row))
+
+
+def _restore_item(item_id: str, data: bytes, row: dict[str, Any]) -> Item:
+    return Item(item_id, data, ListRows([row]), 0)
+
+
+# -- sources -----------------------------------------------------------------------------------------
+
+
+class Pending(ABC):
+    """A batch on its way; :meth:`result` waits for it and builds the items in the caller's thread."""
+
+    @abstractmethod
+    def result(self) -> list[Item]: ...
+
+    @abstractmethod
+    def cancel(self) -> None: ...
+
+
+class Source(ABC):
+    """Where a Dataset's items come from: an embedded engine or a sidecar. Pickles without live state."""
+
+    @property
+    def rank(self) -> int:
+        """The rank the epoch order is drawn for when the dataset itself is not sharded."""
+        return 0
+
+    @property
+    def seed(self) -> int | None:
+        """The source's own shuffle seed (a sidecar's); None: no shuffle."""
+        return None
+
+    @property
+    @abstractmethod
+    def version(self) -> int: ...
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def select(self, queries: Sequence[str]) -> Positions:
+        """Positions (ascending) of the source's items that match every query."""
+
+    @abstractmethod
+    def fetch(self, positions: Positions, readahead: Positions) -> Pending:
+        """Start fetching ``positions``; ``readahead`` are the positions that will be asked for next."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    def close(self) -> None:
+        return None
+
+
+class _Closable(Protocol):
+    def aclose(self) -> Coroutine[Any, Any, None]: ...
+
+
+R = TypeVar("R", bound=_Closable)
+
+
+class Live(Generic[R]):
+    """What a source holds while in use in one process: a loop thread and ``resource`` (closed on it)."""
+
+    def __init__(self, name: str, resource: R) -> None:
+        self.pid = os.getpid()
+        self.loop = LoopThread(name)
+        self.resource = resource
+        close_on_collect(self, self.loop, resource.aclose)
+
+    def close(self) -> None:
+        self.loop.close(self.resource.aclose)
+
+
+def live_here(current: Live[R] | None, make: Callable[[], Live[R]]) -> Live[R]:
+    """``current`` if it belongs to this process, else a new one (a forked child has no loop thread)."""
+    if current is None or current.pid != os.getpid():
+        return make()
+    return current
