@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -72,10 +73,20 @@ class MemoryCache:
         return [*self._consumed, *self._fresh]
 
 
-class DiskCache:
-    """Blobs as files ``<dir>/<sha256>`` under a byte budget (LRU); re-verified on every read.
+_BLOCK = 4096
 
-    Blocking; the engine calls it from worker threads. Files left by an earlier run are adopted.
+
+def _on_disk(size: int) -> int:
+    """What a file of ``size`` bytes takes on disk (whole blocks): what an emptyDir's sizeLimit counts."""
+    return -(-size // _BLOCK) * _BLOCK
+
+
+class DiskCache:
+    """Blobs as files ``<dir>/<sha256>`` under a byte budget (LRU) counted in disk blocks, so a volume
+    sized to the budget never fills; re-verified on every read.
+
+    Blocking; the engine calls it from worker threads. Files left by an earlier run are adopted, and the
+    temporary files of writes it did not finish (a crash) are removed.
     """
 
     def __init__(self, root: Path, budget: int) -> None:
@@ -88,11 +99,15 @@ class DiskCache:
     def _entries(self) -> OrderedDict[str, int]:
         if self._index is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            found = sorted(
-                (p.stat().st_mtime, p.name, p.stat().st_size)
-                for p in self.root.iterdir()
-                if p.is_file() and len(p.name) == 64
-            )
+            found = []
+            for entry in os.scandir(self.root):
+                if entry.name.startswith("."):  # a temporary file: its write never finished
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                elif len(entry.name) == 64 and entry.is_file():
+                    stat = entry.stat()
+                    found.append((stat.st_mtime, entry.name, _on_disk(stat.st_size)))
+            found.sort()
             self._index = OrderedDict((name, size) for _, name, size in found)
             self.nbytes = sum(self._index.values())
         return self._index
@@ -103,7 +118,11 @@ class DiskCache:
                 return None
             self._entries().move_to_end(sha)
         try:
-            data = (self.root / sha).read_bytes()
+            fd = os.open(f"{self.root}/{sha}", os.O_RDONLY)
+            try:
+                data = os.read(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
         except OSError:
             data = b""
         if hashlib.sha256(data).hexdigest() != sha:
@@ -113,19 +132,20 @@ class DiskCache:
 
     def put(self, sha: str, data: bytes) -> int:
         """Store ``data``; returns how many files were evicted."""
-        if len(data) > self.budget:
+        size = _on_disk(len(data))
+        if size > self.budget:
             return 0
         with self._lock:
             entries = self._entries()
             if sha in entries:
                 return 0
             victims = []
-            while entries and self.nbytes + len(data) > self.budget:
-                old, size = entries.popitem(last=False)
-                self.nbytes -= size
+            while entries and self.nbytes + size > self.budget:
+                old, old_size = entries.popitem(last=False)
+                self.nbytes -= old_size
                 victims.append(old)
-            entries[sha] = len(data)
-            self.nbytes += len(data)
+            entries[sha] = size
+            self.nbytes += size
         for old in victims:
             (self.root / old).unlink(missing_ok=True)
         tmp = self.root / f".{sha}.{os.getpid()}.{threading.get_ident()}"

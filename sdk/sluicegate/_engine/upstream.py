@@ -38,6 +38,7 @@ __all__ = [
     "engine_store",
     "fetch_each",
     "forked",
+    "split",
     "transient",
 ]
 
@@ -164,7 +165,7 @@ def _read_fd(fd: int, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
+def split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
     """Contiguous, near-equal parts (at most ``parts``, none empty)."""
     n = len(items)
     parts = max(1, min(parts, n))
@@ -174,7 +175,7 @@ def _split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
 
 async def read_files(root: str, refs: Sequence[BlobRef], workers: Workers) -> list[Outcome]:
     """Local blobs read and hashed over the workers, one hand-off per worker."""
-    shares = await asyncio.gather(*(workers.run(_read_files, root, s) for s in _split(refs, workers.threads)))
+    shares = await asyncio.gather(*(workers.run(_read_files, root, s) for s in split(refs, workers.threads)))
     return [outcome for share in shares for outcome in share]
 
 
@@ -216,7 +217,7 @@ async def fetch_each(
     fan_out = min(len(refs), limits.concurrency)
     await asyncio.gather(*(worker() for _ in range(fan_out)))
     shares = await asyncio.gather(
-        *(limits.workers.run(_hash_all, s) for s in _split(raws, limits.workers.threads))
+        *(limits.workers.run(_hash_all, s) for s in split(raws, limits.workers.threads))
     )
     return [outcome for share in shares for outcome in share]
 
