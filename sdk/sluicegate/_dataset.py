@@ -27,7 +27,7 @@ from ._exceptions import ConfigError
 from ._local import LocalSource
 from ._partition import Positions, Remainder
 from ._query import Query
-from ._remote import RemoteSource
+from ._remote import BATCH_TIMEOUT_S, RemoteSource
 from ._source import Item, Pending, Source
 from ._store import S3Options
 
@@ -346,11 +346,19 @@ def open(
     return ds.slice(query) if query else ds
 
 
-def connect(address: str | None = None, *, timeout: float = 60.0, prefetch: int = 64 * 2**20) -> Dataset:
+def connect(
+    address: str | None = None,
+    *,
+    timeout: float = 60.0,
+    batch_timeout: float = BATCH_TIMEOUT_S,
+    prefetch: int = 64 * 2**20,
+) -> Dataset:
     """The pod's shard, served by its sidecar at ``address`` (default: ``$SLUICEGATE_ADDRESS``).
 
-    Waits up to ``timeout`` seconds for the sidecar to be ready. When several trainer processes share
-    the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1), each gets its ``LOCAL_RANK``'s part of the shard.
+    Waits up to ``timeout`` seconds for the sidecar to be ready (and for one that restarts); a batch that
+    takes longer than ``batch_timeout`` seconds to arrive raises :class:`SidecarUnavailable` instead of
+    hanging the trainer. When several trainer processes share the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1),
+    each gets its ``LOCAL_RANK``'s part of the shard.
     """
     from ._env import detect
 
@@ -361,7 +369,7 @@ def connect(address: str | None = None, *, timeout: float = 60.0, prefetch: int 
             "no sidecar address: pass connect(address) or set SLUICEGATE_ADDRESS (unix:///PATH or "
             "http://127.0.0.1:PORT); without a sidecar use sluicegate.open(URI)"
         )
-    source = RemoteSource(target, timeout=timeout)
+    source = RemoteSource(target, timeout=timeout, batch_timeout=batch_timeout)
     source.wait_ready()
     ds = Dataset(source, seed=source.seed, prefetch=prefetch)
     if env.local_world_size > 1:

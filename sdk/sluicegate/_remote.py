@@ -38,12 +38,13 @@ from ._exceptions import (
 from ._partition import Positions
 from ._source import Item, Live, Pending, Rows, Source, live_here
 
-__all__ = ["RemoteSource"]
+__all__ = ["BATCH_TIMEOUT_S", "RemoteSource"]
 
 R = TypeVar("R")
 Buffer = bytes | bytearray
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_FD_TIMEOUT_S = 300.0  # one answer on the fd socket, as for HTTP: a cold batch from a slow store takes long
+# How long one batch may take to arrive: a cold batch from a slow store takes long, a stalled sidecar forever.
+BATCH_TIMEOUT_S = 300.0
 
 _ERRORS: dict[proto.ErrorCode, type[Exception]] = {
     proto.ErrorCode.NOT_IN_SHARD: ItemNotInShard,
@@ -238,8 +239,9 @@ class _FdPool:
     consumer each hold one; no loop thread is involved.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout_s: float) -> None:
         self.path = path
+        self._timeout_s = timeout_s
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -249,7 +251,7 @@ class _FdPool:
                 return self._idle.pop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(_FD_TIMEOUT_S)
+            sock.settimeout(self._timeout_s)
             sock.connect(self.path)
         except BaseException:
             sock.close()
@@ -298,6 +300,8 @@ class _FdPending(Pending):
                 if self._sock is None:
                     self._sock = self._send()
                 answer, fd, sock = self._receive()
+            except TimeoutError:  # not retried: a stalled sidecar would stall again
+                raise self._source.stalled(f"a batch on {self._pool.path}") from None
             except OSError as exc:
                 self._pool.close()  # the other idle connections went the same way
                 reason = f"{type(exc).__name__}: {exc}"
@@ -401,11 +405,11 @@ class _Connection:
     """A RemoteSource's connections in one process: the httpx client (created on the loop that uses it),
     the batch connections, the fd socket's pool where there is one, and the id read-ahead is kept under."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, batch_timeout: float) -> None:
         self.address = address
         self._client: httpx.AsyncClient | None = None
         self.batches = _BatchPool(address)
-        self.fds = _fd_pool(address)
+        self.fds = _fd_pool(address, batch_timeout)
         self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
 
     def client(self) -> httpx.AsyncClient:
@@ -425,27 +429,40 @@ class _Connection:
             self._client = None
 
 
-def _fd_pool(address: str) -> _FdPool | None:
+def _fd_pool(address: str, timeout_s: float) -> _FdPool | None:
     """The fd socket beside a unix socket address, where the sidecar serves one (see :mod:`._protocol`)."""
     parsed = urlparse(address)
     if parsed.scheme != "unix" or not hasattr(socket, "SCM_RIGHTS"):
         return None
     path = (parsed.path or parsed.netloc) + proto.FD_SOCKET_SUFFIX
-    return _FdPool(path) if os.path.exists(path) else None
+    return _FdPool(path, timeout_s) if os.path.exists(path) else None
 
 
 class RemoteSource(Source):
     """A sidecar's shard as a Dataset source. Pickles as its address and info; reconnects on use."""
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, timeout: float = 60.0, batch_timeout: float = BATCH_TIMEOUT_S) -> None:
         _transport(address)  # reject a malformed address now, not on first read
         self.address = address
         self._timeout = timeout
+        self.batch_timeout = batch_timeout
         self._info: proto.Info | None = None
         self._live: Live[_Connection] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"address": self.address, "_timeout": self._timeout, "_info": self._info}
+        return {
+            "address": self.address,
+            "_timeout": self._timeout,
+            "batch_timeout": self.batch_timeout,
+            "_info": self._info,
+        }
+
+    def stalled(self, what: str) -> SidecarUnavailable:
+        return SidecarUnavailable(
+            f"the sidecar at {self.address} sent no complete answer to {what} within "
+            f"{self.batch_timeout:g}s; it is stalled (check the sidecar container's log and its store), "
+            "or raise batch_timeout in sluicegate.connect() for a store this slow"
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -459,7 +476,9 @@ class RemoteSource(Source):
     # -- plumbing ------------------------------------------------------------------------------
 
     def _running(self) -> Live[_Connection]:
-        self._live = live_here(self._live, lambda: Live("sluicegate-client", _Connection(self.address)))
+        self._live = live_here(
+            self._live, lambda: Live("sluicegate-client", _Connection(self.address, self.batch_timeout))
+        )
         return self._live
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -477,7 +496,11 @@ class RemoteSource(Source):
         pool = self._running().resource.batches
 
         async def send() -> tuple[int, bytearray, bytearray]:
-            status, content = await pool.post(proto.Paths.BATCH, body)
+            try:
+                async with asyncio.timeout(self.batch_timeout):
+                    status, content = await pool.post(proto.Paths.BATCH, body)
+            except TimeoutError:  # not retried: a stalled sidecar would stall again
+                raise self.stalled(f"POST {proto.Paths.BATCH}") from None
             return status, content, content
 
         return await self._retrying(f"POST {proto.Paths.BATCH}", send)
