@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,23 +21,14 @@ from sluicegate._engine import EngineConfig
 from sluicegate._env import detect
 from sluicegate._exceptions import ConfigError
 from sluicegate._partition import Remainder
+from sluicegate._quantity import parse_bytes
 
 __all__ = ["Listen", "SidecarConfig", "parse_args", "quantity"]
 
 
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
-_UNITS = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "K": 10**3, "M": 10**6}
-_UNITS |= {"G": 10**9, "T": 10**12}
-
-
 def quantity(value: str | int) -> int:
-    """Bytes from a Kubernetes quantity (``512Mi``, ``2G``) or a plain number."""
-    if isinstance(value, int):
-        return value
-    m = _QUANTITY.match(value)
-    if m is None:
-        raise ValueError(f"{value!r} is not a byte quantity; write e.g. 536870912, 512Mi or 2Gi")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    """Bytes from a Kubernetes quantity (``512Mi``, ``2G``) or a plain number: the CRD's own grammar."""
+    return parse_bytes(value)
 
 
 class Listen(BaseModel):
@@ -98,7 +88,7 @@ class SidecarConfig(BaseModel):
     shuffle: bool = True
     remainder: Remainder = Remainder.PAD
     listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=7070)], min_length=1)
-    cache_memory: int = Field(default=1024 * 2**20, ge=0)
+    cache_memory: int = Field(default=EngineConfig.model_fields["memory_bytes"].default, ge=0)
     cache_dir: Path | None = None
     cache_disk: int = Field(default=0, ge=0, description="disk tier budget; 0: no disk tier")
     concurrency: int = Field(default=16, ge=1)
