@@ -1,27 +1,40 @@
 """One streaming-benchmark case in a fresh process: ``python -m bench.stream_case SPEC_JSON``.
 
-A fresh process per case keeps peak RSS, page-cache warmth aside, and import state separate between
-systems. Prints one JSON line: samples/s and MB/s over the measured epochs, time to the first batch,
-peak RSS of the trainer and of its workers, and RSS samples through the last epoch.
+A fresh process per case keeps peak RSS, import state and caches separate between systems (the page
+cache aside: the parent warms it for every system alike). Prints one JSON line with, separately, the
+first epoch (``first``) and the steady epochs after it (``steady``): items, seconds, samples/s, MB/s;
+plus time to the first batch, peak RSS of the trainer, of its DataLoader workers and of the sidecar,
+the load average before and after, and RSS samples through the last epoch.
 
 Systems (each yields batches of ``batch`` samples; bytes are counted to prove they arrived):
 
-* ``sluicegate``: ``sluicegate.open(store).to_pytorch(iterable=True)``; epoch 0 warms, later epochs
-  are measured (``cold=True``: only epoch 0 is measured, e.g. from the S3 server);
+* ``sluicegate``: ``sluicegate.open(store).to_pytorch(iterable=True, ...)`` as a user writes it
+  (``cache_bytes``, ``disk_cache`` and ``s3`` passed through when given);
+* ``sluicegate-sidecar``: a ``sluicegate-sidecar`` subprocess serving the store on a unix socket, read
+  with ``sluicegate.connect("unix://...").to_pytorch(iterable=True, ...)``;
 * ``dataloader``: a map-style torch Dataset reading the same files from local disk;
-* ``mosaic``, ``litdata``, ``webdataset``: the peers over their own formats of the same files.
+* ``mosaic``, ``litdata``, ``webdataset``: the peers over their own formats of the same files;
+* ``obstore``: no loader: raw concurrent GETs of the listed objects (``concurrency`` in flight), the
+  limit an S3 client meets on that server; first pass only.
+
+Modes: ``bytes`` (the file's bytes reach the loop) and ``jpeg`` (:func:`decode_jpeg` in the loader,
+the same function for every system).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import io
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +44,28 @@ from PIL import Image
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
+SIDECAR = str(Path(sys.executable).parent / "sluicegate-sidecar")
+
 
 class Spec(BaseModel):
     system: str
-    mode: str  # "bytes" or "jpeg"
-    workers: int
-    batch: int = 64
-    source: str  # store URI, file list, or converted-format directory
+    mode: str = "bytes"  # "bytes" or "jpeg"
+    workers: int = 0
+    batch: int = 32
+    source: str  # store URI, file list, converted-format directory, or (obstore) a key listing
     s3: dict[str, str] | None = None
-    cold: bool = False
-    min_seconds: float = 2.0
-    max_epochs: int = 20
+    cache_bytes: int | None = None  # sluicegate's memory cache (embedded, or the sidecar's)
+    disk_cache: str | None = None  # sluicegate's disk tier (embedded)
+    concurrency: int | None = None  # sluicegate's upstream fetches in flight; obstore's GETs in flight
+    # sluicegate only: "loader" (a torch DataLoader over to_pytorch(), as users train) or "items" (a
+    # plain ``for item in ds`` loop, counted in groups of ``batch``: the data path without torch).
+    loop: str = "loader"
+    # Steady epochs follow the first: at least ``steady_epochs`` and ``steady_min_s`` seconds of them,
+    # but no more once ``steady_max_s`` seconds are measured (one at least). 0: the first epoch only.
+    steady_epochs: int = 2
+    steady_min_s: float = 0.0
+    steady_max_s: float = 60.0
+    max_epochs: int = 10_000
 
 
 def _rss_mb(pid: int | str = "self") -> float:
@@ -52,8 +76,8 @@ def _rss_mb(pid: int | str = "self") -> float:
         return 0.0  # exited between listing and reading
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (DataLoader workers, a forkserver and its children)."""
+def _descendants(pid: int, skip: frozenset[int] = frozenset()) -> list[int]:
+    """Every process below ``pid`` (DataLoader workers, a forkserver and its children), ``skip`` aside."""
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -66,23 +90,32 @@ def _descendants(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
         for child in children:
-            found += [child, *_descendants(child)]
+            if child not in skip:
+                found += [child, *_descendants(child, skip)]
     return found
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, it starts afresh at exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+def _peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak RSS (VmHWM: unlike ru_maxrss, it starts afresh at exec)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return 0.0
 
 
-def decode_jpeg(data: bytes) -> torch.Tensor:
+def decode_jpeg(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """What every system does in jpeg mode: PIL decode to a CHW uint8 tensor."""
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     return torch.from_numpy(image.copy()).permute(2, 0, 1)
+
+
+def decode_item(item: Any) -> torch.Tensor:
+    """sluicegate's ``decode=`` callable: the same :func:`decode_jpeg` on the item's bytes."""
+    return decode_jpeg(item.data)
 
 
 def as_list(batch: list[Any]) -> list[Any]:
@@ -126,12 +159,21 @@ class _Field:
         return _field(sample, self.key, self.jpeg)
 
 
-class _Mapped(torch.utils.data.IterableDataset[Any]):
-    def __init__(self, inner: Iterable[Any], fn: Callable[[Any], Any]) -> None:
-        self.inner, self.fn = inner, fn
+class _ItemBatches:
+    """``for item in ds``, handed on in lists of ``batch`` items' data (decoded in jpeg mode)."""
 
-    def __iter__(self) -> Any:
-        return (self.fn(s) for s in self.inner)
+    def __init__(self, ds: Any, batch: int, jpeg: bool) -> None:
+        self.ds, self.batch, self.jpeg = ds, batch, jpeg
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        group: list[Any] = []
+        for item in self.ds:
+            group.append(decode_jpeg(item.data) if self.jpeg else item.data)
+            if len(group) == self.batch:
+                yield group
+                group = []
+        if group:
+            yield group
 
 
 def _loader_kwargs(spec: Spec) -> dict[str, Any]:
@@ -143,23 +185,74 @@ def _loader_kwargs(spec: Spec) -> dict[str, Any]:
     return kw
 
 
-def build(spec: Spec) -> tuple[Any, Callable[[int], None]]:
-    """The loader for ``spec`` and a function that sets its epoch."""
+class _Sidecar:
+    """``sluicegate-sidecar --store SOURCE`` on a unix socket in a temp dir, for one case."""
+
+    def __init__(self, spec: Spec, stack: contextlib.ExitStack) -> None:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sg-bench-sidecar-")))
+        self.address = f"unix://{folder / 'sidecar.sock'}"
+        self.log = folder / "sidecar.log"
+        # No shuffle, as for the embedded and peer cases: every system reads the same order.
+        cmd = [SIDECAR, "--store", spec.source, "--listen", self.address, "--shuffle", "false"]
+        cmd += ["--rank", "0", "--world-size", "1"]
+        if spec.cache_bytes is not None:
+            cmd += ["--cache-memory", str(spec.cache_bytes)]
+        if spec.concurrency is not None:
+            cmd += ["--concurrency", str(spec.concurrency)]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        stack.callback(self.stop)
+
+    def peak_rss_mb(self) -> float:
+        return _peak_rss_mb(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+
+
+def build(spec: Spec, stack: contextlib.ExitStack) -> tuple[Any, Callable[[int], None], _Sidecar | None]:
+    """The loader for ``spec``, a function that sets its epoch, and the sidecar it reads from if any."""
     jpeg = spec.mode == "jpeg"
     kw = _loader_kwargs(spec)
-    if spec.system == "sluicegate":
+    if spec.system in ("sluicegate", "sluicegate-sidecar"):
         import sluicegate
         from sluicegate import S3Options
 
-        s3 = S3Options(**spec.s3) if spec.s3 else None
-        tds = sluicegate.open(spec.source, s3=s3).to_pytorch(
-            iterable=True, decode="image" if jpeg else "bytes", fields=()
-        )
+        sidecar = None
+        if spec.system == "sluicegate":
+            options: dict[str, Any] = {}
+            if spec.s3:
+                options["s3"] = S3Options(**spec.s3)  # type: ignore[arg-type]
+            if spec.cache_bytes is not None:
+                options["cache_bytes"] = spec.cache_bytes
+            if spec.disk_cache is not None:
+                options["disk_cache"] = spec.disk_cache
+            if spec.concurrency is not None:
+                options["concurrency"] = spec.concurrency
+            ds = sluicegate.open(spec.source, **options)
+        else:
+            sidecar = _Sidecar(spec, stack)
+            try:
+                ds = sluicegate.connect(sidecar.address, timeout=120)
+            except Exception as exc:
+                raise RuntimeError(f"{exc}; sidecar log: {sidecar.tail()}") from exc
+        if spec.loop == "items":
+            return _ItemBatches(ds, spec.batch, jpeg), ds.set_epoch, sidecar
+        tds = ds.to_pytorch(iterable=True, decode=decode_item if jpeg else "bytes", fields=())
         kw.pop("collate_fn", None)  # sluicegate's collate packs bytes into one shared tensor
-        return tds.loader(**kw), tds.set_epoch
+        return tds.loader(**kw), tds.set_epoch, sidecar
     if spec.system == "dataloader":
         paths = json.loads(Path(spec.source).read_text())
-        return DataLoader(_Files(paths, jpeg), **kw), lambda _e: None
+        return DataLoader(_Files(paths, jpeg), **kw), lambda _e: None, None
     if spec.system == "mosaic":
         from streaming import StreamingDataset
         from streaming.base.util import clean_stale_shared_memory
@@ -167,81 +260,145 @@ def build(spec: Spec) -> tuple[Any, Callable[[int], None]]:
         clean_stale_shared_memory()
 
         class _Mosaic(StreamingDataset):
-            def __getitem__(self, i: int) -> Any:
+            def __getitem__(self, i: Any) -> Any:
                 return _field(super().__getitem__(i), "data", jpeg)
 
-        ds = _Mosaic(local=spec.source, shuffle=False, batch_size=spec.batch)
-        return DataLoader(ds, **kw), lambda _e: None
+        mds = _Mosaic(local=spec.source, shuffle=False, batch_size=spec.batch)
+        return DataLoader(mds, **kw), lambda _e: None, None
     if spec.system == "litdata":
         import litdata as ld
 
         lit = ld.StreamingDataset(input_dir=spec.source, transform=_Field("data", jpeg))
-        return ld.StreamingDataLoader(lit, **kw), lambda _e: None
+        return ld.StreamingDataLoader(lit, **kw), lambda _e: None, None
     if spec.system == "webdataset":
         import webdataset as wds
 
         urls = sorted(str(p) for p in Path(spec.source).glob("*.tar"))
         pipe = wds.WebDataset(
             urls, shardshuffle=False, empty_check=False, workersplitter=wds.split_by_worker
-        ).map(_Field("bin", jpeg))
-        return DataLoader(pipe, **kw), lambda _e: None
+        ).map(_Field("jpg", jpeg))
+        return DataLoader(pipe, **kw), lambda _e: None, None
     raise SystemExit(f"unknown system {spec.system!r}")
 
 
 _MODULES = {
     "sluicegate": "sluicegate.torch",
+    "sluicegate-sidecar": "sluicegate.torch",
     "mosaic": "streaming",
     "litdata": "litdata",
     "webdataset": "webdataset",
 }
 
 
+def _epoch_stats(items: int, nbytes: int, seconds: float) -> dict[str, Any]:
+    return {
+        "items": items,
+        "bytes": nbytes,
+        "seconds": round(seconds, 3),
+        "samples_per_s": items / seconds if seconds else 0.0,
+        "mb_per_s": nbytes / seconds / 1e6 if seconds else 0.0,
+    }
+
+
 def measure(spec: Spec) -> dict[str, Any]:
+    load_before = round(os.getloadavg()[0], 2)
+    if spec.system == "obstore":
+        return {"load_average_before": load_before} | _raw_gets(spec)
     if spec.system in _MODULES:
         # Library imports are paid once per process, by every system alike: not part of the first batch.
         importlib.import_module(_MODULES[spec.system])
-    started = time.perf_counter()
-    loader, set_epoch = build(spec)
-    first_batch_s = 0.0
-    measured_items = measured_bytes = 0
-    measured_s = 0.0
-    rss: list[float] = []
-    workers_rss = 0.0  # the most that all descendant processes held together at a sample
-    epochs = 0
-    while epochs < spec.max_epochs:
-        set_epoch(epochs)
+    out: dict[str, Any] = {"load_average_before": load_before}
+    with contextlib.ExitStack() as stack:
+        started = time.perf_counter()
+        loader, set_epoch, sidecar = build(spec, stack)
+        skip = frozenset() if sidecar is None else frozenset({sidecar.proc.pid})
+        steady_items = steady_bytes = steady_n = 0
+        steady_s = 0.0
+        rss: list[float] = []
+        workers_rss = 0.0  # the most that all DataLoader worker processes held together at a sample
+        items = 0
+        for epoch in range(spec.max_epochs):
+            set_epoch(epoch)
+            t0 = time.perf_counter()
+            items = nbytes = 0
+            rss = []
+            for batch_no, batch in enumerate(loader):
+                if epoch == 0 and batch_no == 0:
+                    out["first_batch_s"] = round(time.perf_counter() - started, 3)
+                nbytes += _payload_bytes(batch)
+                items += len(batch["id"]) if isinstance(batch, dict) else len(batch)
+                if batch_no % 8 == 0:
+                    rss.append(round(_rss_mb(), 1))
+                    workers = _descendants(os.getpid(), skip)
+                    workers_rss = max(workers_rss, sum(_rss_mb(p) for p in workers))
+            seconds = time.perf_counter() - t0
+            if epoch == 0:
+                # Everything a user waits for in a first epoch: workers starting, the first fetches.
+                out["first"] = _epoch_stats(items, nbytes, seconds)
+                if spec.steady_epochs == 0:
+                    break
+                continue
+            steady_items += items
+            steady_bytes += nbytes
+            steady_s += seconds
+            steady_n += 1
+            enough = steady_n >= spec.steady_epochs and steady_s >= spec.steady_min_s
+            if enough or steady_s >= spec.steady_max_s:
+                break
+        if steady_n:
+            out["steady"] = _epoch_stats(steady_items, steady_bytes, steady_s) | {"epochs": steady_n}
+        out["items_per_epoch"] = items
+        out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        out["workers_peak_rss_mb"] = round(workers_rss, 1)
+        if sidecar is not None:
+            out["sidecar_peak_rss_mb"] = round(sidecar.peak_rss_mb(), 1)
+        out["rss_last_epoch_mb"] = rss
+    out["load_average_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def _raw_gets(spec: Spec) -> dict[str, Any]:
+    """Raw concurrent GETs with obstore: ``concurrency`` requests in flight over the listed keys."""
+    import obstore
+    from obstore.store import S3Store
+
+    listing = json.loads(Path(spec.source).read_text())
+    s3 = spec.s3 or {}
+    config = {k: s3[k] for k in ("endpoint", "region", "access_key_id", "secret_access_key") if k in s3}
+    store = S3Store(
+        listing["bucket"],
+        prefix=listing.get("prefix") or None,
+        config=config,  # type: ignore[arg-type]
+        client_options={"allow_http": config.get("endpoint", "").startswith("http://")},
+    )
+    keys: list[str] = listing["keys"]
+    concurrency = spec.concurrency or 16
+
+    async def main() -> tuple[int, int, float]:
+        todo = iter(keys)
+        total = count = 0
+
+        async def worker() -> None:
+            nonlocal total, count
+            for key in todo:
+                result = await obstore.get_async(store, key)
+                data = await result.bytes_async()
+                total += len(data)
+                count += 1
+
         t0 = time.perf_counter()
-        items = nbytes = 0
-        rss = []
-        for batch_no, batch in enumerate(loader):
-            if epochs == 0 and batch_no == 0:
-                first_batch_s = time.perf_counter() - started
-            nbytes += _payload_bytes(batch)
-            items += len(batch["id"]) if isinstance(batch, dict) else len(batch)
-            if batch_no % 8 == 0:
-                rss.append(round(_rss_mb(), 1))
-                workers_rss = max(workers_rss, sum(_rss_mb(p) for p in _descendants(os.getpid())))
-        elapsed = time.perf_counter() - t0
-        epochs += 1
-        if epochs == 1 and not spec.cold:
-            continue  # the warm-up epoch
-        measured_items += items
-        measured_bytes += nbytes
-        measured_s += elapsed
-        if spec.cold or measured_s >= spec.min_seconds:
-            break
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count, total, time.perf_counter() - t0
+
+    items, nbytes, seconds = asyncio.run(main())
     return {
+        "first": _epoch_stats(items, nbytes, seconds),
         "items_per_epoch": items,
-        "epochs_measured": epochs - (0 if spec.cold else 1),
-        "samples_per_s": measured_items / measured_s if measured_s else 0.0,
-        "mb_per_s": measured_bytes / measured_s / 1e6 if measured_s else 0.0,
-        "first_batch_s": first_batch_s,
+        "concurrency": concurrency,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "workers_peak_rss_mb": round(workers_rss, 1),
         "load_average_1m": round(os.getloadavg()[0], 2),
-        "rss_last_epoch_mb": rss,
     }
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(Spec.model_validate_json(sys.argv[1]))))
+    print(json.dumps(measure(Spec.model_validate_json(sys.argv[1]))), flush=True)
