@@ -3,6 +3,8 @@
 The public API is what ``__all__`` lists; every other module is private.
 """
 
+from importlib.metadata import version as _version
+
 from ._dataset import Dataset, Item, connect, open
 from ._exceptions import (
     ConfigError,
@@ -24,7 +26,7 @@ from ._query import Query
 from ._query import parse as parse_query
 from ._store import S3Options, Store
 
-__version__ = "0.1.0"
+__version__ = _version("sluicegate")  # pyproject.toml states it once
 
 __all__ = [
     "Annotation",

@@ -409,8 +409,18 @@ class _Connection:
         self.address = address
         self._client: httpx.AsyncClient | None = None
         self.batches = _BatchPool(address)
-        self.fds = _fd_pool(address, batch_timeout)
+        self._fd_path = _fd_path(address)
+        self._fds: _FdPool | None = None
+        self._batch_timeout = batch_timeout
         self.id = uuid.uuid4().hex  # read-ahead hints are kept per client on the sidecar
+
+    @property
+    def fds(self) -> _FdPool | None:
+        """The pool for the sidecar's fd socket, once that socket exists (the sidecar makes it as it
+        starts, so it is looked for on each request until found)."""
+        if self._fds is None and self._fd_path is not None and os.path.exists(self._fd_path):
+            self._fds = _FdPool(self._fd_path, self._batch_timeout)
+        return self._fds
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -421,21 +431,20 @@ class _Connection:
         return self._client
 
     async def aclose(self) -> None:
-        if self.fds is not None:
-            self.fds.close()
+        if self._fds is not None:
+            self._fds.close()
         await self.batches.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
 
-def _fd_pool(address: str, timeout_s: float) -> _FdPool | None:
-    """The fd socket beside a unix socket address, where the sidecar serves one (see :mod:`._protocol`)."""
+def _fd_path(address: str) -> str | None:
+    """Where the fd socket beside a unix socket address is (see :mod:`._protocol`), where it can be used."""
     parsed = urlparse(address)
     if parsed.scheme != "unix" or not hasattr(socket, "SCM_RIGHTS"):
         return None
-    path = (parsed.path or parsed.netloc) + proto.FD_SOCKET_SUFFIX
-    return _FdPool(path, timeout_s) if os.path.exists(path) else None
+    return (parsed.path or parsed.netloc) + proto.FD_SOCKET_SUFFIX
 
 
 class RemoteSource(Source):
@@ -581,8 +590,9 @@ class RemoteSource(Source):
             readahead=readahead[: 16 * proto.MAX_BATCH_ITEMS].tolist(),
             client=live.resource.id,
         ).model_dump_json()
-        if live.resource.fds is not None:
-            return _FdPending(self, live.resource.fds, body.encode())
+        fds = live.resource.fds
+        if fds is not None:
+            return _FdPending(self, fds, body.encode())
         return _RemotePending(live.loop.submit(self._post_batch(body.encode())), self)
 
     def describe(self) -> str:

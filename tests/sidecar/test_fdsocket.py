@@ -8,15 +8,18 @@ import json
 import os
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import sluicegate
 from sluicegate import ItemNotInShard
 from sluicegate import _protocol as proto
 
-from tests.sidecar.helpers import InProcessSidecar, make_dataset
+from tests.sidecar.helpers import InProcessSidecar, SidecarProcess, make_dataset, metrics
 
 N = 41
 
@@ -93,3 +96,26 @@ def test_bad_requests_on_the_fd_socket_get_a_clear_answer_and_serving_goes_on(tm
         conn.close()
         assert {i.id for i in ds} == set(expected)
         ds.close()
+
+
+def test_a_trainer_that_connects_before_its_sidecar_starts_still_finds_the_fd_socket(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ds")
+    expected = make_dataset(uri, N, size=3000)
+    sock = tmp_path / "run" / "sidecar.sock"
+    got: dict[str, bytes] = {}
+
+    def train() -> None:  # as a trainer container that starts first: connect() waits for the sidecar
+        ds = sluicegate.connect(f"unix://{sock}", timeout=60)
+        got.update((i.id, i.data) for i in ds)
+        ds.close()
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    time.sleep(0.5)
+    with SidecarProcess(["--store", uri, "--listen", f"127.0.0.1:0,unix://{sock}"]) as sc:
+        trainer.join(60)
+        assert got == expected
+        scraped = metrics(httpx.get(f"{sc.tcp}{proto.Paths.METRICS}").text)
+    fd_batches = 'sluicegate_requests_total{code="200",path="fd:/v1/batch"}'
+    assert scraped.get(fd_batches, 0) > 0, "the batches went over HTTP, not the fd socket"
+    assert scraped.get('sluicegate_requests_total{code="200",path="/v1/batch"}', 0) == 0
