@@ -8,6 +8,7 @@ column                    Arrow type                  query field
 ========================  ==========================  ==========================================
 ``id``                    string                      ``file.id``
 ``blob``                  string (sha256, hex)        —
+``blake3``                string (BLAKE3, hex)        —  (optional: the check verified on every read)
 ``size``                  int64                       ``file.size``
 ``media_type``            string                      ``file.type``
 ``width``, ``height``     int32 (null if unknown)     ``file.width``, ``file.height``
@@ -17,6 +18,11 @@ column                    Arrow type                  query field
 ========================  ==========================  ==========================================
 
 Label and metadata columns are flat (one per name) so that a query reads only the columns it names.
+
+``blob`` addresses the bytes (and dedupes them); ``blake3``, when present, is what readers verify the
+bytes against before serving them: a cryptographic hash bound to the item by the immutable manifest, as
+strong a check as the sha256 and about four times cheaper (:func:`blake3_hex`). Manifests written
+before it existed have no such column, and their readers verify the sha256.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import blake3
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,6 +48,7 @@ LABEL_PREFIX = "labels."
 META_PREFIX = "meta."
 _INFO_KEY = b"sluicegate"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHECK_COLUMN = "blake3"
 
 MetaValue = bool | int | float | str
 
@@ -129,6 +137,7 @@ class ItemRecord(BaseModel):
 
     id: str = Field(min_length=1)
     blob: str
+    blake3: str | None = Field(default=None, description="BLAKE3 of the bytes (hex), verified on read")
     size: int = Field(ge=0)
     media_type: str
     width: int | None = None
@@ -143,6 +152,18 @@ class ItemRecord(BaseModel):
         if not _SHA256.match(v):
             raise ValueError(f"blob must be a lowercase hex sha256, got {v!r}")
         return v
+
+    @field_validator("blake3")
+    @classmethod
+    def _blake3(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256.match(v):
+            raise ValueError(f"blake3 must be a lowercase hex BLAKE3-256, got {v!r}")
+        return v
+
+
+def blake3_hex(data: bytes | memoryview) -> str:
+    """The BLAKE3-256 of ``data``, hex (the GIL is released while hashing)."""
+    return blake3.blake3(data).hexdigest()
 
 
 def label_counts(annotations: Iterable[Annotation]) -> dict[str, int]:
@@ -209,6 +230,9 @@ def records_to_table(records: Sequence[ItemRecord]) -> pa.Table:
         ),
     }
     fields = list(BASE_SCHEMA)
+    if any(r.blake3 is not None for r in records):
+        columns[CHECK_COLUMN] = pa.array([r.blake3 for r in records], pa.string())
+        fields.append(pa.field(CHECK_COLUMN, pa.string()))
     for name in sorted({name for r in records for name in r.labels}):
         col = LABEL_PREFIX + name
         columns[col] = pa.array([r.labels.get(name, 0) for r in records], pa.int32())
@@ -340,6 +364,7 @@ def record_from_row(row: Mapping[str, Any]) -> ItemRecord:
     return ItemRecord(
         id=row["id"],
         blob=row["blob"],
+        blake3=row.get(CHECK_COLUMN),
         size=row["size"],
         media_type=row["media_type"],
         width=row["width"],

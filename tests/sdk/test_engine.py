@@ -272,7 +272,7 @@ def test_local_reads_of_a_batch_share_thread_hops_and_keep_errors_apart(store: S
     for ref, got in zip(refs, results, strict=True):
         if ref is not missing:
             assert isinstance(got, Fetched)
-            assert got.sha256 == ref.sha == _sha(got.data)
+            assert got.digest == ref.check == ref.sha == _sha(got.data)
             assert len(got.data) == ref.size
 
 
@@ -290,3 +290,35 @@ def test_disk_tier_counts_blocks_and_sweeps_what_a_crash_left(tmp_path: Path) ->
     assert again.get(_sha(small[3])) == small[3]
     assert again.nbytes == 3 * 4096
     assert sorted(p.name for p in root.iterdir()) == sorted(_sha(d) for d in small[1:])
+
+
+def test_a_manifest_with_blake3_is_verified_by_it_on_every_tier(tmp_path: Path) -> None:
+    from sluicegate import ItemRecord
+    from sluicegate._manifest import blake3_hex, records_to_table
+
+    store = Store(tmp_path / "b3")
+    blobs = [bytes([i]) * 3000 for i in range(6)]
+    records = [
+        ItemRecord(id=f"i{i}", blob=store.put_blob(b), blake3=blake3_hex(b), size=len(b), media_type="x")
+        for i, b in enumerate(blobs)
+    ]
+    # Item 5's check says other bytes than its blob holds: only a reader that checks BLAKE3 notices.
+    records[5] = records[5].model_copy(update={"blake3": blake3_hex(b"something else")})
+    store.commit(lambda _base: records_to_table(records))
+    plan = Plan(1, store.manifest(1)[0])
+    refs = plan.refs(range(6))
+    assert [r.blake3 for r in refs[:5]] == [blake3_hex(b) for b in blobs[:5]]
+
+    async def run() -> Engine:
+        engine = _engine(store, memory_bytes=4000, disk_dir=tmp_path / "disk", disk_bytes=10**6)
+        assert await engine.get_many(refs[:5]) == blobs[:5]
+        with pytest.raises(IntegrityError, match="item 'i5'"):
+            await engine.get(refs[5])
+        await asyncio.sleep(0.2)  # spills to the disk tier
+        assert await engine.get_many(refs[:5]) == blobs[:5]  # the disk tier checks BLAKE3 too
+        await engine.aclose()
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.stats.disk_hits >= 3
+    assert engine.stats.integrity_failures == 2

@@ -7,8 +7,10 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .upstream import BlobRef
 
 __all__ = ["DiskCache", "MemoryCache"]
 
@@ -81,6 +83,13 @@ def _on_disk(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
+def _checker(ref: BlobRef) -> Callable[[bytes], bool]:
+    def intact(data: bytes) -> bool:
+        return ref.digest(data) == ref.check
+
+    return intact
+
+
 class DiskCache:
     """Blobs as files ``<dir>/<sha256>`` under a byte budget (LRU) counted in disk blocks, so a volume
     sized to the budget never fills; re-verified on every read.
@@ -112,7 +121,8 @@ class DiskCache:
             self.nbytes = sum(self._index.values())
         return self._index
 
-    def get(self, sha: str) -> bytes | None:
+    def get(self, sha: str, check: Callable[[bytes], bool] | None = None) -> bytes | None:
+        """The blob, if held and intact: ``check`` (default: its sha256 matches) passes on what was read."""
         with self._lock:
             if sha not in self._entries():
                 return None
@@ -125,7 +135,8 @@ class DiskCache:
                 os.close(fd)
         except OSError:
             data = b""
-        if hashlib.sha256(data).hexdigest() != sha:
+        intact = check(data) if check is not None else hashlib.sha256(data).hexdigest() == sha
+        if not intact:
             self._drop(sha)  # torn write or bit rot: the caller fetches it again
             return None
         return data
@@ -153,9 +164,9 @@ class DiskCache:
         tmp.replace(self.root / sha)  # atomic: a reader never sees half a file under the final name
         return len(victims)
 
-    def get_many(self, shas: Sequence[str]) -> list[bytes | None]:
-        """:meth:`get` for a batch (one worker hand-off for all of them)."""
-        return [self.get(sha) for sha in shas]
+    def get_many(self, refs: Sequence[BlobRef]) -> list[bytes | None]:
+        """:meth:`get` for a batch (one worker hand-off for all of them), each checked as its ref says."""
+        return [self.get(ref.sha, _checker(ref)) for ref in refs]
 
     def put_many(self, blobs: Sequence[tuple[str, bytes]]) -> int:
         """:meth:`put` for a batch; returns how many files were evicted."""

@@ -55,7 +55,8 @@ class Engine:
 
     * **one upstream fetch per blob** however many requests wait for it (single flight);
     * **retries** of transient upstream faults with exponential backoff and full jitter, counted;
-    * **verification**: every blob is checked against its sha256 before it is served; a mismatch is
+    * **verification**: every blob is checked against its digest (the manifest's BLAKE3, else its sha256)
+      before it is served, whichever tier it comes from; a mismatch is
       refetched once, then raises :class:`IntegrityError` naming the item, and the bytes are never delivered;
     * **a byte budget**: the memory tier never holds more than ``memory_bytes``; what the consumer has
       already been served is evicted first; evicted blobs spill to an optional disk tier with its own budget;
@@ -158,8 +159,7 @@ class Engine:
         try:
             todo = flight.refs
             if self.disk is not None:
-                shas = [r.sha for r in todo]
-                found = await self._over_workers(self.disk.get_many, shas)
+                found = await self._over_workers(self.disk.get_many, todo)
                 rest = []
                 for ref, data in zip(todo, found, strict=True):
                     if data is None:
@@ -247,12 +247,12 @@ class Engine:
                         )
                         error.__cause__ = got
                         results[ref.sha] = error
-                elif got.sha256 != ref.sha:
+                elif got.digest != ref.check:
                     stats.integrity_failures += 1
                     if ref.sha in refetched:
                         results[ref.sha] = IntegrityError(
                             f"item {ref.item_id!r}: blob {ref.sha} is corrupt upstream (fetched twice, its "
-                            f"bytes hash to {got.sha256}); it was not delivered. Repair the store (re-import "
+                            f"bytes hash to {got.digest}); it was not delivered. Repair the store (re-import "
                             "the item) or exclude it with a query"
                         )
                     else:
@@ -260,7 +260,7 @@ class Engine:
                             "item %r: blob %s hashed to %s; fetching it again",
                             ref.item_id,
                             ref.sha,
-                            got.sha256,
+                            got.digest,
                         )
                         refetched.add(ref.sha)
                         retry.append(ref)

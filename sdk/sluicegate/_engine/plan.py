@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from .._exceptions import NotFoundError, StoreError
-from .._manifest import info_from_metadata, query_fields
+from .._manifest import CHECK_COLUMN, info_from_metadata, query_fields
 from .._partition import Positions
 from .._query import Query, select_rows
 from .._store import Store, _version_key
@@ -158,11 +158,16 @@ class Plan:
 
     def refs(self, positions: Positions | Sequence[int]) -> list[BlobRef]:
         idx = pa.array(self._at(positions))
-        shas, sizes, ids = (c.take(idx).to_pylist() for c in self.manifest.columns(["blob", "size", "id"]))
-        if self.urls is None:
-            return [BlobRef(s, n, i) for s, n, i in zip(shas, sizes, ids, strict=True)]
-        urls = self.urls
-        return [BlobRef(s, n, i, urls.get(s)) for s, n, i in zip(shas, sizes, ids, strict=True)]
+        names = ["blob", "size", "id"]
+        checked = CHECK_COLUMN in self.manifest.schema.names
+        columns = [
+            c.take(idx).to_pylist()
+            for c in self.manifest.columns([*names, CHECK_COLUMN] if checked else names)
+        ]
+        shas, sizes, ids = columns[:3]
+        checks = columns[3] if checked else [None] * len(shas)
+        urls = self.urls or {}
+        return [BlobRef(s, n, i, urls.get(s), c) for s, n, i, c in zip(shas, sizes, ids, checks, strict=True)]
 
     def rows(self, positions: Positions | Sequence[int]) -> list[dict[str, Any]]:
         """Full manifest rows (plain dicts, as the wire carries them)."""

@@ -1,8 +1,9 @@
 """Where blobs come from: the dataset store (local files or an object store) or presigned URLs.
 
-An upstream fetches a *batch* of blobs and returns one outcome per blob, its bytes with their sha256
-already computed (in worker threads: hashlib drops the GIL) or the error that blob met. It never verifies
-or retries: the engine compares digests, retries transient faults and refetches corrupt blobs.
+An upstream fetches a *batch* of blobs and returns one outcome per blob: its bytes with their check
+digest (the manifest's BLAKE3, else the sha256) already computed in worker threads (both hashes drop the
+GIL), or the error that blob met. It never verifies or retries: the engine compares digests, retries
+transient faults and refetches corrupt blobs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Protocol, TypeVar
 import httpx
 
 from .._exceptions import IntegrityError, NotFoundError, StoreError
+from .._manifest import blake3_hex
 from .._store import S3Options, Store, blob_key
 from .loop import Workers
 
@@ -45,20 +47,33 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class BlobRef:
-    """What the engine needs to fetch one item's bytes; ``item_id`` names the item in errors."""
+    """What the engine needs to fetch and verify one item's bytes; ``item_id`` names the item in errors.
+
+    ``blake3``: the digest the bytes are verified against when the manifest has one; else the ``sha``.
+    """
 
     sha: str
     size: int
     item_id: str
     url: str | None = None
+    blake3: str | None = None
+
+    @property
+    def check(self) -> str:
+        """The digest fetched bytes must have."""
+        return self.sha if self.blake3 is None else self.blake3
+
+    def digest(self, data: bytes | memoryview) -> str:
+        """``data``'s digest of the kind :attr:`check` is (call off the loop: it hashes)."""
+        return hashlib.sha256(data).hexdigest() if self.blake3 is None else blake3_hex(data)
 
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A blob's bytes as they arrived, the sha256 they hash to, and how long the fetch took."""
+    """A blob's bytes as they arrived, their digest (of the kind its ref checks), how long the fetch took."""
 
     data: bytes
-    sha256: str
+    digest: str
     seconds: float
 
 
@@ -127,7 +142,7 @@ def engine_store(uri: str | os.PathLike[str], s3: S3Options | None) -> Store:
 def _read_files(root: str, refs: Sequence[BlobRef]) -> list[Outcome]:
     """Read and hash local blobs (runs on a worker thread)."""
     out: list[Outcome] = []
-    sha256, clock = hashlib.sha256, time.perf_counter
+    clock = time.perf_counter
     for ref in refs:
         started = clock()
         path = f"{root}/{blob_key(ref.sha)}"
@@ -146,7 +161,7 @@ def _read_files(root: str, refs: Sequence[BlobRef]) -> list[Outcome]:
             continue
         finally:
             os.close(fd)
-        out.append(Fetched(data, sha256(data).hexdigest(), clock() - started))
+        out.append(Fetched(data, ref.digest(data), clock() - started))
     return out
 
 
@@ -182,11 +197,8 @@ async def read_files(root: str, refs: Sequence[BlobRef], workers: Workers) -> li
 # -- one request per blob (object stores, presigned URLs) --------------------------------------------
 
 
-def _hash_all(raws: Sequence[tuple[bytes, float] | BaseException]) -> list[Outcome]:
-    sha256 = hashlib.sha256
-    return [
-        r if isinstance(r, BaseException) else Fetched(r[0], sha256(r[0]).hexdigest(), r[1]) for r in raws
-    ]
+def _hash_all(pairs: Sequence[tuple[BlobRef, tuple[bytes, float] | BaseException]]) -> list[Outcome]:
+    return [r if isinstance(r, BaseException) else Fetched(r[0], ref.digest(r[0]), r[1]) for ref, r in pairs]
 
 
 async def fetch_each(
@@ -216,9 +228,9 @@ async def fetch_each(
 
     fan_out = min(len(refs), limits.concurrency)
     await asyncio.gather(*(worker() for _ in range(fan_out)))
-    shares = await asyncio.gather(
-        *(limits.workers.run(_hash_all, s) for s in split(raws, limits.workers.threads))
-    )
+    pairs = list(zip(refs, raws, strict=True))
+    workers = limits.workers
+    shares = await asyncio.gather(*(workers.run(_hash_all, s) for s in split(pairs, workers.threads)))
     return [outcome for share in shares for outcome in share]
 
 
