@@ -66,7 +66,6 @@ One config while iterating on the engine (the prepared data kept between runs)::
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import io
 import json
@@ -87,9 +86,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from sluicegate import ItemRecord, S3Options, Store
-from sluicegate._manifest import records_to_table
-from sluicegate._store import sha256_hex
+from sluicegate import S3Options, Store, import_dataset
 
 from bench import RESULTS, machine, write_results
 from bench.store_query import synthetic_manifest
@@ -296,25 +293,15 @@ def _paths(folder: Path, n: int | None = None) -> list[Path]:
 
 
 def _import(paths: list[Path], uri: str, s3: S3Options | None = None) -> list[str]:
-    """Commit ``paths`` as one version (the same bytes for every mode); returns the blob hashes."""
-    store = Store(uri, s3)
-    shas = [sha256_hex(p.read_bytes()) for p in paths]
-    asyncio.run(store.put_blobs_async(zip(shas, paths, strict=True)))
-    jpeg = paths[0].suffix == ".jpg"
-    size = Image.open(paths[0]).size if jpeg else (None, None)
-    records = [
-        ItemRecord(
-            id=p.name,
-            blob=sha,
-            size=p.stat().st_size,
-            media_type="image/jpeg" if jpeg else "application/octet-stream",
-            width=size[0],
-            height=size[1],
-        )
-        for p, sha in zip(paths, shas, strict=True)
-    ]
-    store.commit(lambda _base: records_to_table(records))
-    return shas
+    """Commit ``paths`` as one version with the importer a user runs (``sluicegate dataset import
+    --format jsonl``); returns the blob hashes."""
+    listing = Path(tempfile.mkdtemp(prefix="sg-bench-import-")) / "items.jsonl"
+    listing.write_text("".join(json.dumps({"path": str(p), "id": p.name}) + "\n" for p in paths))
+    import_dataset("jsonl", [listing], uri, s3=s3)
+    shutil.rmtree(listing.parent)
+    table, _ = Store(uri, s3).manifest()
+    blob_of = dict(zip(table.column("id").to_pylist(), table.column("blob").to_pylist(), strict=True))
+    return [blob_of[p.name] for p in paths]
 
 
 def _s3_options(endpoint: str) -> S3Options:
