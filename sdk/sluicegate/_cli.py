@@ -79,6 +79,14 @@ def import_command(
     images: Annotated[Path | None, typer.Option(help="COCO image directory.")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Version message.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Threads that read, hash and store files (default: one per CPU for a local store, "
+            "32 for an object store, each with one upload in flight).",
+        ),
+    ] = None,
     endpoint: Endpoint = None,
     region: Region = None,
 ) -> None:
@@ -101,6 +109,7 @@ def import_command(
             s3=S3Options(endpoint=endpoint, region=region),
             message=message,
             progress=progress,
+            workers=workers,
         )
         if result.committed:
             _err.print(

@@ -5,27 +5,28 @@ Every importer works in three steps, so that bad input never becomes a version:
 1. *Plan*: read the format's index (COCO JSON, folder tree, JSONL) into entries (id, file,
    annotations, metadata), rejecting malformed input with its file and line or id.
 2. *Scan and store*: hash and stat every file and read its image header (size, format), check
-   boxes against the image size, and upload the files the store lacks (one listing, create-only
-   writes) while the next batch is scanned. An interrupted import resumes by uploading only what
-   is missing; a problem stops the upload.
+   boxes against the image size, and store the files the store lacks (one listing, create-only
+   writes), in one pass over each file and in parallel threads. An interrupted import resumes by
+   uploading only what is missing; a problem stops the upload.
 3. *Commit* once, with a pure change function that merges the new items into whatever version is
    latest at that moment. When the merge changes nothing, no version is written.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NamedTuple
 
+import blake3
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -43,10 +44,13 @@ __all__ = ["Format", "ImportResult", "import_dataset"]
 PathLike = str | os.PathLike[str]
 # Boxes may overshoot the image by rounding (COCO's float boxes do); more than this is an error.
 _BOX_TOLERANCE = 1.0
-_SCAN_CHUNK = 64  # entries per thread-pool task
-_BATCH = 1024  # entries scanned before their files are handed to the uploader
-_READ_WHOLE = 32 * 2**20
-_KEEP_BYTES = 256 * 2**10  # bounds the memory of a batch waiting to be stored (_BATCH of these)
+_SCAN_CHUNK = 32  # entries per thread-pool task (small: threads finish together at the end)
+# Files up to this size are read whole, and the bytes hashed are the bytes stored; larger ones are
+# streamed through the hash and then copied. Each thread holds at most one such file.
+_READ_WHOLE = 8 * 2**20
+_PENDING_BYTES = 4 * 2**20  # scanned bytes a thread holds before it stores them
+_OBJECT_STORE_WORKERS = 32  # threads for an object store: each keeps one upload in flight
+_MAX_LOCAL_WORKERS = 8
 _MAX_REPORTED = 1  # problems named in the message; the rest are counted
 
 
@@ -83,6 +87,7 @@ class _Entry(NamedTuple):  # a tuple: one per file, cheaper to build than a froz
 
 class _Scanned(NamedTuple):  # a tuple: built once per file, cheaper than a dataclass
     sha: str
+    blake3: str  # what readers verify the bytes against (see _manifest)
     size: int
     media_type: str
     width: int
@@ -120,7 +125,7 @@ def import_dataset(
     s3: S3Options | None = None,
     message: str | None = None,
     progress: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> ImportResult:
     """Import ``sources`` in ``format`` into the dataset at ``uri`` as one new version.
 
@@ -137,8 +142,8 @@ def import_dataset(
     raises :class:`ImportError_` naming the file and line or id: index errors before any file is
     read, file errors (missing, not an image, box outside it) as soon as they are found, which
     stops the upload. Nothing is committed then, and re-running after a fix uploads only the files
-    the store still lacks. ``workers`` threads read and hash files: more than one pays off for
-    large files only.
+    the store still lacks. ``workers`` threads read, hash and store the files (default: one per
+    CPU for a local store, 32 for an object store, where each thread keeps one upload in flight).
     """
     try:
         fmt = Format(format)
@@ -160,10 +165,8 @@ def import_dataset(
         raise ImportError_(f"no items in {', '.join(map(str, paths))}: nothing to import")
     store = Store(uri, s3)
     with _progress_bars(progress) as bars:
-        scanned, uploaded, present = _scan_and_upload(store, entries, workers, bars)
-    table = _manifest.records_to_table(
-        [_record(entry, found) for entry, found in zip(entries, scanned, strict=True)]
-    )
+        records, uploaded, present = _scan_and_upload(store, entries, workers, bars)
+    table = _manifest.records_to_table(records)
     change = _MergeInto(table)
     version = store.commit(change, message=message or f"import {fmt.value} from {', '.join(map(str, paths))}")
     return ImportResult(
@@ -250,24 +253,34 @@ class _JsonlItem(BaseModel):
 def _plan_jsonl(files: Sequence[Path]) -> list[_Entry]:
     entries: list[_Entry] = []
     problems = _Problems()
+    per_label: dict[str, Annotation] = {}  # annotations are immutable: one per label name
     for file in files:
+        parent = os.fspath(file.parent)
         for lineno, line in _read_lines(file):
             where = f"{file}:{lineno}"
             try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.add(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            try:
-                item = _JsonlItem.model_validate(raw)
-            except ValidationError as exc:
-                problems.add(f"{where}: {_pydantic_problem(exc)}")
-                continue
-            annotations = tuple(Annotation(label=label) for label in item.labels) + tuple(item.annotations)
+                # Parsed and validated in one step by pydantic's own JSON parser; a line it refuses is
+                # read again the slow way, which says what is wrong in the words json.loads uses.
+                item = _JsonlItem.model_validate_json(line)
+            except ValidationError:
+                message = _jsonl_problem(line)
+                if message is not None:
+                    problems.add(f"{where}: {message}")
+                    continue
+                item = _JsonlItem.model_validate(json.loads(line))
+            labels = item.labels
+            annotations: tuple[Annotation, ...] = ()
+            if labels:
+                for label in labels:
+                    if label not in per_label:
+                        per_label[label] = Annotation(label=label)
+                annotations = tuple(per_label[label] for label in labels)
+            if item.annotations:
+                annotations += tuple(item.annotations)
             entries.append(
                 _Entry(
-                    item.id or Path(item.path).as_posix(),
-                    os.path.join(file.parent, item.path),
+                    item.id or _as_posix(item.path),
+                    os.path.join(parent, item.path),
                     where,
                     annotations,
                     item.metadata,
@@ -276,6 +289,26 @@ def _plan_jsonl(files: Sequence[Path]) -> list[_Entry]:
     problems.raise_if_any()
     _check_ids(entries)
     return entries
+
+
+def _jsonl_problem(line: str) -> str | None:
+    """What is wrong with one JSON Lines item (``None``: nothing, by Python's reading of it)."""
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    try:
+        _JsonlItem.model_validate(raw)
+    except ValidationError as exc:
+        return _pydantic_problem(exc)
+    return None
+
+
+def _as_posix(path: str) -> str:
+    """``Path(path).as_posix()``, without building a Path for the paths it would not change."""
+    if "//" in path or "/." in path or path.startswith("./") or path.endswith("/") or path == ".":
+        return Path(path).as_posix()
+    return path
 
 
 def _read_lines(file: Path) -> Iterator[tuple[int, str]]:
@@ -442,9 +475,9 @@ def _scan_file(path: str) -> tuple[_Scanned, bytes | None]:
     """Hash, stat and read the image header of one file (raises OSError or Pillow's errors).
 
     Files up to ``_READ_WHOLE`` bytes are read with one system call, and those bytes serve the
-    hash, the header and (up to ``_KEEP_BYTES``) the store, which then does not read the file again.
-    Larger ones are streamed through the hash. Plain ``os`` calls: a file object costs more than
-    reading a small image.
+    hash, the header and the store, which then does not read the file again (so what is stored is
+    exactly what was hashed). Larger ones are streamed through the hash. Plain ``os`` calls: a file
+    object costs more than reading a small image.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -455,8 +488,9 @@ def _scan_file(path: str) -> tuple[_Scanned, bytes | None]:
     finally:
         os.close(fd)
     media_type, width, height = _known_image(data) or _pillow_image(io.BytesIO(data), path)
-    found = _Scanned(hashlib.sha256(data).hexdigest(), len(data), media_type, width, height)
-    return found, data if len(data) <= _KEEP_BYTES else None
+    sha = hashlib.sha256(data).hexdigest()
+    found = _Scanned(sha, _manifest.blake3_hex(data), len(data), media_type, width, height)
+    return found, data
 
 
 def _read_to_end(fd: int, size: int) -> bytes:
@@ -471,11 +505,14 @@ def _read_to_end(fd: int, size: int) -> bytes:
 
 def _scan_large(fd: int, path: str) -> _Scanned:
     with open(fd, "rb", closefd=False) as fh:
-        sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        sha, check = hashlib.sha256(), blake3.blake3()
+        while chunk := fh.read(2**20):  # one pass feeds both hashes (each drops the GIL)
+            sha.update(chunk)
+            check.update(chunk)
         size = fh.tell()
         fh.seek(0)
         media_type, width, height = _known_image(fh.read(HEADER_BYTES)) or _pillow_image(fh, path)
-    return _Scanned(sha, size, media_type, width, height)
+    return _Scanned(sha.hexdigest(), check.hexdigest(), size, media_type, width, height)
 
 
 def _known_image(header: bytes) -> ImageInfo | None:
@@ -517,6 +554,8 @@ def _scan_one(entry: _Entry) -> tuple[_Scanned, bytes | None] | str:
     except (UnidentifiedImageError, Image.DecompressionBombError):
         return f"{entry.where}: {entry.path} is not an image (Pillow cannot read its header)"
     except OSError as exc:
+        if exc.errno is None:  # Pillow's own errors (a header cut short, ...): the system read it
+            return f"{entry.where}: {entry.path} is not an image (Pillow cannot read its header: {exc})"
         return f"{entry.where}: cannot read {entry.path} ({exc.strerror or exc})"
     if entry.declared_size is not None and entry.declared_size != (found.width, found.height):
         w, h = entry.declared_size
@@ -542,67 +581,119 @@ def _box_inside(bbox: tuple[float, float, float, float], width: int, height: int
 
 
 def _scan_and_upload(
-    store: Store, entries: Sequence[_Entry], workers: int, bars: _Bars
-) -> tuple[list[_Scanned], int, int]:
-    """Scan every entry and upload the distinct files the store lacks; returns (scanned, uploaded,
-    already present).
+    store: Store, entries: Sequence[_Entry], workers: int | None, bars: _Bars
+) -> tuple[list[ItemRecord], int, int]:
+    """Scan every entry and store the distinct files the store lacks; returns (the entries' records
+    in their order, blobs uploaded, blobs already present).
 
-    Entries are scanned batch by batch while the previous batch uploads to an object store in the
-    background (uploads wait on the network, outside Python, so the two overlap). A local store is
-    written by this thread, and ``workers`` > 1 scan in a thread pool: for small files every step is
-    a short system call, and threads handing the GIL back and forth cost more than they overlap
-    (measured: four scanning threads used 3x the CPU of one; bench/store_query.py). Once a problem
-    is found nothing more is uploaded; scanning goes on to count the problems, then raises.
+    One pass over the files, in ``workers`` threads that each take a chunk of entries and, file by
+    file, read it, hash it, read its header and, when the store lacks it, store the bytes just read
+    (:class:`BlobWriter`): no file is read twice, no batch of bytes waits in memory, and reading,
+    hashing and writing (system calls and sha256, all outside the GIL) overlap across threads. On an
+    object store each thread has one upload in flight, so the threads are the upload concurrency.
+    Each thread scans a chunk before it stores the chunk's files, and once a problem is found nothing
+    more is stored (a thread finishes the file in its hands); scanning goes on to count the problems,
+    then raises. A store error stops everything at once.
     """
     present = store.existing_blobs()  # one listing; an interrupted import's blobs are skipped
-    scan_advance = bars.task("scanning", len(entries))
-    upload_task = bars.task("uploading", 0)
+    threads = workers if workers is not None else _default_workers(store)
+    scan = _ScanAndStore(store, present, bars.task("scanning", len(entries)), bars.task("storing", 0))
+    chunks = [entries[i : i + _SCAN_CHUNK] for i in range(0, len(entries), _SCAN_CHUNK)]
+    results: list[ItemRecord | str] = []
+    try:
+        if threads <= 1 or len(chunks) == 1:
+            for chunk in chunks:
+                results.extend(scan(chunk))
+        else:
+            pool = ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="sluicegate-import")
+            try:
+                for done in pool.map(scan, chunks):
+                    results.extend(done)
+            finally:
+                scan.abort = True  # an error or an interrupt: the chunks still queued do nothing
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        scan.writer.close()
     problems = _Problems()
-    scanned: list[_Scanned] = []
-    queued: set[str] = set()
-    in_flight: Future[None] | None = None
-    with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as uploader:
-        for start in range(0, len(entries), _BATCH):
-            part = entries[start : start + _BATCH]
-            if workers > 1:
-                chunks = [part[i : i + _SCAN_CHUNK] for i in range(0, len(part), _SCAN_CHUNK)]
-                results = [r for chunk in pool.map(_scan_chunk, chunks) for r in chunk]
-            else:
-                results = _scan_chunk(part)
-            scan_advance(len(part))
-            batch: list[tuple[str, Path | bytes]] = []
-            for entry, result in zip(part, results, strict=True):
-                if isinstance(result, str):
-                    problems.add(result)
-                    continue
-                found, data = result
-                scanned.append(found)
-                if found.sha not in present and found.sha not in queued:
-                    queued.add(found.sha)
-                    batch.append((found.sha, Path(entry.path) if data is None else data))
-            if in_flight is not None:
-                in_flight.result()  # surfaces a store error now, and keeps one batch in flight
-                in_flight = None
-            if batch and not problems.messages:
-                upload_task.grow(len(batch))
-                if store.is_local:
-                    _store_batch(store, batch, upload_task)
-                else:
-                    in_flight = uploader.submit(_store_batch, store, batch, upload_task)
-        if in_flight is not None:
-            in_flight.result()
+    records: list[ItemRecord] = []
+    for result in results:
+        if isinstance(result, str):
+            problems.add(result)
+        else:
+            records.append(result)
     problems.raise_if_any()
-    distinct = {found.sha for found in scanned}
-    return scanned, len(queued), len(distinct) - len(queued)
+    distinct = {record.blob for record in records}
+    return records, len(scan.claimed), len(distinct) - len(scan.claimed)
 
 
-def _scan_chunk(chunk: Sequence[_Entry]) -> list[tuple[_Scanned, bytes | None] | str]:
-    return [_scan_one(entry) for entry in chunk]
+def _default_workers(store: Store) -> int:
+    """Threads for an import: one per CPU for a filesystem (they compete for cores: hashing and the
+    kernel's copying), and for an object store enough to keep the server busy (they mostly wait)."""
+    if not store.is_local:
+        return _OBJECT_STORE_WORKERS
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_LOCAL_WORKERS))
 
 
-def _store_batch(store: Store, batch: list[tuple[str, Path | bytes]], bar: _Bar) -> None:
-    asyncio.run(store.put_blobs_async(batch))
-    bar(len(batch))  # once per batch: a progress update per file costs more than storing it
+class _ScanAndStore:
+    """Scans a chunk of entries and stores the files the store lacks; one instance, many threads."""
+
+    def __init__(self, store: Store, present: set[str], scanned: _Bar, stored: _Bar) -> None:
+        self.writer = store.blob_writer()
+        self.present = present
+        self.claimed: set[str] = set()  # the blobs this import stores (each by one thread)
+        self.failed = False  # a problem was found: store nothing more
+        self.abort = False  # the import is over (an error elsewhere): do nothing more
+        self._lock = threading.Lock()
+        self._scanned, self._stored = scanned, stored
+
+    def _claim(self, sha: str) -> bool:
+        """True for the one caller that is to store ``sha``."""
+        with self._lock:
+            if sha in self.present or sha in self.claimed:
+                return False
+            self.claimed.add(sha)
+            return True
+
+    def __call__(self, chunk: Sequence[_Entry]) -> list[ItemRecord | str]:
+        """Scan ``chunk``, then store its new files unless a problem has been found by then (by this
+        thread or another): bad input found early stores nothing. At most ``_PENDING_BYTES`` wait
+        to be stored; past that the files scanned so far are stored before scanning on."""
+        out: list[ItemRecord | str] = []  # records built here, in parallel with other threads' hashing
+        pending: list[tuple[str, Path | bytes]] = []
+        held = 0
+        for entry in chunk:
+            if self.abort:
+                return out
+            result = _scan_one(entry)
+            if isinstance(result, str):
+                self.failed = True
+                out.append(result)
+                continue
+            found, data = result
+            out.append(_record(entry, found))
+            if not self.failed and self._claim(found.sha):
+                pending.append((found.sha, Path(entry.path) if data is None else data))
+                held += found.size if data is not None else 0
+                if held > _PENDING_BYTES:
+                    self._store(pending)
+                    pending, held = [], 0
+        self._scanned(len(chunk))  # once per chunk: a progress update per file costs more than a file
+        self._store(pending)
+        return out
+
+    def _store(self, pending: list[tuple[str, Path | bytes]]) -> None:
+        if not pending or self.failed or self.abort:
+            return  # the import will fail: what is not stored yet stays so
+        for sha, source in pending:
+            if self.abort:
+                return
+            self.writer.put(sha, source)
+        self._stored.grow(len(pending))
+        self._stored(len(pending))
 
 
 def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
@@ -611,6 +702,7 @@ def _record(entry: _Entry, found: _Scanned) -> ItemRecord:
     return ItemRecord.model_construct(
         id=entry.id,
         blob=found.sha,
+        blake3=found.blake3,
         size=found.size,
         media_type=found.media_type,
         width=found.width,
@@ -631,15 +723,17 @@ class _Bar:
         self._progress = progress
         self._total = total
         self._task = progress.add_task(what, total=total) if progress is not None else None
+        self._lock = threading.Lock()  # importing threads share a bar
 
     def __call__(self, n: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
 
     def grow(self, n: int) -> None:
-        self._total += n
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, total=self._total)
+            with self._lock:
+                self._total += n
+                self._progress.update(self._task, total=self._total)
 
 
 class _Bars:

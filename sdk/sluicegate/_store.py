@@ -150,6 +150,10 @@ class Store:
             raise StoreError(f"cannot write blob {sha} to {self.uri}: {exc}") from exc
         return sha
 
+    def blob_writer(self) -> BlobWriter:
+        """A writer that stores blobs from many threads at once (see :class:`BlobWriter`)."""
+        return BlobWriter(self)
+
     async def put_blobs_async(
         self,
         blobs: Iterable[tuple[str, Path | bytes]],
@@ -161,9 +165,8 @@ class Store:
         ``on_done`` is called after each blob is stored (for progress bars).
         """
         self._writable()
-        root = self.local_root
-        if root is not None:
-            return await asyncio.to_thread(self._put_local_files, root, list(blobs), on_done)
+        if self.local_root is not None:
+            return await asyncio.to_thread(self._put_local_files, list(blobs), on_done)
         sem = asyncio.Semaphore(concurrency)
 
         async def one(sha: str, source: Path | bytes) -> None:
@@ -187,41 +190,13 @@ class Store:
         return len(tasks)
 
     def _put_local_files(
-        self, root: Path, blobs: list[tuple[str, Path | bytes]], on_done: Callable[[], None] | None
+        self, blobs: list[tuple[str, Path | bytes]], on_done: Callable[[], None] | None
     ) -> int:
-        """Copy files into a local store so that ``blobs/<sha>`` appears whole or not at all.
-
-        Bytes are written to an unnamed file in ``blobs/`` (``O_TMPFILE``) that is then linked as
-        ``blobs/<sha>``: one entry change in that large directory, nothing left behind by a crash.
-        Files, and bytes on filesystems without unnamed files, are staged in ``staging/`` and then
-        hard-linked; obstore's own staging beside the target (``blobs/<sha>#n``) makes three entry
-        changes there per file, which measured 3-10x slower for many small files
-        (bench/store_query.py). Links are create-only and atomic, so a crash leaves at most a stray
-        staging file, never a partial blob.
-        """
-        staging, target = f"{root}/staging", f"{root}/blobs"  # plain strings: pathlib costs more
-        tag = f"{os.getpid()}-{threading.get_ident()}"
-        unnamed = _UNNAMED_FILES and os.path.isdir("/proc/self/fd")  # links an unnamed file by its fd
-        try:
-            os.makedirs(staging, exist_ok=True)
-            os.makedirs(target, exist_ok=True)
-            target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise StoreError(f"cannot write to {self.uri}: {exc.strerror or exc}") from exc
-        try:
+        with self.blob_writer() as writer:
             for sha, source in blobs:
-                try:
-                    if unnamed and isinstance(source, bytes):
-                        unnamed = _link_unnamed(target_fd, sha, source)  # False: not supported here
-                    if not (unnamed and isinstance(source, bytes)):
-                        _link_staged(f"{staging}/{sha}.{tag}", f"{target}/{sha}", source)
-                except OSError as exc:
-                    what = source if isinstance(source, Path) else f"blob {sha}"
-                    raise StoreError(f"cannot store {what} in {self.uri}: {exc.strerror or exc}") from exc
+                writer.put(sha, source)
                 if on_done is not None:
                     on_done()
-        finally:
-            os.close(target_fd)
         return len(blobs)
 
     def get_blob(self, sha: str) -> bytes:
@@ -411,6 +386,79 @@ class Store:
                 return
             except BaseError as exc:
                 raise StoreError(f"cannot update {_LATEST} on {self.uri}: {exc}") from exc
+
+
+class BlobWriter:
+    """Stores blobs into one store, create-only, from any number of threads at once.
+
+    ``put(sha, source)`` stores ``source`` (bytes, or a file to copy) as ``blobs/<sha>`` unless that
+    blob is there already; the caller computed ``sha`` from exactly those bytes. Each blob appears
+    whole or not at all, and a blob already stored is never replaced (content-addressed: the bytes
+    there are these bytes).
+
+    On an object store each call is one conditional PUT (``If-None-Match: *``) that blocks only its
+    own thread, outside the GIL: N threads keep N uploads in flight without an event loop or a task
+    per blob. On a filesystem, bytes are written to an unnamed file in ``blobs/`` (``O_TMPFILE``)
+    that is then linked as ``blobs/<sha>``: one entry change in that large directory, nothing left
+    behind by a crash. Files, and bytes on filesystems without unnamed files, are staged in
+    ``staging/`` and then hard-linked; obstore's own staging beside the target (``blobs/<sha>#n``)
+    makes three entry changes there per file, which measured 3-10x slower for many small files
+    (bench/store_query.py). Links are create-only and atomic, so a crash leaves at most a stray
+    staging file, never a partial blob. Like ``cp``, nothing is fsynced: a version is only as
+    durable as the filesystem makes the files it names.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._target_fd = -1
+        store._writable()
+        root = store.local_root
+        self._local = root is not None
+        if root is None:
+            self._backend = store._backend
+            return
+        self._staging, self._target = f"{root}/staging", f"{root}/blobs"  # plain strings: cheaper
+        # Linux's unnamed files, linked by their /proc/self/fd entry; False once the filesystem refuses.
+        self._unnamed = _UNNAMED_FILES and os.path.isdir("/proc/self/fd")
+        try:
+            os.makedirs(self._staging, exist_ok=True)
+            os.makedirs(self._target, exist_ok=True)
+            self._target_fd = os.open(self._target, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise StoreError(f"cannot write to {store.uri}: {exc.strerror or exc}") from exc
+
+    def put(self, sha: str, source: bytes | Path) -> None:
+        """Store ``source`` as blob ``sha`` (kept as is when present); raises :class:`StoreError`."""
+        what: object = source if isinstance(source, Path) else f"blob {sha}"
+        if not self._local:
+            try:
+                obstore.put(self._backend, blob_key(sha), source, mode="create")
+            except AlreadyExistsError:
+                pass  # content-addressed: the bytes there are these bytes
+            except BaseError as exc:
+                raise StoreError(f"cannot upload {what} to {self._store.uri}: {exc}") from exc
+            return
+        try:
+            if self._unnamed and isinstance(source, bytes):
+                if _link_unnamed(self._target_fd, sha, source):
+                    return
+                self._unnamed = False  # not supported here: stage this blob and every later one
+            tag = f"{os.getpid()}-{threading.get_ident()}"  # one staging file per thread at a time
+            _link_staged(f"{self._staging}/{sha}.{tag}", f"{self._target}/{sha}", source)
+        except OSError as exc:
+            raise StoreError(f"cannot store {what} in {self._store.uri}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        """Release the store's directory (call once every ``put`` has returned)."""
+        fd, self._target_fd = self._target_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _link_unnamed(dir_fd: int, name: str, data: bytes) -> bool:

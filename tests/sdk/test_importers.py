@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
-from sluicegate import Annotation, ImportError_, Store, _importers, _store, import_dataset
+from sluicegate import Annotation, ImportError_, Store, StoreError, _importers, _store, import_dataset
 from sluicegate._manifest import rows
 from sluicegate._query import select_rows
 
@@ -419,3 +421,176 @@ def test_stores_without_unnamed_files_stage_their_blobs(
         Store(tmp_path / "staged").get_blob(sha)  # whole: verified against its hash
     assert len(staged_calls) == 3
     assert list((tmp_path / "staged" / "staging").iterdir()) == []
+
+
+# -- many threads ----------------------------------------------------------------------------------
+
+
+def _many(root: Path, write_png: PngWriter, n: int) -> Path:
+    """``n`` distinct PNGs in 3 class folders, more than one scanning chunk per thread."""
+    for i in range(n):
+        write_png(root / f"c{i % 3}" / f"{i:03d}.png", 6 + i % 5, 4, seed=100 + i)
+    return root
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_threads_change_nothing_but_speed(
+    store_backend: Backend, tmp_path: Path, write_png: PngWriter, workers: int
+) -> None:
+    root = _many(tmp_path / "many", write_png, 3 * _importers._SCAN_CHUNK + 7)
+    reference = import_dataset("imagefolder", root, tmp_path / "reference", workers=1)
+    result = import_dataset("imagefolder", root, store_backend.uri, s3=store_backend.s3, workers=workers)
+    assert (result.items, result.blobs_uploaded, result.blobs_present) == (
+        reference.items,
+        reference.items,
+        0,
+    )
+    store = store_backend.store()
+    assert rows(store.manifest()[0]) == rows(Store(tmp_path / "reference").manifest()[0])  # same order too
+    for record in rows(store.manifest()[0])[:: _importers._SCAN_CHUNK // 2]:
+        assert store.get_blob(record.blob) == (root / record.id).read_bytes()
+
+
+def test_concurrent_imports_share_blobs_create_only(tmp_path: Path, write_png: PngWriter) -> None:
+    """Two imports of overlapping folders at once, each with several threads: every shared blob is
+    stored once and whole, both commit (one on top of the other), nothing is left in staging."""
+    root = _many(tmp_path / "many", write_png, 2 * _importers._SCAN_CHUNK)
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    write_png(other / "c0" / "extra.png", 9, 9, seed=7)
+    store = tmp_path / "store"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda src: import_dataset("imagefolder", src, store, workers=3), [root, other])
+        )
+    # Whichever commits second merges into the first; the folder without the extra file may then
+    # change nothing (no version), so there are one or two versions, never two claiming one number.
+    committed = [r.version for r in results if r.committed]
+    assert sorted(committed) == list(range(1, len(committed) + 1))
+    assert Store(store).latest_version() == len(committed)
+    final = Store(store)
+    manifest = rows(final.manifest()[0])
+    assert len(manifest) == len(list(root.rglob("*.png"))) + 1  # same ids: the second replaced the first
+    assert final.existing_blobs() == {r.blob for r in manifest}
+    for sha in final.existing_blobs():
+        final.get_blob(sha)  # whole: verified against its hash
+    assert list((store / "staging").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:20]), r"c1/010\.png is not an image .*Truncated"),
+        # unreadable (even by root): a link to itself
+        (lambda p: (p.unlink(), p.symlink_to(p.name)), r"cannot read .*c1/010\.png \(Too many levels"),
+    ],
+)
+def test_corrupt_or_unreadable_file_commits_nothing_and_resumes(
+    tmp_path: Path, write_png: PngWriter, damage: Any, message: str
+) -> None:
+    """A bad file among many, read by several threads: one clear error naming it, no version, and
+    whatever was stored before the problem was seen is whole, so the fixed re-run only adds the rest."""
+    root = _many(tmp_path / "many", write_png, 4 * _importers._SCAN_CHUNK)
+    bad = root / "c1" / "010.png"
+    good = bad.read_bytes()
+    damage(bad)
+    store = Store(tmp_path / "store")
+    with pytest.raises(ImportError_, match=message) as err:
+        import_dataset("imagefolder", root, store.uri, workers=4)
+    assert "\n" not in str(err.value)
+    assert store.latest_version() == 0
+    stored = store.existing_blobs()
+    for sha in stored:
+        store.get_blob(sha)
+    bad.unlink()
+    bad.write_bytes(good)
+    result = import_dataset("imagefolder", root, store.uri, workers=4)
+    assert (result.version, result.blobs_present, result.blobs_uploaded) == (
+        1,
+        len(stored),
+        result.items - len(stored),
+    )
+
+
+def test_store_error_stops_every_thread_and_commits_nothing(
+    tmp_path: Path, write_png: PngWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _many(tmp_path / "many", write_png, 4 * _importers._SCAN_CHUNK)
+    calls: list[str] = []
+    put = _store.BlobWriter.put
+
+    def failing(self: _store.BlobWriter, sha: str, source: Path | bytes) -> None:
+        calls.append(sha)
+        if len(calls) == 5:
+            raise StoreError("cannot store blob: disk full")
+        put(self, sha, source)
+
+    monkeypatch.setattr(_store.BlobWriter, "put", failing)
+    store = Store(tmp_path / "store")
+    with pytest.raises(StoreError, match="disk full"):
+        import_dataset("imagefolder", root, store.uri, workers=4)
+    assert store.latest_version() == 0
+    assert len(calls) < 4 * _importers._SCAN_CHUNK  # the threads stopped instead of storing the rest
+
+
+def test_jsonl_fast_path_reads_lines_as_json_loads_does(tmp_path: Path, write_png: PngWriter) -> None:
+    """Lines are parsed by pydantic's JSON parser first; what they mean must not depend on that."""
+    lines = [
+        '{"path": "img/a.png", "id": "dup keys", "id": "last wins"}',
+        '{"path": "img/a.png", "id": "nan", "metadata": {"x": NaN, "big": 123456789012345678901234567890}}',
+        '{"path": "img/a.png", "id": "floats", "metadata": {"one": 1.0, "exp": 1e3, "neg": -0.0}}',
+        '{"path": "img/a.png", "id": "unicode \\u00e9\\ud83d\\ude00", "labels": ["caf\\u00e9"]}',
+        '{"path": "./img//a.png", "labels": ["a", "b", "a"]}',
+        '{"path": "img/b.png", "annotations": [{"label": "d", "bbox": [1, 2, 3, 4], "iscrowd": 1,'
+        ' "attributes": {"nested": {"k": [1, 2.5, null, true]}}}], "metadata": {"flag": false}}',
+    ]
+    file = _jsonl(tmp_path, write_png, lines)
+    fast = _importers._plan_jsonl([file])
+    slow = [_importers._JsonlItem.model_validate(json.loads(line)) for line in lines]
+    assert [e.id for e in fast] == ["last wins", "nan", "floats", "unicode é😀", "img/a.png", "img/b.png"]
+    for entry, item in zip(fast, slow, strict=True):
+        assert entry.metadata == item.metadata or entry.id == "nan"
+        assert entry.annotations == tuple(Annotation(label=x) for x in item.labels) + tuple(item.annotations)
+        assert entry.path == os.path.join(file.parent, item.path)
+    nan = fast[1].metadata
+    assert nan is not None
+    assert nan["x"] != nan["x"]
+    assert nan["big"] == 123456789012345678901234567890
+    assert fast[2].metadata == {"one": 1.0, "exp": 1000.0, "neg": -0.0}
+    assert [type(v) for v in (fast[2].metadata or {}).values()] == [float, float, float]
+    bad = _jsonl(tmp_path, write_png, ['{"path": "img/a.png", "labels": "cat"}'])
+    with pytest.raises(ImportError_, match=r"items\.jsonl:1: labels: Input should be a valid list"):
+        import_dataset("jsonl", bad, tmp_path / "store")
+
+
+def test_cli_import_takes_workers(tmp_path: Path, write_png: PngWriter) -> None:
+    from sluicegate._cli import app
+    from typer.testing import CliRunner
+
+    root = _many(tmp_path / "many", write_png, 10)
+    done = CliRunner().invoke(
+        app, ["dataset", "import", "-f", "imagefolder", "--workers", "3", str(root), str(tmp_path / "s")]
+    )
+    assert done.exit_code == 0, done.output
+    assert Store(tmp_path / "s").manifest()[0].num_rows == 10
+    refused = CliRunner().invoke(
+        app, ["dataset", "import", "-f", "imagefolder", "--workers", "0", str(root), str(tmp_path / "s")]
+    )
+    assert refused.exit_code != 0
+
+
+def test_imported_items_carry_the_blake3_that_readers_verify(tmp_path: Path, write_png: PngWriter) -> None:
+    from sluicegate._manifest import blake3_hex
+
+    small = tmp_path / "small.png"
+    write_png(small, 8, 8)
+    big = tmp_path / "big.png"
+    write_png(big, 8, 8)
+    with big.open("ab") as fh:  # past the size read whole: hashed as a stream, both digests in one pass
+        fh.write(os.urandom(_importers._READ_WHOLE + 1000))
+    listing = tmp_path / "items.jsonl"
+    listing.write_text(json.dumps({"path": "small.png"}) + "\n" + json.dumps({"path": "big.png"}) + "\n")
+    import_dataset("jsonl", [listing], tmp_path / "ds")
+    table, _ = Store(tmp_path / "ds").manifest()
+    checks = dict(zip(table.column("id").to_pylist(), table.column("blake3").to_pylist(), strict=True))
+    assert checks == {"small.png": blake3_hex(small.read_bytes()), "big.png": blake3_hex(big.read_bytes())}

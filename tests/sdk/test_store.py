@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -308,3 +309,33 @@ def test_local_uploads_stage_outside_blobs(tmp_path: Path) -> None:
     assert store.existing_blobs() == {sha}
     assert store.get_blob(sha) == b"payload"
     assert [p.name for p in (tmp_path / "s" / "staging").iterdir()] == [f"{sha}.999-1"]
+
+
+def test_blob_writer_from_many_threads_stores_each_blob_once_and_whole(store_backend: Backend) -> None:
+    """Threads racing to store the same blobs: every blob appears once, whole; none is replaced."""
+    payloads = [f"payload {i}".encode() * 1000 for i in range(8)]
+    store = store_backend.store()
+    kept = sha256_hex(payloads[0])
+    store.put_blob(payloads[0])
+    with store.blob_writer() as writer, ThreadPoolExecutor(8) as pool:
+        # Every thread stores every payload; payload 0 is there already and must stay as it is.
+        list(pool.map(lambda _: [writer.put(sha256_hex(p), p) for p in payloads], range(8)))
+        writer.put(kept, b"other bytes under a taken name")  # create-only: refused quietly
+    assert store.existing_blobs() == {sha256_hex(p) for p in payloads}
+    for p in payloads:
+        assert store.get_blob(sha256_hex(p)) == p  # verified against its hash
+    if store.local_root is not None:
+        assert list((store.local_root / "staging").iterdir()) == []
+        assert sorted(os.listdir(store.local_root / "blobs")) == sorted(sha256_hex(p) for p in payloads)
+
+
+def test_blob_writer_copies_files_and_reports_failures(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"from a file")
+    store = Store(tmp_path / "s")
+    with store.blob_writer() as writer:
+        writer.put(sha256_hex(b"from a file"), src)
+        with pytest.raises(StoreError, match=r"cannot store .*gone\.bin in .*No such file"):
+            writer.put(sha256_hex(b"x"), tmp_path / "gone.bin")
+    assert store.get_blob(sha256_hex(b"from a file")) == b"from a file"
+    assert store.existing_blobs() == {sha256_hex(b"from a file")}
