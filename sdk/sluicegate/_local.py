@@ -27,16 +27,15 @@ class _PlanRows(Rows):
 
 class _LocalPending(Pending):
     def __init__(
-        self, future: concurrent.futures.Future[list[bytes]], refs: list[BlobRef], rows: Rows
+        self, future: concurrent.futures.Future[tuple[list[BlobRef], list[bytes]]], rows: Rows
     ) -> None:
-        self._future, self._refs, self._rows = future, refs, rows
+        self._future, self._rows = future, rows
 
     def result(self) -> list[Item]:
-        blobs = self._future.result()
+        refs, blobs = self._future.result()
         rows = self._rows
         return [
-            Item(ref.item_id, data, rows, i)
-            for i, (ref, data) in enumerate(zip(self._refs, blobs, strict=True))
+            Item(ref.item_id, data, rows, i) for i, (ref, data) in enumerate(zip(refs, blobs, strict=True))
         ]
 
     def cancel(self) -> None:
@@ -95,10 +94,13 @@ class LocalSource(Source):
         # ``readahead`` is not announced to the engine: the requests Dataset keeps in flight ahead of the
         # consumer are this path's read-ahead already, and announcing them again costs a ref per item.
         live = self._running()
-        plan = self.plan
-        refs = plan.refs(positions)
-        future = live.loop.submit(live.resource.get_many(refs))
-        return _LocalPending(future, refs, _PlanRows(plan, positions))
+        plan, engine = self.plan, live.resource
+
+        async def run() -> tuple[list[BlobRef], list[bytes]]:
+            refs = plan.refs(positions)  # on the engine's thread: the training loop's is the busy one
+            return refs, await engine.get_many(refs)
+
+        return _LocalPending(live.loop.submit(run()), _PlanRows(plan, positions))
 
     def describe(self) -> str:
         return f"{self._uri} version {self._version}"
