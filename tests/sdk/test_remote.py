@@ -23,7 +23,13 @@ _INFO = proto.Info(
 )  # fmt: skip
 
 
+_HANDLERS: set[asyncio.Task[None]] = set()
+
+
 async def _stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    _HANDLERS.add(task)
     while True:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(
@@ -62,7 +68,15 @@ def stalled_sidecar(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 
     server, address = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     yield address
-    loop.call_soon_threadsafe(server.close)
+
+    async def stop() -> None:
+        server.close()
+        for task in _HANDLERS:
+            task.cancel()
+        await asyncio.gather(*_HANDLERS, return_exceptions=True)
+        _HANDLERS.clear()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 
