@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from datetime import timedelta
@@ -13,10 +14,11 @@ from typing import Any
 import kopf
 
 from . import handlers, server
-from .broker import Broker
-from .catalog import Catalog
+from .broker import Broker, BrokerLimits
+from .catalog import Catalog, Limits
 from .inject import SidecarConfig
 from .kube import Kube
+from .resolve import Sources
 from .settings import Settings
 from .webhook import Webhook
 
@@ -57,8 +59,44 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--presign-ttl",
         type=int,
-        default=int(env("SLUICEGATE_PRESIGN_TTL_S", "900")),
+        default=int(env("SLUICEGATE_PRESIGN_TTL_S", "300")),
         help="seconds a presigned URL stays valid",
+    )
+    p.add_argument(
+        "--sources-configmap",
+        default=env("SLUICEGATE_SOURCES_CONFIGMAP", "sluicegate-sources"),
+        help="ConfigMap in --namespace with the platform's source policy (chart value `sources`)",
+    )
+    p.add_argument(
+        "--serve-only",
+        action="store_true",
+        default=env("SLUICEGATE_SERVE_ONLY", "") == "true",
+        help="serve the webhooks and the broker only, without the reconciler (webhook replicas)",
+    )
+    p.add_argument(
+        "--manifest-max-bytes", type=int, default=int(env("SLUICEGATE_MANIFEST_MAX_BYTES", str(64 << 20)))
+    )
+    p.add_argument(
+        "--manifest-max-rows", type=int, default=int(env("SLUICEGATE_MANIFEST_MAX_ROWS", "10000000"))
+    )
+    p.add_argument(
+        "--manifest-max-decoded-bytes",
+        type=int,
+        default=int(env("SLUICEGATE_MANIFEST_MAX_DECODED_BYTES", str(512 << 20))),
+    )
+    p.add_argument("--cache-bytes", type=int, default=int(env("SLUICEGATE_CACHE_BYTES", str(1 << 30))))
+    p.add_argument("--store-timeout", type=float, default=float(env("SLUICEGATE_STORE_TIMEOUT_S", "10")))
+    p.add_argument(
+        "--broker-rate",
+        type=float,
+        default=float(env("SLUICEGATE_BROKER_RATE", "50")),
+        help="broker requests per second per pod (bursts of twice that)",
+    )
+    p.add_argument(
+        "--metrics-auth",
+        choices=("true", "false"),
+        default=env("SLUICEGATE_METRICS_AUTH", "true"),
+        help="require a bearer token allowed to get /metrics (true) or serve it to anyone (false)",
     )
     p.add_argument("--cert-valid-days", type=float, default=float(env("SLUICEGATE_CERT_VALID_DAYS", "90")))
     p.add_argument(
@@ -91,6 +129,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         cert_valid_days=args.cert_valid_days,
         dataset_resync_s=args.resync,
         kubeconfig=args.kubeconfig,
+        sources_configmap=args.sources_configmap,
+        serve_only=args.serve_only,
+        manifest_bytes=args.manifest_max_bytes,
+        manifest_rows=args.manifest_max_rows,
+        manifest_decoded_bytes=args.manifest_max_decoded_bytes,
+        cache_bytes=args.cache_bytes,
+        store_timeout_s=args.store_timeout,
+        metrics_auth=args.metrics_auth == "true",
+        broker_rate=args.broker_rate,
+        broker_burst=2 * args.broker_rate,
     )
 
 
@@ -103,26 +151,54 @@ def _login(kube: Kube) -> Any:
 
 async def run(settings: Settings) -> None:
     kube = Kube.connect(settings.kubeconfig)
-    catalog = Catalog()
+    catalog = Catalog(
+        Limits(
+            manifest_bytes=settings.manifest_bytes,
+            manifest_rows=settings.manifest_rows,
+            decoded_bytes=settings.manifest_decoded_bytes,
+            cache_bytes=settings.cache_bytes,
+            timeout_s=settings.store_timeout_s,
+        )
+    )
+    policies = Sources(kube, settings.namespace, settings.sources_configmap)
     tls = server.TLS(kube, settings)
     await tls.ensure()
+    key = await server.grant_key(kube, settings)
     sidecar = SidecarConfig(image=settings.sidecar_image, broker_url=settings.url, broker_ca_pem=tls.ca_pem)
-    app = server.build_app(
-        Webhook(kube, sidecar), Broker(kube, catalog, timedelta(seconds=settings.presign_ttl_s))
+    broker = Broker(
+        kube,
+        catalog,
+        timedelta(seconds=settings.presign_ttl_s),
+        policies=policies,
+        grant_key=key,
+        limits=BrokerLimits(rate_per_s=settings.broker_rate, burst=settings.broker_burst),
     )
+    gate = server.MetricsGate(kube) if settings.metrics_auth else None
+    hook = Webhook(kube, sidecar, grant_key=key, policies=policies)
+    app = server.build_app(hook, broker, gate)
+
+    def on_bundle(pem: str) -> None:  # pods admitted from now on trust the CA's successor too
+        hook.sidecar = dataclasses.replace(hook.sidecar, broker_ca_pem=pem)
+
     runner = await server.start(app, settings, tls)
     log.info(
         "serving webhook and broker on %s:%d as %s", settings.listen_host, settings.listen_port, settings.url
     )
     await server.publish_ca(kube, settings, tls)
+    if settings.serve_only:
+        try:
+            await server.keep_tls_fresh(kube, settings, tls, on_bundle)
+        finally:
+            await runner.cleanup()
+        return
 
-    ctx = handlers.Context(kube=kube, catalog=catalog, settings=settings)
+    ctx = handlers.Context(kube=kube, catalog=catalog, settings=settings, policies=policies)
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(_login(kube))
     kopf.on.startup(registry=registry)(handlers.configure_on_startup)
     handlers.register(registry, ctx)
     background = [
-        asyncio.create_task(server.keep_tls_fresh(kube, settings, tls)),
+        asyncio.create_task(server.keep_tls_fresh(kube, settings, tls, on_bundle)),
         asyncio.create_task(handlers.flush_pod_counts(ctx)),
         asyncio.create_task(handlers.resync(ctx)),
     ]

@@ -26,6 +26,13 @@ class Refused(Exception):
         self.reason = reason
         self.message = message
         self.who: str | None = None  # the pod, once the token has been identified
+        self.retry_after: float | None = None  # seconds, for 429
+
+
+def rate_limited(message: str, wait_s: float) -> Refused:
+    refused = Refused(429, "rate_limited", message)
+    refused.retry_after = wait_s
+    return refused
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,22 @@ class Identity:
     pod_uid: str
 
 
-def identity(review_status: Mapping[str, Any]) -> Identity:
-    """The identity of an accepted TokenReview, or :class:`Refused` (401) saying why not."""
+def identity(review_status: Mapping[str, Any], audience: str | None = None) -> Identity:
+    """The identity of an accepted TokenReview, or :class:`Refused` (401) saying why not.
+
+    With ``audience``, the review must also say the token is meant for it (``status.audiences``): an
+    API server that ignores the requested audiences would otherwise accept any token of the pod.
+    """
     if not review_status.get("authenticated"):
         error = review_status.get("error") or "token not accepted"
         raise Refused(401, "token_rejected", f"token rejected by TokenReview: {error}")
+    if audience is not None and audience not in (review_status.get("audiences") or []):
+        raise Refused(
+            401,
+            "wrong_audience",
+            f"the token is not meant for {audience} (TokenReview audiences: "
+            f"{list(review_status.get('audiences') or [])}); present the projected token the webhook mounts",
+        )
     user = review_status.get("user") or {}
     username = str(user.get("username", ""))
     if not username.startswith(_SA_PREFIX) or username.count(":") != 3:
@@ -102,3 +120,31 @@ def missing_stream_permission(subject: str, ns: str, name: str, reason: str = ""
         f"Grant it with: kubectl create role {name}-stream -n {ns} --verb={STREAM_VERB} "
         f"--resource=datasets.sluicegate.io --resource-name={name} && {binding}"
     )
+
+
+class RateLimit:
+    """Token buckets per key (a pod's UID): ``rate`` requests per second, bursts of ``burst``; pure
+    bookkeeping, the caller passes the clock. Keys idle long enough to have refilled are forgotten."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        self.rate, self.burst, self._max = rate, burst, max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def peek(self, key: str, now: float) -> float:
+        """The tokens ``key`` has now (at least 1 means a request may go ahead), taking none."""
+        tokens, since = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - since) * self.rate) - (1 - 1e-9)
+
+    def take(self, key: str, now: float) -> float:
+        """0 when the request may go ahead, else the seconds until it may."""
+        tokens, since = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - since) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > self._max:
+            full = self.burst / self.rate
+            for k in [k for k, (_, t) in self._buckets.items() if now - t > full]:
+                del self._buckets[k]
+        return 0.0

@@ -7,30 +7,46 @@ logged and counted. Storage credentials stay in this process: pods get presigned
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pydantic_core
+from pydantic import BaseModel, ValidationError
 from sluicegate._broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
 from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
-from sluicegate._store import Store, blob_key
+from sluicegate._store import blob_key
 
-from . import access
+from . import access, grants
 from .access import Identity, Refused
-from .catalog import Catalog, Shard
-from .inject import INJECTED_LABEL, RANK_ANNOTATION, STREAM_LABEL, WORLD_SIZE_ANNOTATION
+from .catalog import Catalog, Handle, Shard
+from .inject import STREAM_LABEL
 from .kube import Kube
 from .metrics import BROKER_DECISIONS, BROKER_ITEMS, BROKER_SECONDS, BROKER_URLS
 from .models import Dataset, DatasetStream, Policy
-from .resolve import load_dataset, load_stream, open_store
+from .resolve import Sources, load_dataset, load_stream, open_store
+from .sources import SourceRefused
 from .status import is_ready
 
 log = logging.getLogger("sluicegate.broker")
 T = TypeVar("T", bytes, UrlsResponse)
+M = TypeVar("M", bound=BaseModel)
+MAX_TOKEN_BYTES = 16 * 1024
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+def _parse(raw: bytes, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)[:5]
+        raise Refused(400, "bad_request", f"malformed {model.__name__}: {errors}") from exc
 
 
 @dataclass(frozen=True)
@@ -40,30 +56,73 @@ class Grant:
     who: Identity
     stream: DatasetStream
     dataset: Dataset
-    store: Store
+    store: Handle
     rank: int
     world_size: int
     policies: tuple[Policy, ...]
 
 
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What one pod may cost the broker."""
+
+    rate_per_s: float = 50.0  # requests per pod per second, sustained
+    burst: float = 100.0
+    review_cache_s: float = 10.0  # a TokenReview's yes is reused this long for the same token
+    concurrent_reviews: int = 16  # TokenReviews in flight at once, whoever asks
+    failed_reviews_per_s: float = 5.0  # rejected tokens per client address before it is slowed down
+
+
+BodyReader = Callable[[], Awaitable[bytes]]
+
+
 class Broker:
-    def __init__(self, kube: Kube, catalog: Catalog, presign_ttl: timedelta) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        catalog: Catalog,
+        presign_ttl: timedelta,
+        *,
+        policies: Sources,
+        grant_key: bytes,
+        limits: BrokerLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._kube = kube
         self._catalog = catalog
         self._ttl = presign_ttl
+        self._policies = policies
+        self.grant_key = grant_key
+        self.limits = limits or BrokerLimits()
+        self._clock = clock
+        self._rate = access.RateLimit(self.limits.rate_per_s, self.limits.burst)
+        self._failures = access.RateLimit(
+            self.limits.failed_reviews_per_s, 4 * self.limits.failed_reviews_per_s
+        )
+        self._reviews: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._review_slots = asyncio.Semaphore(self.limits.concurrent_reviews)
 
-    async def plan(self, token: str | None, request: PlanRequest) -> bytes:
-        """The JSON of the caller's :class:`PlanResponse`."""
-        return await self._decide("plan", token, lambda g: self._plan(g, request))
+    async def plan(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
+        """The JSON of the caller's :class:`PlanResponse`; ``body`` is read only once the caller is known."""
 
-    async def urls(self, token: str | None, request: UrlsRequest) -> UrlsResponse:
-        return await self._decide("urls", token, lambda g: self._urls(g, request))
+        async def then(grant: Grant) -> bytes:
+            return await self._plan(grant, _parse(await body(), PlanRequest))
 
-    async def _decide(self, endpoint: str, token: str | None, then: Callable[[Grant], Awaitable[T]]) -> T:
+        return await self._decide("plan", token, remote, then)
+
+    async def urls(self, token: str | None, body: BodyReader, remote: str = "?") -> UrlsResponse:
+        async def then(grant: Grant) -> UrlsResponse:
+            return await self._urls(grant, _parse(await body(), UrlsRequest))
+
+        return await self._decide("urls", token, remote, then)
+
+    async def _decide(
+        self, endpoint: str, token: str | None, remote: str, then: Callable[[Grant], Awaitable[T]]
+    ) -> T:
         started = time.perf_counter()
         who = "?"
         try:
-            grant = await self._grant(token)
+            grant = await self._grant(token, remote)
             who = f"{grant.who.namespace}/{grant.who.pod_name}"
             result = await then(grant)
         except Refused as exc:
@@ -95,13 +154,54 @@ class Broker:
         )
         return result
 
-    async def _grant(self, token: str | None) -> Grant:
+    def _reviewed(self, token: str) -> bool:
+        """Whether ``token`` has a fresh, accepted TokenReview in the cache."""
+        cached = self._reviews.get(hashlib.sha256(token.encode()).hexdigest())
+        return cached is not None and cached[0] > self._clock()
+
+    async def _review(self, token: str) -> dict[str, Any]:
+        """The TokenReview of ``token``; a yes is reused for ``review_cache_s`` (keyed by a digest)."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = self._clock()
+        cached = self._reviews.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self._review_slots:
+            status = await self._kube.token_review(token, [AUDIENCE])
+        if status.get("authenticated"):
+            self._reviews[digest] = (now + self.limits.review_cache_s, status)
+            self._reviews.move_to_end(digest)
+            while len(self._reviews) > 10_000:
+                self._reviews.popitem(last=False)
+        return status
+
+    async def _grant(self, token: str | None, remote: str) -> Grant:
         if not token:
             raise Refused(
                 401, "no_token", "no bearer token: send the pod's projected token (audience sluicegate.io)"
             )
-        who = access.identity(await self._kube.token_review(token, [AUDIENCE]))
+        if len(token) > MAX_TOKEN_BYTES or not _JWT.fullmatch(token):
+            raise Refused(401, "token_rejected", "the bearer token is not a ServiceAccount token (a JWT)")
+        # Tokens that fail review cost the API server a TokenReview each: a client whose tokens keep
+        # failing is slowed down before it asks for more.
+        failing = f"failed:{remote}"
+        if not self._reviewed(token) and self._failures.peek(failing, self._clock()) <= 0:
+            raise access.rate_limited(
+                f"too many rejected tokens from {remote}; retry later with the pod's projected token", 1.0
+            )
         try:
+            who = access.identity(await self._review(token), AUDIENCE)
+        except Refused:
+            self._failures.take(failing, self._clock())
+            raise
+        try:
+            wait = self._rate.take(who.pod_uid, self._clock())
+            if wait > 0:
+                raise access.rate_limited(
+                    f"pod {who.namespace}/{who.pod_name} sends more than {self.limits.rate_per_s:g} "
+                    f"requests/s to the broker; retry in {wait:.1f} s",
+                    wait,
+                )
             return await self._grant_pod(who)
         except Refused as exc:
             exc.who = f"{who.namespace}/{who.pod_name}"
@@ -114,7 +214,7 @@ class Broker:
         meta = pod["metadata"]
         labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
         stream_name = labels.get(STREAM_LABEL)
-        if not stream_name or labels.get(INJECTED_LABEL) != "true":
+        if not stream_name:
             raise Refused(
                 403,
                 "pod_not_injected",
@@ -125,6 +225,28 @@ class Broker:
         if stream is None:
             raise Refused(
                 404, "stream_not_found", f"DatasetStream {who.namespace}/{stream_name} no longer exists"
+            )
+        # Rank and world size are what admission decided and sealed, never what the pod's owner can edit.
+        try:
+            sealed = grants.open_grant(
+                self.grant_key,
+                annotations.get(grants.GRANT_ANNOTATION),
+                namespace=who.namespace,
+                service_account=who.service_account,
+                stream=stream_name,
+                stream_uid=stream.metadata.uid,
+            )
+        except grants.GrantInvalid as exc:
+            raise Refused(
+                403, "not_admitted", f"pod {who.namespace}/{who.pod_name} gets no plan: {exc}"
+            ) from exc
+        fixed = stream.spec.sharding.world_size
+        if fixed is not None and fixed != sealed.world_size:
+            raise Refused(
+                409,
+                "world_size_changed",
+                f"pod {who.namespace}/{who.pod_name} was admitted for world size {sealed.world_size}, but "
+                f"DatasetStream {stream_name} now says {fixed}: recreate the job's pods",
             )
         if not is_ready(stream.status.conditions) or stream.status.resolved_version is None:
             raise Refused(
@@ -140,17 +262,23 @@ class Broker:
         if dataset is None:
             raise Refused(404, "dataset_not_found", f"Dataset {ds_ns}/{ds_name} no longer exists")
         try:
-            store = await open_store(self._kube, self._catalog, dataset)
+            store = await open_store(self._kube, self._catalog, self._policies, dataset)
+        except SourceRefused as exc:
+            raise Refused(
+                503, "source_not_allowed", f"Dataset {ds_ns}/{ds_name} cannot be read: {exc}"
+            ) from exc
         except ConfigError as exc:
             raise Refused(503, "credentials", f"Dataset {ds_ns}/{ds_name} cannot be read: {exc}") from exc
-        try:
-            rank, world = int(annotations[RANK_ANNOTATION]), int(annotations[WORLD_SIZE_ANNOTATION])
-        except (KeyError, ValueError) as exc:
-            raise Refused(
-                403, "no_rank", f"pod {who.namespace}/{who.pod_name} carries no rank annotations"
-            ) from exc
         policies = access.applicable_policies(dataset.spec.policies, who.username, who.groups)
-        return Grant(who, stream, dataset, store, rank, world, tuple(policies))
+        blank = [p.name for p in policies if not p.query.strip()]
+        if blank:  # a blank filter would select everything: fail closed
+            raise Refused(
+                503,
+                "policy",
+                f"Dataset {ds_ns}/{ds_name} cannot be read: its row-level policy {blank[0]} has a blank "
+                "query; the Dataset's owner must give it a filter",
+            )
+        return Grant(who, stream, dataset, store, sealed.rank, sealed.world_size, tuple(policies))
 
     def _shard(self, grant: Grant) -> Shard:
         """The rank's shard (cached per stream, rank and policies); runs in a thread."""
@@ -183,7 +311,7 @@ class Broker:
         if not blobs:
             return {}, expires
         try:
-            urls = grant.store.presign_many([blob_key(b) for b in blobs], self._ttl)
+            urls = grant.store.store.presign_many([blob_key(b) for b in blobs], self._ttl)
         except ConfigError as exc:
             raise Refused(503, "not_object_store", str(exc)) from exc
         BROKER_URLS.inc(len(urls))
@@ -229,7 +357,7 @@ class Broker:
             urls_json = pydantic_core.to_json(urls)
             return b"".join((start, b'"rows":', shard.rows_json, middle, b'"urls":', urls_json, end))
 
-        return await asyncio.to_thread(build)
+        return await self._catalog.run(build, store=grant.store)
 
     async def _urls(self, grant: Grant, request: UrlsRequest) -> UrlsResponse:
         def build() -> UrlsResponse:
@@ -244,4 +372,4 @@ class Broker:
             urls, expires = self._presign(grant, list(dict.fromkeys(request.blobs)))
             return UrlsResponse(urls=urls, expires_at=expires)
 
-        return await asyncio.to_thread(build)
+        return await self._catalog.run(build, store=grant.store)

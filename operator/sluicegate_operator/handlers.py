@@ -16,20 +16,22 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import kopf
 from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
 
 from . import status as st
-from .catalog import Catalog
+from .catalog import Catalog, ManifestTooLarge
 from .inject import INJECTED_LABEL, STREAM_LABEL, WORLD_SIZE_ANNOTATION
 from .kube import Kube
 from .metrics import RECONCILES
 from .models import GROUP, ConditionStatus, Dataset, DatasetStatus, DatasetStream, DatasetStreamStatus
 from .pods import PodCounter
-from .resolve import load_dataset, open_store
+from .resolve import Sources, load_dataset, open_store
 from .settings import Settings
+from .sources import SourceRefused
 
 log = logging.getLogger("sluicegate.operator")
 COUNT_FLUSH_S = 1.0
@@ -41,6 +43,7 @@ class Context:
     kube: Kube
     catalog: Catalog
     settings: Settings
+    policies: Sources
     pods: PodCounter = field(default_factory=PodCounter)
     # The watch event and the retry timer of one object may fire together; one reconcile at a time per
     # object, and the last Ready condition announced per object, keep Events one per transition.
@@ -93,10 +96,10 @@ async def _write(
 async def reconcile_dataset(ctx: Context, body: dict[str, Any]) -> None:
     ds = Dataset.model_validate(body)
     now = _now()
-    reason = st.Reason.STORE_UNREACHABLE
+    catalog = ctx.catalog
     try:
-        store = await open_store(ctx.kube, ctx.catalog, ds)
-        latest = await asyncio.to_thread(store.latest_version)
+        store = await open_store(ctx.kube, catalog, ctx.policies, ds)
+        latest = await catalog.run(catalog.latest_version, store, store=store)
         if latest == 0:
             after = st.dataset_failed(
                 ds,
@@ -105,14 +108,19 @@ async def reconcile_dataset(ctx: Context, body: dict[str, Any]) -> None:
                 now=now,
             )
         else:
-            table, _ = await asyncio.to_thread(store.manifest, latest)
+            manifest = await catalog.run(catalog.manifest, store, latest, revalidate=True, store=store)
+            labels = await catalog.run(st.label_summary, manifest.table)
             after = st.dataset_ready(
-                ds, latest_version=latest, items=table.num_rows, labels=st.label_summary(table), now=now
+                ds, latest_version=latest, items=manifest.table.num_rows, labels=labels, now=now
             )
+    except SourceRefused as exc:
+        after = st.dataset_failed(ds, reason=st.Reason.SOURCE_NOT_ALLOWED, message=str(exc), now=now)
     except ConfigError as exc:
         after = st.dataset_failed(ds, reason=st.Reason.CREDENTIALS_INVALID, message=str(exc), now=now)
+    except ManifestTooLarge as exc:
+        after = st.dataset_failed(ds, reason=st.Reason.MANIFEST_TOO_LARGE, message=str(exc), now=now)
     except StoreError as exc:
-        after = st.dataset_failed(ds, reason=reason, message=str(exc), now=now)
+        after = st.dataset_failed(ds, reason=st.Reason.STORE_UNREACHABLE, message=str(exc), now=now)
     await _write(ctx, "datasets", body, ds.status, after)
 
 
@@ -125,17 +133,28 @@ async def reconcile_stream(ctx: Context, body: dict[str, Any]) -> None:
         return st.stream_failed(stream, reason=reason, message=message, now=now)
 
     dataset = await load_dataset(ctx.kube, ns, name)
+    catalog = ctx.catalog
     if dataset is None:
         after = failed(st.Reason.DATASET_NOT_FOUND, f"Dataset {ns}/{name} does not exist")
     else:
         try:
-            store = await open_store(ctx.kube, ctx.catalog, dataset)
-            version, pinned_from = await asyncio.to_thread(st.pin_version, stream, store.latest_version)
-            await asyncio.to_thread(store.resolve, version)
-            selected = await asyncio.to_thread(ctx.catalog.select, store, version, (stream.spec.query,))
-            after = st.stream_ready(
-                stream, version=version, pinned_from=pinned_from, matched=len(selected), now=now
+            store = await open_store(ctx.kube, catalog, ctx.policies, dataset)
+            version, pinned_from = await catalog.run(
+                st.pin_version, stream, partial(catalog.latest_version, store), store=store
             )
+            await catalog.run(catalog.resolve, store, version, store=store)
+            selected = await catalog.run(catalog.select, store, version, (stream.spec.query,), store=store)
+            # Counts before row-level policies would tell a policy's subject how many rows it may not
+            # see (and, query by query, their values): a Dataset with policies shows none.
+            after = st.stream_ready(
+                stream,
+                version=version,
+                pinned_from=pinned_from,
+                matched=None if dataset.spec.policies else len(selected),
+                now=now,
+            )
+        except SourceRefused as exc:
+            after = failed(st.Reason.SOURCE_NOT_ALLOWED, f"Dataset {ns}/{name} cannot be read: {exc}")
         except ConfigError as exc:
             after = failed(st.Reason.CREDENTIALS_INVALID, str(exc))
         except QueryError as exc:
@@ -171,13 +190,25 @@ async def resync(ctx: Context) -> None:
             kinds.insert(0, ("datasets", reconcile_dataset, False))
         for plural, fn, only_unready in kinds:
             try:
-                for body in await ctx.kube.list_custom(plural):
+                bodies = await ctx.kube.list_custom(plural)
+            except Exception:
+                log.exception("periodic resync of %s failed; retrying in %.0f s", plural, tick)
+                continue
+            for body in bodies:
+                # One object's failure is that object's: every other one is still resynced.
+                try:
                     if only_unready and not _needs_retry(body):
                         continue
                     async with ctx.lock(body["metadata"]["uid"]):
                         await fn(ctx, body)
-            except Exception:
-                log.exception("periodic resync of %s failed; retrying in %.0f s", plural, tick)
+                except Exception:
+                    meta = body.get("metadata") or {}
+                    log.exception(
+                        "periodic resync of %s %s/%s failed; the others go on",
+                        plural,
+                        meta.get("namespace"),
+                        meta.get("name"),
+                    )
 
 
 async def flush_pod_counts(ctx: Context) -> None:

@@ -19,7 +19,9 @@ from sluicegate._broker_protocol import (
     SidecarEnv,
     TrainerEnv,
 )
+from sluicegate._quantity import parse_bytes
 
+from .grants import GRANT_ANNOTATION
 from .models import DatasetStream, RankSource
 
 STREAM_LABEL = "sluicegate.io/stream"
@@ -36,6 +38,7 @@ TOKEN_VOLUME = "sluicegate-token"
 CACHE_VOLUME = "sluicegate-cache"
 CACHE_DIR = "/var/cache/sluicegate"
 TOKEN_EXPIRATION_S = 3600
+DISK_HEADROOM_MIN = 64 * 1024 * 1024
 
 JsonPatch = list[dict[str, Any]]
 
@@ -237,12 +240,47 @@ def _volumes(stream: DatasetStream) -> list[dict[str, Any]]:
         },
     ]
     if stream.spec.cache.disk != "0":
-        volumes.append({"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": stream.spec.cache.disk}})
+        volumes.append(
+            {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": disk_size_limit(stream.spec.cache.disk)}}
+        )
     return volumes
 
 
+def disk_size_limit(budget: str) -> str:
+    """The cache volume's ``sizeLimit`` for a disk budget: the budget plus headroom (10 %, at least
+    64 MiB), because the kubelet counts allocated blocks and files being written, while the cache counts
+    the bytes it keeps; a limit equal to the budget gets the pod evicted at a full cache."""
+    size = parse_bytes(budget)
+    return str(size + max(size // 10, DISK_HEADROOM_MIN))
+
+
+def refuse_preinjected(pod: Mapping[str, Any]) -> None:
+    """:class:`AdmissionDenied` for a new pod that already carries what only the webhook may add (its own
+    ``sluicegate-sidecar`` container, a grant, the injected label): it would bypass injection."""
+    spec, meta = pod.get("spec") or {}, pod.get("metadata") or {}
+    names = {c.get("name") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])}
+    if SIDECAR_NAME in names:
+        raise AdmissionDenied(
+            f"the pod already has a container named {SIDECAR_NAME}, which only the sluicegate webhook adds: "
+            "rename or remove it"
+        )
+    own = [k for k in (meta.get("annotations") or {}) if k == GRANT_ANNOTATION]
+    if INJECTED_LABEL in (meta.get("labels") or {}):
+        own.append(f"label {INJECTED_LABEL}")
+    if own:
+        raise AdmissionDenied(
+            f"the pod sets {', '.join(own)}, which only the sluicegate webhook sets: remove it"
+        )
+
+
 def inject(
-    pod: Mapping[str, Any], stream: DatasetStream, namespace: str, rank: Rank, config: SidecarConfig
+    pod: Mapping[str, Any],
+    stream: DatasetStream,
+    namespace: str,
+    rank: Rank,
+    config: SidecarConfig,
+    *,
+    grant: str | None = None,
 ) -> dict[str, Any]:
     """``pod`` with the sidecar, its volumes, the trainer environment and the rank annotations added.
 
@@ -276,6 +314,7 @@ def inject(
             RANK_ANNOTATION: str(rank.rank),
             WORLD_SIZE_ANNOTATION: str(rank.world_size),
             RANK_SOURCE_ANNOTATION: rank.source.value,
+            **({GRANT_ANNOTATION: grant} if grant else {}),
         }
     )
     return out

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -24,10 +25,15 @@ from .models import GROUP, STREAM_VERB, VERSION
 Json = dict[str, Any]
 # The API server rejects a request it waits on longer than this; a webhook's own timeout is longer.
 REQUEST_TIMEOUT_S = 10
+API_THREADS = 32
 
 
 class KubeError(RuntimeError):
-    """An API call failed for a reason other than 'not found'."""
+    """An API call failed for a reason other than 'not found'; ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _raw(response: Any) -> Json:
@@ -46,6 +52,12 @@ class Kube:
         self._authn = client.AuthenticationV1Api(api)
         self._authz = client.AuthorizationV1Api(api)
         self._admission = client.AdmissionregistrationV1Api(api)
+        # API calls get threads of their own: nothing else the operator runs (store reads, query work)
+        # can hold the threads that admission reviews and broker checks need.
+        self._pool = ThreadPoolExecutor(API_THREADS, thread_name_prefix="sluicegate-kube")
+
+    async def _run(self, call: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def connection_info(self) -> kopf.ConnectionInfo:
         """The same credentials for kopf's own watch connections."""
@@ -82,11 +94,13 @@ class Kube:
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT_S)
         kwargs.setdefault("_preload_content", False)
         try:
-            return _raw(await asyncio.to_thread(partial(fn, *args, **kwargs)))
+            return _raw(await self._run(partial(fn, *args, **kwargs)))
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise KubeError(f"{getattr(fn, '__name__', fn)}: {exc.status} {exc.reason}: {exc.body}") from exc
+            raise KubeError(
+                f"{getattr(fn, '__name__', fn)}: {exc.status} {exc.reason}: {exc.body}", exc.status
+            ) from exc
 
     async def _must(self, fn: Any, *args: Any, **kwargs: Any) -> Json:
         result = await self._call(fn, *args, **kwargs)
@@ -113,9 +127,19 @@ class Kube:
 
     async def get_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         secret = await self._call(self._core.read_namespaced_secret, name, namespace)
-        if secret is None:
-            return None
+        return None if secret is None else self.secret_data(secret)
+
+    @staticmethod
+    def secret_data(secret: Json) -> dict[str, str]:
+        """The decoded ``data`` of a Secret as the API serves it."""
         return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    @staticmethod
+    def secret_data_bytes(secret: Json) -> dict[str, bytes]:
+        return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+    async def get_configmap(self, namespace: str, name: str) -> Json | None:
+        return await self._call(self._core.read_namespaced_config_map, name, namespace)
 
     async def get_pod(self, namespace: str, name: str) -> Json | None:
         return await self._call(self._core.read_namespaced_pod, name, namespace)
@@ -155,14 +179,40 @@ class Kube:
         extra: Mapping[str, Sequence[str]] | None = None,
     ) -> tuple[bool, str]:
         """SubjectAccessReview: may ``user`` use the verb ``stream`` on Dataset ``namespace/name``?"""
+        return await self.may(
+            user=user,
+            groups=groups,
+            uid=uid,
+            extra=extra,
+            verb=STREAM_VERB,
+            group=GROUP,
+            resource="datasets",
+            namespace=namespace,
+            name=name,
+        )
+
+    async def may(
+        self,
+        *,
+        user: str,
+        groups: Sequence[str],
+        verb: str,
+        group: str,
+        resource: str,
+        namespace: str,
+        name: str,
+        uid: str = "",
+        extra: Mapping[str, Sequence[str]] | None = None,
+    ) -> tuple[bool, str]:
+        """SubjectAccessReview: may ``user`` (with ``groups``, ``extra``) ``verb`` the object?"""
         spec: Json = {
             "user": user,
             "groups": list(groups),
             "resourceAttributes": {
                 "namespace": namespace,
-                "verb": STREAM_VERB,
-                "group": GROUP,
-                "resource": "datasets",
+                "verb": verb,
+                "group": group,
+                "resource": resource,
                 "name": name,
             },
         }
@@ -174,6 +224,17 @@ class Kube:
         review = await self._must(self._authz.create_subject_access_review, body)
         status = review.get("status") or {}
         return bool(status.get("allowed")), str(status.get("reason") or status.get("evaluationError") or "")
+
+    async def may_get_path(self, *, user: str, groups: Sequence[str], path: str) -> bool:
+        """SubjectAccessReview: may ``user`` get the non-resource URL ``path``?"""
+        spec: Json = {
+            "user": user,
+            "groups": list(groups),
+            "nonResourceAttributes": {"path": path, "verb": "get"},
+        }
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+        review = await self._must(self._authz.create_subject_access_review, body)
+        return bool((review.get("status") or {}).get("allowed"))
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -238,12 +299,36 @@ class Kube:
     async def _write_unless_conflict(self, call: Callable[..., Any], what: str) -> bool:
         """Run a write; ``False`` on 409 Conflict (someone else wrote first)."""
         try:
-            await asyncio.to_thread(partial(call, _request_timeout=REQUEST_TIMEOUT_S, _preload_content=False))
+            await self._run(partial(call, _request_timeout=REQUEST_TIMEOUT_S, _preload_content=False))
         except ApiException as exc:
             if exc.status == 409:
                 return False
             raise KubeError(f"{what}: {exc.status} {exc.reason}") from exc
         return True
+
+    async def put_configmap(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
+        """Create the ConfigMap ``name`` with ``data``, or replace its data if it differs."""
+        existing = await self._call(self._core.read_namespaced_config_map, name, namespace)
+        body: Json = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/part-of": "sluicegate"},
+            },
+            "data": dict(data),
+        }
+        if existing is None:
+            await self._write_unless_conflict(
+                partial(self._core.create_namespaced_config_map, namespace, body), f"create ConfigMap {name}"
+            )
+        elif existing.get("data") != dict(data):
+            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            await self._write_unless_conflict(
+                partial(self._core.replace_namespaced_config_map, name, namespace, body),
+                f"replace ConfigMap {name}",
+            )
 
     async def get_webhook_configuration(self, name: str) -> Json | None:
         return await self._call(self._admission.read_mutating_webhook_configuration, name)
@@ -261,19 +346,48 @@ class Kube:
         }
         await self._must(self._admission.replace_mutating_webhook_configuration, name, body)
 
-    async def patch_webhook_ca(self, name: str, ca_bundle_b64: str) -> bool:
-        """Set caBundle on every webhook of the configuration ``name``; ``False`` if it does not exist."""
-        existing = await self.get_webhook_configuration(name)
+    async def get_validating_configuration(self, name: str) -> Json | None:
+        return await self._call(self._admission.read_validating_webhook_configuration, name)
+
+    async def apply_validating_configuration(self, body: Json) -> None:
+        """Create or replace the ValidatingWebhookConfiguration ``body`` (dev mode)."""
+        name = body["metadata"]["name"]
+        existing = await self.get_validating_configuration(name)
         if existing is None:
-            return False
-        ops = [
-            {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca_bundle_b64}
-            for i, hook in enumerate(existing.get("webhooks") or [])
-            if hook.get("clientConfig", {}).get("caBundle") != ca_bundle_b64
-        ]
-        if ops:
-            await self._must(self._admission.patch_mutating_webhook_configuration, name, ops)
-        return True
+            await self._must(self._admission.create_validating_webhook_configuration, body)
+            return
+        body = {
+            **body,
+            "metadata": {**body["metadata"], "resourceVersion": existing["metadata"]["resourceVersion"]},
+        }
+        await self._must(self._admission.replace_validating_webhook_configuration, name, body)
+
+    async def patch_webhook_ca(self, name: str, ca_bundle_b64: str) -> bool:
+        """Set caBundle on every webhook of the mutating and the validating configuration ``name``;
+        ``False`` if either does not exist."""
+        found = True
+        for read, patch in (
+            (
+                self._admission.read_mutating_webhook_configuration,
+                self._admission.patch_mutating_webhook_configuration,
+            ),
+            (
+                self._admission.read_validating_webhook_configuration,
+                self._admission.patch_validating_webhook_configuration,
+            ),
+        ):
+            existing = await self._call(read, name)
+            if existing is None:
+                found = False
+                continue
+            ops = [
+                {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca_bundle_b64}
+                for i, hook in enumerate(existing.get("webhooks") or [])
+                if hook.get("clientConfig", {}).get("caBundle") != ca_bundle_b64
+            ]
+            if ops:
+                await self._must(patch, name, ops)
+        return found
 
 
 def _secret(namespace: str, name: str, data: Mapping[str, bytes]) -> Json:

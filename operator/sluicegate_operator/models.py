@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from sluicegate._partition import Remainder
 
@@ -22,7 +22,20 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # The custom RBAC verb that grants a ServiceAccount the right to stream a Dataset.
 STREAM_VERB = "stream"
 
+# Bounds on what a tenant may write into a spec (the API server enforces them; CEL cost stays bounded).
+MAX_QUERY = 4096  # sluicegate_operator.catalog.MAX_QUERY_CHARS
+MAX_K8S_NAME = 253
+MAX_NAME = 256
+MAX_URI = 1024
+MAX_MESSAGE = 2048
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+def _clip(value: object) -> object:
+    """A message cut to MAX_MESSAGE characters (what the operator reports must fit its own schema)."""
+    if isinstance(value, str) and len(value) > MAX_MESSAGE:
+        return value[: MAX_MESSAGE - 3] + "..."
+    return value
 
 
 def _cel(rule: str, message: str) -> dict[str, JsonValue]:
@@ -52,10 +65,14 @@ class ConditionStatus(StrEnum):
 class Condition(_Model):
     """One aspect of the object's state, following the Kubernetes API conventions."""
 
-    type: str = Field(description="Kind of condition, e.g. Ready.", min_length=1)
+    type: str = Field(description="Kind of condition, e.g. Ready.", min_length=1, max_length=64)
     status: ConditionStatus = Field(description="True, False or Unknown.")
-    reason: str = Field(description="One CamelCase word saying why, for machines.", min_length=1)
-    message: str = Field(default="", description="What happened and what to do about it, for humans.")
+    reason: str = Field(
+        description="One CamelCase word saying why, for machines.", min_length=1, max_length=64
+    )
+    message: Annotated[str, BeforeValidator(_clip)] = Field(
+        default="", description="What happened and what to do about it, for humans.", max_length=MAX_MESSAGE
+    )
     last_transition_time: datetime = Field(description="When status last changed.")
     observed_generation: int | None = Field(
         default=None, description="The metadata.generation this condition was computed from."
@@ -92,8 +109,12 @@ class Subject(_Model):
     )
 
     kind: SubjectKind = Field(description="ServiceAccount, Group or User.")
-    name: str = Field(description="Name of the ServiceAccount, group or user.", min_length=1)
-    namespace: str | None = Field(default=None, description="Namespace of a ServiceAccount subject.")
+    name: str = Field(
+        description="Name of the ServiceAccount, group or user.", min_length=1, max_length=MAX_NAME
+    )
+    namespace: str | None = Field(
+        default=None, description="Namespace of a ServiceAccount subject.", max_length=MAX_K8S_NAME
+    )
 
     def username(self) -> str | None:
         """The authenticated username this subject denotes (``None`` for a group)."""
@@ -112,19 +133,26 @@ class Source(_Model):
         description="Store root: s3://BUCKET/PREFIX for an object store, file:///PATH for a volume "
         "the operator mounts (file stores cannot be streamed through presigned URLs).",
         pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?|file:///.+)$",
+        max_length=MAX_URI,
     )
     endpoint: str | None = Field(
         default=None,
         description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, ...); omit for AWS S3.",
         pattern=r"^https?://.+",
+        max_length=MAX_URI,
     )
-    region: str | None = Field(default=None, description="Object-store region, e.g. eu-west-1.")
+    region: str | None = Field(
+        default=None,
+        description="Object-store region, e.g. eu-west-1.",
+        max_length=64,
+        pattern=r"^[a-z0-9-]*$",
+    )
 
 
 class SecretRef(_Model):
     """A Secret in the Dataset's own namespace."""
 
-    name: str = Field(description="Name of the Secret.", min_length=1)
+    name: str = Field(description="Name of the Secret.", min_length=1, max_length=MAX_K8S_NAME)
 
 
 class Credentials(_Model):
@@ -139,10 +167,18 @@ class Credentials(_Model):
 class Policy(_Model):
     """A row-level filter: its query is AND-ed into every stream read by one of its subjects."""
 
-    name: str = Field(description="Name of the policy, shown in broker decisions and logs.", min_length=1)
-    subjects: list[Subject] = Field(description="Who the policy applies to.", min_length=1)
+    name: str = Field(
+        description="Name of the policy, shown in broker decisions and logs.",
+        min_length=1,
+        max_length=MAX_NAME,
+    )
+    subjects: list[Subject] = Field(description="Who the policy applies to.", min_length=1, max_length=256)
     query: str = Field(
-        description='Slice query the subjects are limited to, e.g. meta.license = "open".', min_length=1
+        description='Slice query the subjects are limited to, e.g. meta.license = "open" (never blank: '
+        "a blank filter would select everything).",
+        min_length=1,
+        max_length=MAX_QUERY,
+        pattern=r"\S",
     )
 
 
@@ -155,6 +191,7 @@ class DatasetSpec(_Model):
     )
     policies: list[Policy] = Field(
         default_factory=list,
+        max_length=64,
         description="Row-level policies AND-ed into the queries of their subjects' streams.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
@@ -179,9 +216,11 @@ class DatasetRef(_Model):
     """Which Dataset to stream."""
 
     namespace: str | None = Field(
-        default=None, description="Namespace of the Dataset; defaults to the stream's namespace."
+        default=None,
+        description="Namespace of the Dataset; defaults to the stream's namespace.",
+        max_length=MAX_K8S_NAME,
     )
-    name: str = Field(description="Name of the Dataset.", min_length=1)
+    name: str = Field(description="Name of the Dataset.", min_length=1, max_length=MAX_K8S_NAME)
 
 
 class RankSource(StrEnum):
@@ -226,9 +265,14 @@ class Sharding(_Model):
 class Cache(_Model):
     """Byte budgets of each sidecar's read-ahead cache."""
 
-    memory: str = Field(default="512Mi", pattern=_QUANTITY, description="Memory budget, e.g. 2Gi.")
+    memory: str = Field(
+        default="512Mi", pattern=_QUANTITY, description="Memory budget, e.g. 2Gi.", max_length=32
+    )
     disk: str = Field(
-        default="0", pattern=_QUANTITY, description="Disk budget (emptyDir), e.g. 20Gi; 0 for none."
+        default="0",
+        pattern=_QUANTITY,
+        description="Disk budget (emptyDir), e.g. 20Gi; 0 for none.",
+        max_length=32,
     )
 
 
@@ -242,7 +286,9 @@ class Resources(_Model):
 class SidecarOverrides(_Model):
     """Per-stream changes to the injected sidecar."""
 
-    image: str | None = Field(default=None, description="Sidecar image; defaults to the operator's.")
+    image: str | None = Field(
+        default=None, description="Sidecar image; defaults to the operator's.", max_length=MAX_URI
+    )
     resources: Resources | None = Field(default=None, description="Sidecar container resources.")
 
 
@@ -279,6 +325,7 @@ class DatasetStreamSpec(_Model):
     query: str = Field(
         default="",
         description='Slice query, e.g. labels.car > 3 and meta.split = "train"; empty: every item.',
+        max_length=MAX_QUERY,
     )
     # A schema default {} makes the API server fill in the nested defaults (shown by `kubectl get -o yaml`).
     sharding: Sharding = Field(
@@ -302,7 +349,9 @@ class DatasetStreamStatus(_Model):
         default=None, description="The manifest version the stream is pinned to."
     )
     pinned_from: str | None = Field(
-        default=None, description="The spec.version the pin was resolved from; re-pinned when that changes."
+        default=None,
+        description="The spec.version the pin was resolved from; re-pinned when that changes.",
+        max_length=32,
     )
     matched_items: int | None = Field(
         default=None, description="Items matching spec.query (before per-subject row-level policies)."

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
+import secrets
 import ssl
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
-from sluicegate._broker_protocol import BrokerError, BrokerErrorCode, BrokerPaths, PlanRequest, UrlsRequest
+from sluicegate._broker_protocol import MAX_URLS_PER_REQUEST, BrokerError, BrokerErrorCode, BrokerPaths
 
 from . import certs, webhook
 from .access import Refused
@@ -36,13 +40,16 @@ _CODES = {
     403: BrokerErrorCode.FORBIDDEN,
     404: BrokerErrorCode.NOT_FOUND,
     409: BrokerErrorCode.NOT_READY,
+    413: BrokerErrorCode.TOO_LARGE,
+    429: BrokerErrorCode.RATE_LIMITED,
     503: BrokerErrorCode.UNAVAILABLE,
 }
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(status: int, message: str, retry_after: float | None = None) -> web.Response:
     body = BrokerError(code=_CODES.get(status, BrokerErrorCode.INTERNAL), message=message)
-    return web.json_response(body.model_dump(mode="json"), status=status)
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
+    return web.json_response(body.model_dump(mode="json"), status=status, headers=headers)
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -50,14 +57,31 @@ def _bearer(request: web.Request) -> str | None:
     return header[7:].strip() or None if header.lower().startswith("bearer ") else None
 
 
-async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
-    try:
-        raw = await request.read()
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        raise Refused(
-            400, "bad_request", f"malformed {model.__name__}: {exc.errors(include_url=False)}"
-        ) from exc
+# Bodies the broker reads, once the caller is authenticated: a plan request is a few bytes, a URL request
+# names at most MAX_URLS_PER_REQUEST hashes.
+PLAN_BODY_BYTES = 4 * 1024
+URLS_BODY_BYTES = MAX_URLS_PER_REQUEST * 80 + 1024
+# An AdmissionReview carries the whole object (and for updates the old one too).
+REVIEW_BODY_BYTES = 8 * 1024 * 1024
+
+
+def _body(request: web.Request, limit: int) -> Callable[[], Awaitable[bytes]]:
+    """A reader of ``request``'s body that refuses (413) more than ``limit`` bytes, declared or sent."""
+
+    async def read() -> bytes:
+        if request.content_length is not None and request.content_length > limit:
+            raise Refused(
+                413, "too_large", f"the request body is {request.content_length} bytes; at most {limit}"
+            )
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, "too_large", f"the request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    return read
 
 
 class TLS:
@@ -117,42 +141,123 @@ class TLS:
 
     @property
     def ca_pem(self) -> str:
+        """The trust bundle (CA certificates only, never a key) for the API server and sidecars."""
         assert self.state is not None, "call ensure() first"
-        return self.state.ca_cert.decode()
+        return self.state.trust_bundle.decode()
 
 
-def build_app(hook: webhook.Webhook, broker: Broker) -> web.Application:
-    async def mutate(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"error": "not a JSON AdmissionReview"}, status=400)
-        return web.json_response(await hook.review(body))
+GRANT_KEY = "grant.key"
+
+
+async def grant_key(kube: Kube, settings: Settings) -> bytes:
+    """The key that seals admission's rank grants: kept in its own Secret, created once (the first
+    replica wins; the others read what it wrote). Pods keep working across certificate rotations."""
+    name = settings.grant_secret
+    for _ in range(5):
+        secret = await kube.read_secret(settings.namespace, name)
+        data = kube.secret_data_bytes(secret) if secret is not None else {}
+        if len(data.get(GRANT_KEY, b"")) >= 32:
+            return data[GRANT_KEY]
+        fresh = {GRANT_KEY: secrets.token_bytes(32)}
+        if secret is None:
+            stored = await kube.create_secret(settings.namespace, name, fresh)
+        else:
+            stored = await kube.replace_secret(
+                settings.namespace, name, fresh, secret["metadata"]["resourceVersion"]
+            )
+        if stored:
+            return fresh[GRANT_KEY]
+    raise RuntimeError(
+        f"could not settle the grant key Secret {settings.namespace}/{name}: too many conflicts"
+    )
+
+
+class MetricsGate:
+    """Who may scrape ``/metrics``: a token the API server vouches for (TokenReview, its default
+    audience) whose user may ``get`` the non-resource URL ``/metrics`` (what Prometheus' ClusterRole
+    usually grants). The metrics name streams and refusal reasons, so a pod may not read them. A yes is
+    reused for a minute per token digest."""
+
+    TTL_S = 60.0
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+        self._allowed: dict[str, float] = {}
+
+    async def check(self, token: str | None) -> None:
+        if not token:
+            raise Refused(401, "no_token", "scraping /metrics needs a bearer token allowed to get /metrics")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        if self._allowed.get(digest, 0.0) > now:
+            return
+        review = await self._kube.token_review(token, [])
+        if not review.get("authenticated"):
+            raise Refused(401, "token_rejected", "the bearer token was not accepted by TokenReview")
+        user = review.get("user") or {}
+        allowed = await self._kube.may_get_path(
+            user=str(user.get("username", "")),
+            groups=list(user.get("groups") or []),
+            path=BrokerPaths.METRICS,
+        )
+        if not allowed:
+            raise Refused(403, "rbac", f"{user.get('username')} may not get /metrics (a non-resource URL)")
+        if len(self._allowed) > 1000:
+            self._allowed.clear()
+        self._allowed[digest] = now + self.TTL_S
+
+
+def build_app(
+    hook: webhook.Webhook, broker: Broker, metrics_gate: MetricsGate | None = None
+) -> web.Application:
+    def admission(review: Callable[[Any], Awaitable[dict[str, Any]]]) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                body = json.loads(await _body(request, REVIEW_BODY_BYTES)())
+            except Refused as exc:
+                return web.json_response({"error": exc.message}, status=exc.status)
+            except ValueError:
+                return web.json_response({"error": "not a JSON AdmissionReview"}, status=400)
+            if not isinstance(body, dict):
+                return web.json_response({"error": "not a JSON AdmissionReview"}, status=400)
+            return web.json_response(await review(body))
+
+        return handler
 
     async def plan(request: web.Request) -> web.Response:
         try:
-            answer = await broker.plan(_bearer(request), await _parse(request, PlanRequest))
+            answer = await broker.plan(
+                _bearer(request), _body(request, PLAN_BODY_BYTES), request.remote or "?"
+            )
         except Refused as exc:
-            return _error(exc.status, exc.message)
+            return _error(exc.status, exc.message, exc.retry_after)
         return web.Response(body=answer, content_type="application/json")
 
     async def urls(request: web.Request) -> web.Response:
         try:
-            answer = await broker.urls(_bearer(request), await _parse(request, UrlsRequest))
+            answer = await broker.urls(
+                _bearer(request), _body(request, URLS_BODY_BYTES), request.remote or "?"
+            )
         except Refused as exc:
-            return _error(exc.status, exc.message)
+            return _error(exc.status, exc.message, exc.retry_after)
         return web.Response(body=answer.model_dump_json(), content_type="application/json")
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
+        if metrics_gate is not None:
+            try:
+                await metrics_gate.check(_bearer(request))
+            except Refused as exc:
+                return _error(exc.status, exc.message)
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=REVIEW_BODY_BYTES)
     app.add_routes(
         [
-            web.post(webhook.PATH, mutate),
+            web.post(webhook.PATH, admission(hook.review)),
+            web.post(webhook.VALIDATE_PATH, admission(hook.validate)),
             web.post(BrokerPaths.PLAN, plan),
             web.post(BrokerPaths.URLS, urls),
             web.get(BrokerPaths.HEALTHZ, healthz),
@@ -165,26 +270,39 @@ def build_app(hook: webhook.Webhook, broker: Broker) -> web.Application:
 async def publish_ca(kube: Kube, settings: Settings, tls: TLS) -> None:
     """Point the API server at us: the whole configuration in dev mode, else the caBundle of the chart's."""
     bundle = base64.b64encode(tls.ca_pem.encode()).decode()
+    # The bundle for anyone else who must trust the operator (Prometheus): public, so nobody needs the
+    # Secret with the CA's key.
+    await kube.put_configmap(settings.namespace, settings.ca_configmap, {"ca.crt": tls.ca_pem})
     if settings.manage_webhook:
         client_config = {"url": f"{settings.url}{webhook.PATH}", "caBundle": bundle}
         await kube.apply_webhook_configuration(
             webhook.configuration(settings.webhook_configuration, client_config)
         )
+        validate = {"url": f"{settings.url}{webhook.VALIDATE_PATH}", "caBundle": bundle}
+        await kube.apply_validating_configuration(
+            webhook.validating_configuration(settings.webhook_configuration, validate)
+        )
     elif not await kube.patch_webhook_ca(settings.webhook_configuration, bundle):
         log.warning(
-            "MutatingWebhookConfiguration %s does not exist; pods will not be injected until it does "
+            "Mutating- or ValidatingWebhookConfiguration %s does not exist; pods will not be injected (or "
+            "streams and Datasets not checked) until both do "
             "(install the Helm chart, or run with --manage-webhook)",
             settings.webhook_configuration,
         )
 
 
-async def keep_tls_fresh(kube: Kube, settings: Settings, tls: TLS) -> None:
-    """Background task: renew the chain when due and republish the CA (runs until cancelled)."""
+async def keep_tls_fresh(
+    kube: Kube, settings: Settings, tls: TLS, on_bundle: Callable[[str], None] | None = None
+) -> None:
+    """Background task: renew the chain when due and republish the CA (runs until cancelled);
+    ``on_bundle`` hears of every new trust bundle (what newly injected sidecars must trust)."""
     while True:
         await asyncio.sleep(settings.tls_check_interval_s)
         try:
             await tls.ensure()
             await publish_ca(kube, settings, tls)
+            if on_bundle is not None:
+                on_bundle(tls.ca_pem)
         except Exception:
             log.exception("TLS renewal failed; retrying in %.0f s", settings.tls_check_interval_s)
 

@@ -27,14 +27,41 @@ class Settings(BaseModel):
         "otherwise only its caBundle is kept up to date",
     )
     tls_secret: str = "sluicegate-operator-tls"
+    sources_configmap: str = Field(
+        default="sluicegate-sources",
+        description="ConfigMap (in the operator's namespace) holding the platform's source policy",
+    )
+    serve_only: bool = Field(
+        default=False, description="serve webhook and broker only, no reconciler (the webhook replicas)"
+    )
+    manifest_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    manifest_rows: int = Field(default=10_000_000, ge=1)
+    manifest_decoded_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    cache_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
+    store_timeout_s: float = Field(default=10.0, gt=0)
+    metrics_auth: bool = Field(
+        default=True, description="/metrics needs a token allowed to get the non-resource URL /metrics"
+    )
+    broker_rate: float = Field(default=50.0, gt=0, description="requests per second per pod")
+    broker_burst: float = Field(default=100.0, ge=1)
     extra_sans: tuple[str, ...] = ()
     sidecar_image: str = "ghcr.io/sluicegate/sluicegate:0.1.0"
-    presign_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    presign_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
     cert_valid_days: float = Field(default=90, gt=0)
     ca_valid_days: float = Field(default=3650, gt=0)
     tls_check_interval_s: float = Field(default=3600, gt=0)
     dataset_resync_s: float = Field(default=60, gt=0)
     kubeconfig: str | None = None
+
+    @property
+    def ca_configmap(self) -> str:
+        """The ConfigMap publishing the trust bundle (CA certificates only)."""
+        return f"{self.tls_secret}-ca"
+
+    @property
+    def grant_secret(self) -> str:
+        """The Secret holding the key that seals rank grants."""
+        return f"{self.tls_secret}-grants"
 
     @property
     def url(self) -> str:

@@ -39,6 +39,8 @@ class Reason:
     STORE_EMPTY = "StoreEmpty"
     VERSION_NOT_FOUND = "VersionNotFound"
     INVALID_QUERY = "InvalidQuery"
+    SOURCE_NOT_ALLOWED = "SourceNotAllowed"
+    MANIFEST_TOO_LARGE = "ManifestTooLarge"
 
 
 def set_condition(
@@ -144,13 +146,20 @@ def pin_version(stream: DatasetStream, latest: Callable[[], int]) -> tuple[int, 
 
 
 def stream_ready(
-    stream: DatasetStream, *, version: int, pinned_from: str, matched: int, now: datetime
+    stream: DatasetStream, *, version: int, pinned_from: str, matched: int | None, now: datetime
 ) -> DatasetStreamStatus:
+    """Ready at ``version``; ``matched`` is ``None`` when counts are withheld (the Dataset has row-level
+    policies, so a count before them would say what some subjects may not see)."""
     sharding = stream.spec.sharding
     # Without spec.sharding.worldSize, the world size is what the injected pods were admitted with.
     world = sharding.world_size or stream.status.world_size
-    per_shard = per_rank(matched, world, sharding.remainder) if world else None
-    if world:
+    per_shard = per_rank(matched, world, sharding.remainder) if world and matched is not None else None
+    if matched is None:
+        message = (
+            f"version {version}: the query fits; counts are withheld because the Dataset has row-level "
+            "policies (each pod's plan reports its own)"
+        )
+    elif world:
         message = f"version {version}: {matched} items match, {world} shards of {per_shard}"
     else:
         message = (

@@ -11,15 +11,19 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from . import access, inject
+from pydantic import ValidationError
+
+from . import access, grants, inject, sources
 from .inject import AdmissionDenied, SidecarConfig
 from .kube import Kube, KubeError
 from .metrics import ADMISSION_SECONDS, ADMISSIONS
-from .models import DatasetStream
-from .resolve import load_stream
+from .models import GROUP, STREAM_VERB, Dataset, DatasetStream
+from .resolve import Sources, load_stream
+from .sources import SourceRefused
 
 log = logging.getLogger("sluicegate.webhook")
 PATH = "/mutate"
+VALIDATE_PATH = "/validate"
 # How long a yes (the stream exists, the ServiceAccount may stream its Dataset) is reused for the next pods.
 DECISION_TTL_S = 5.0
 K = TypeVar("K", bound=Hashable)
@@ -55,6 +59,41 @@ def configuration(
                 "matchPolicy": "Equivalent",
                 "sideEffects": "None",
                 "reinvocationPolicy": "Never",
+                "timeoutSeconds": timeout_s,
+                "admissionReviewVersions": ["v1"],
+            }
+        ],
+    }
+
+
+def validating_configuration(
+    name: str, client_config: Mapping[str, Any], *, timeout_s: int = 10
+) -> dict[str, Any]:
+    """The ValidatingWebhookConfiguration: every CREATE and UPDATE of a Dataset or DatasetStream.
+
+    It always fails closed: a stream or a Dataset that could not be checked is not admitted. The Helm
+    chart renders the same webhook (``tests/operator/test_chart.py`` compares them).
+    """
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "sluicegate"}},
+        "webhooks": [
+            {
+                "name": "validate.sluicegate.io",
+                "clientConfig": dict(client_config),
+                "rules": [
+                    {
+                        "operations": ["CREATE", "UPDATE"],
+                        "apiGroups": [GROUP],
+                        "apiVersions": ["*"],
+                        "resources": ["datasets", "datasetstreams"],
+                        "scope": "Namespaced",
+                    }
+                ],
+                "failurePolicy": "Fail",
+                "matchPolicy": "Equivalent",
+                "sideEffects": "None",
                 "timeoutSeconds": timeout_s,
                 "admissionReviewVersions": ["v1"],
             }
@@ -142,9 +181,19 @@ class Recent(Generic[K, V]):
 
 
 class Webhook:
-    def __init__(self, kube: Kube, sidecar: SidecarConfig, decision_ttl_s: float = DECISION_TTL_S) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        sidecar: SidecarConfig,
+        decision_ttl_s: float = DECISION_TTL_S,
+        *,
+        grant_key: bytes = b"",
+        policies: Sources | None = None,
+    ) -> None:
         self._kube = kube
         self.sidecar = sidecar
+        self.grant_key = grant_key
+        self._policies = policies
         self._streams: Recent[tuple[str, str], DatasetStream | None] = Recent(
             decision_ttl_s, lambda found: found is not None
         )
@@ -201,6 +250,7 @@ class Webhook:
                 f"DatasetStream {namespace}/{stream_name} (from label {inject.STREAM_LABEL}) does not exist: "
                 "create it first, or fix the label"
             )
+        inject.refuse_preinjected(pod)
         sa = pod.get("spec", {}).get("serviceAccountName") or "default"
         user = f"system:serviceaccount:{namespace}:{sa}"
         ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
@@ -225,7 +275,16 @@ class Webhook:
         if job is not None:
             completions = await self._jobs.get((namespace, job), partial(self._completions, namespace, job))
         rank = inject.detect_rank(pod, stream, completions)
-        mutated = inject.inject(pod, stream, namespace, rank, self.sidecar)
+        grant = grants.seal(
+            self.grant_key,
+            namespace=namespace,
+            service_account=sa,
+            stream=stream.metadata.name,
+            stream_uid=stream.metadata.uid,
+            rank=rank.rank,
+            world_size=rank.world_size,
+        )
+        mutated = inject.inject(pod, stream, namespace, rank, self.sidecar, grant=grant)
         patch = inject.json_patch(pod, mutated)
         return {"patch": patch}, ("injected" if patch else "skipped"), ("ok" if patch else "already_injected")
 
@@ -233,3 +292,108 @@ class Webhook:
         found = await self._kube.get_job(namespace, job)
         completions = (found or {}).get("spec", {}).get("completions")
         return None if completions is None else int(completions)
+
+    # -- validation of Datasets and DatasetStreams -------------------------------------------------------
+
+    async def validate(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer one AdmissionReview of a Dataset or DatasetStream CREATE/UPDATE."""
+        started = time.perf_counter()
+        request = body.get("request") or {}
+        uid = str(request.get("uid", ""))
+        kind = (request.get("kind") or {}).get("kind", "")
+        result, reason = "error", "internal"
+        try:
+            reason = await self._validate(request, kind)
+            result = "allowed"
+            return review_response(uid)
+        except AdmissionDenied as exc:
+            result, reason = "denied", "refused"
+            return review_response(uid, denied=str(exc))
+        except ValidationError as exc:  # the API server checked the schema; this is a newer field, say
+            result, reason = "denied", "malformed"
+            errors = exc.errors(include_url=False, include_input=False)[:3]
+            return review_response(uid, denied=f"sluicegate cannot read this {kind}: {errors}", code=400)
+        except KubeError as exc:
+            log.error("validation of a %s failed on an API call: %s", kind, exc)
+            return review_response(uid, denied=f"sluicegate could not check the {kind}: {exc}", code=500)
+        finally:
+            ADMISSIONS.labels(result, reason).inc()
+            log.info(
+                "validation of %s %s/%s by %s: %s (%s) in %.1f ms",
+                kind,
+                request.get("namespace"),
+                request.get("name"),
+                (request.get("userInfo") or {}).get("username"),
+                result,
+                reason,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    async def _validate(self, request: Mapping[str, Any], kind: str) -> str:
+        if request.get("operation") not in ("CREATE", "UPDATE"):
+            return "not_create_or_update"
+        obj, old = dict(request.get("object") or {}), request.get("oldObject") or {}
+        if request.get("operation") == "UPDATE" and obj.get("spec") == old.get("spec"):
+            return "spec_unchanged"  # metadata-only edits change nothing the operator reads
+        user = request.get("userInfo") or {}
+        meta = obj.setdefault("metadata", {}) if isinstance(obj, dict) else {}
+        meta.setdefault("namespace", str(request.get("namespace") or ""))
+        meta.setdefault("name", str(request.get("name") or ""))
+        if kind == "DatasetStream":
+            await self._validate_stream(DatasetStream.model_validate(obj), user)
+            return "stream_ok"
+        if kind == "Dataset":
+            await self._validate_dataset(Dataset.model_validate(obj), user)
+            return "dataset_ok"
+        return "other_kind"
+
+    async def _user_may(self, user: Mapping[str, Any], **attrs: str) -> tuple[bool, str]:
+        return await self._kube.may(
+            user=str(user.get("username", "")),
+            groups=list(user.get("groups") or []),
+            uid=str(user.get("uid", "")),
+            extra={k: list(v) for k, v in (user.get("extra") or {}).items()},
+            **attrs,
+        )
+
+    async def _validate_stream(self, stream: DatasetStream, user: Mapping[str, Any]) -> None:
+        """Whoever creates or edits a stream must be allowed to stream its Dataset: the stream's status
+        (counts, query errors, versions) says things about the Dataset."""
+        ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
+        allowed, why = await self._user_may(
+            user, verb=STREAM_VERB, group=GROUP, resource="datasets", namespace=ds_ns, name=ds_name
+        )
+        if not allowed:
+            who = str(user.get("username", "?"))
+            raise AdmissionDenied(
+                f"DatasetStream {stream.metadata.namespace}/{stream.metadata.name} refused: "
+                + access.missing_stream_permission(who, ds_ns, ds_name, why)
+            )
+
+    async def _validate_dataset(self, dataset: Dataset, user: Mapping[str, Any]) -> None:
+        """A Dataset's source must be one the platform allows its namespace, and its author must be able
+        to read the credentials Secret it names (no using a Secret one cannot read)."""
+        ns = dataset.metadata.namespace or ""
+        if self._policies is not None:
+            try:
+                sources.authorise(
+                    await self._policies.current(),
+                    namespace=ns,
+                    uri=dataset.spec.source.uri,
+                    endpoint=dataset.spec.source.endpoint,
+                    has_credentials=dataset.spec.credentials is not None,
+                    where=self._policies.where,
+                )
+            except SourceRefused as exc:
+                raise AdmissionDenied(f"Dataset {ns}/{dataset.metadata.name} refused: {exc}") from None
+        if dataset.spec.credentials is not None:
+            ref = dataset.spec.credentials.secret_ref.name
+            allowed, _ = await self._user_may(
+                user, verb="get", group="", resource="secrets", namespace=ns, name=ref
+            )
+            if not allowed:
+                raise AdmissionDenied(
+                    f"Dataset {ns}/{dataset.metadata.name} refused: {user.get('username', '?')} may not read "
+                    f"Secret {ns}/{ref} (spec.credentials.secretRef), so may not lend it to a Dataset; name "
+                    f"a Secret you can read and that is labelled {sources.CREDENTIALS_LABEL}=true"
+                )

@@ -8,7 +8,8 @@ pod can only ever obtain its own shard.
 
 Errors are JSON :class:`BrokerError` with status 400 (bad request), 401 (token not accepted),
 403 (authenticated but not allowed), 404 (stream or dataset gone), 409 (stream not Ready yet),
-503 (storage unreachable).
+413 (body too large), 429 (too many requests from this pod: wait ``Retry-After`` seconds), 503 (storage
+unreachable). The broker authenticates the token before it reads the body.
 
 The injection contract (:class:`SidecarEnv`, :class:`TrainerEnv`, :data:`SOCKET_DIR`...) names the
 environment and paths the admission webhook puts into a labelled pod, so the sidecar and the SDK
@@ -46,7 +47,8 @@ __all__ = [
 AUDIENCE = "sluicegate.io"
 """The audience of the projected ServiceAccount token the sidecar presents; the broker accepts no other."""
 
-MAX_URLS_PER_REQUEST = 100_000
+MAX_URLS_PER_REQUEST = 4096
+"""The most blob URLs one ``/v1/urls`` request may ask for (a sidecar asks in windows well below it)."""
 
 # Paths inside an injected pod.
 TOKEN_DIR = "/var/run/secrets/sluicegate.io"
@@ -92,6 +94,8 @@ class BrokerErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     NOT_READY = "not_ready"
     UNAVAILABLE = "unavailable"
+    TOO_LARGE = "too_large"  # 413: the request body exceeds what the endpoint reads
+    RATE_LIMITED = "rate_limited"  # 429: the pod sent too many requests; wait for Retry-After
     INTERNAL = "internal_error"
 
 
@@ -108,9 +112,10 @@ class PlanRequest(BaseModel):
 
     stream: str | None = None
     presign: bool = Field(
-        default=True,
-        description="include a URL for every blob of the shard; false: none (fetch them in windows "
-        "with BrokerPaths.URLS as the epoch order reaches them, so none expires unused)",
+        default=False,
+        description="include a URL for every blob of the shard (costly for large shards, and every URL "
+        "outlives a revoked grant for up to its TTL); false, the default: none (fetch them in windows with "
+        "BrokerPaths.URLS as the epoch order reaches them, so none expires unused)",
     )
 
 

@@ -42,6 +42,8 @@ __all__ = ["BrokerClient", "BrokerRefused", "BrokerUpstream", "plan_of"]
 log = logging.getLogger("sluicegate.sidecar.broker")
 M = TypeVar("M", bound=BaseModel)
 _MAX_CONSUMERS = 64  # announcements kept (stream readers, batch clients); the oldest are forgotten
+_RATE_LIMIT_RETRIES = 3  # 429s a request waits out (Retry-After) before it reports the refusal
+_RATE_LIMIT_MAX_WAIT_S = 5.0
 
 
 class BrokerRefused(StoreError):
@@ -93,14 +95,23 @@ class BrokerClient:
         token = self._token()
         if self._client is None:
             self._client = httpx.AsyncClient(verify=self._tls(), timeout=self._timeout_s, trust_env=False)
-        try:
-            response = await self._client.post(
-                self.url + path,
-                content=body.model_dump_json(),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise StoreError(f"cannot reach the broker at {self.url}: {exc!r}") from exc
+        for attempt in range(_RATE_LIMIT_RETRIES + 1):
+            try:
+                response = await self._client.post(
+                    self.url + path,
+                    content=body.model_dump_json(),
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                )
+            except httpx.HTTPError as exc:
+                raise StoreError(f"cannot reach the broker at {self.url}: {exc!r}") from exc
+            if response.status_code != 429 or attempt == _RATE_LIMIT_RETRIES:
+                break
+            # The broker limits requests per pod: wait as long as it says (bounded), then ask again.
+            try:
+                wait = float(response.headers.get("Retry-After", "1"))
+            except ValueError:
+                wait = 1.0
+            await asyncio.sleep(min(max(wait, 0.1), _RATE_LIMIT_MAX_WAIT_S))
         if response.status_code != 200:
             try:
                 error = BrokerError.model_validate_json(response.content)

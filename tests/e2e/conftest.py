@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import ssl
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,11 +28,41 @@ from sluicegate._manifest import ItemRecord
 from tests.operator import devcluster
 from tests.s3server import S3Server
 from tests.s3server.fixtures import s3_server  # noqa: F401 - the session fixture `s3` builds on
-from tests.testbed import Testbed, pytest_plugin, wait_for
+from tests.testbed import GoUnavailable, Testbed, ensure_binaries, pytest_plugin, wait_for
 
-# The session fixture and the hook attaching component logs to failures.
-testbed = pytest_plugin.testbed
+# The hook attaching component logs to failures.
 pytest_runtest_makereport = pytest_plugin.pytest_runtest_makereport
+_SHARED: list[Testbed] = []
+
+
+def shared_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """One testbed per pytest session, however many test packages (tests/e2e, tests/security) ask for it:
+    the first to ask starts it and stops it at the end of the session."""
+    if _SHARED:
+        yield _SHARED[0]
+        return
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    try:
+        with capture.global_and_fixture_disabled():  # a cold build shows its progress
+            binaries = ensure_binaries()
+    except GoUnavailable as error:
+        pytest_plugin._unavailable(str(error))
+    workdir = Path(tempfile.mkdtemp(prefix="sluicegate-testbed-"))
+    bed = Testbed(workdir, binaries)
+    try:
+        bed.start()
+        _SHARED.append(bed)
+        yield bed
+    finally:
+        _SHARED.clear()
+        bed.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    yield from shared_testbed(request)
+
 
 INDEX = "batch.kubernetes.io/job-completion-index"
 
@@ -71,6 +103,7 @@ class ControlPlane:
     log: Path
     records: list[ItemRecord]
     uri: str
+    operator: devcluster.Operator
 
     @property
     def s3_options(self) -> S3Options:
@@ -246,7 +279,9 @@ def control_plane(
                 "--role=coco-stream",
                 f"--serviceaccount={team_ns}:{sa}",
             )
-        yield ControlPlane(testbed, s3, operator.url, operator.ca, data_ns, team_ns, log, records, uri)
+        yield ControlPlane(
+            testbed, s3, operator.url, operator.ca, data_ns, team_ns, log, records, uri, operator
+        )
     finally:
         operator.stop(testbed)
         for ns in (data_ns, team_ns, operator.namespace):

@@ -224,7 +224,7 @@ def test_broker_plans_are_disjoint_equal_and_exactly_the_query(
 ) -> None:
     plans = []
     for index, pod in enumerate(job_pods):
-        response = cp.broker(BrokerPaths.PLAN, cp.pod_token(pod), {"stream": "train"})
+        response = cp.broker(BrokerPaths.PLAN, cp.pod_token(pod), {"stream": "train", "presign": True})
         assert response.status_code == 200, response.text
         plan = PlanResponse.model_validate_json(response.content)
         assert (plan.rank, plan.world_size, plan.version, plan.policies) == (index, 4, 1, [])
@@ -311,7 +311,7 @@ def test_broker_refusals(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> No
     assert wait_for(lambda: refused(temp_token)[0] == 401, what="401 for a deleted pod's token")
 
     # The broker hands out URLs only for blobs of the caller's own shard.
-    mine = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, good).content)
+    mine = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, good, {"presign": True}).content)
     other = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, cp.pod_token(job_pods[1])).content)
     foreign = next(r.blob for r in other.rows if r.blob not in mine.urls)
     assert cp.broker(BrokerPaths.URLS, good, {"blobs": [foreign]}).status_code == 403
@@ -366,7 +366,10 @@ def test_row_level_policy_hides_items(cp: ControlPlane, job_pods: list[dict[str,
 
 @pytest.mark.slow
 def test_presigned_url_expires(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> None:
-    plan = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, cp.pod_token(job_pods[2])).content)
+    body = {"presign": True}
+    plan = PlanResponse.model_validate_json(
+        cp.broker(BrokerPaths.PLAN, cp.pod_token(job_pods[2]), body).content
+    )
     url = plan.urls[plan.rows[0].blob]
     with httpx.Client(trust_env=False) as http:
         assert http.get(url).status_code == 200

@@ -192,7 +192,9 @@ def test_four_ranks_stream_disjoint_equal_shards_of_exactly_the_query(
 
     # Rank 0 reads only after URLs issued with its plan would have expired (the store refuses them): its
     # sidecar asked for rows only and gets URLs in windows as it reads, so none it uses is stale.
-    stale = PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN, cp.pod_token(pods[0])).content)
+    stale = PlanResponse.model_validate_json(
+        cp.broker(BrokerPaths.PLAN, cp.pod_token(pods[0]), {"presign": True}).content
+    )
     trainers = {rank: local_pods[rank].train() for rank in range(1, WORLD)}
     shards = {rank: _shard(trainer, local_pods[rank]) for rank, trainer in trainers.items()}
     time.sleep(max(0.0, stale.expires_at.timestamp() - time.time()) + 1)

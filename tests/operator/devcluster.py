@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sluicegate import S3Options, Store
@@ -71,19 +72,95 @@ def sample_dataset(s3: S3Server, bucket: str, items: int = 40) -> tuple[str, lis
     return uri, records
 
 
-def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco") -> None:
-    """The Dataset ``name`` in ``namespace`` with its keys in a Secret beside it."""
+SOURCES_SELECTOR = "app.kubernetes.io/component=sources,app.kubernetes.io/part-of=sluicegate"
+
+
+def allow_source(
+    testbed: Testbed, namespace: str, uri: str, endpoint: str | None, *, ambient: bool = False
+) -> None:
+    """What a platform team's ``sources.rules`` entry does, for every sluicegate release on the testbed:
+    the rule in the release's source-policy ConfigMap and the RoleBinding that lets its operator read
+    Secrets in ``namespace`` (``Operator.set_sources`` does the same through ``helm upgrade``)."""
+    found = json.loads(
+        testbed.kubectl("get", "configmaps", "-A", "-l", SOURCES_SELECTOR, "-o", "json").stdout
+    )
+    rule = {"namespaces": [namespace], "uris": [uri], "endpoints": [endpoint] if endpoint else []}
+    if ambient:
+        rule["ambientCredentials"] = True
+    for cm in found["items"]:
+        policy = json.loads((cm.get("data") or {}).get("sources.json") or "{}")
+        policy.setdefault("rules", []).append(rule)
+        cm["data"] = {"sources.json": json.dumps(policy)}
+        testbed.kubectl("replace", "-f", "-", input=json.dumps(cm))
+        fullname = cm["metadata"]["name"].removesuffix("-sources")
+        release = cm["metadata"]["annotations"]["meta.helm.sh/release-name"]
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": f"{fullname}-credentials",
+                "namespace": namespace,
+                # Owned like the chart renders it, so a later `helm upgrade` with the rule adopts it.
+                "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {
+                    "meta.helm.sh/release-name": release,
+                    "meta.helm.sh/release-namespace": cm["metadata"]["namespace"],
+                },
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"{fullname}-credentials",
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": fullname, "namespace": cm["metadata"]["namespace"]}
+            ],
+        }
+        testbed.apply(binding)
+
+
+def credentials_secret(
+    testbed: Testbed, namespace: str, name: str, s3: S3Server, *, opt_in: bool = True
+) -> None:
+    """A Secret with ``s3``'s keys, labelled for sluicegate unless ``opt_in`` is false."""
     testbed.kubectl(
         "create",
         "secret",
         "generic",
-        f"{name}-keys",
+        name,
         "-n",
         namespace,
         f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
     )
-    testbed.apply(
+    if opt_in:
+        testbed.kubectl("label", "secret", name, "-n", namespace, "sluicegate.io/credentials=true")
+
+
+def apply_admitted(testbed: Testbed, obj: dict[str, Any], timeout_s: float = 30) -> None:
+    """Apply ``obj`` once the operator's validating webhook admits it: right after a start or a policy
+    change, the API server may not call the webhook with its CA yet, or the operator may still hold the
+    previous source policy (it re-reads it every few seconds)."""
+    last: list[str] = []
+
+    def admitted() -> bool:
+        result = testbed.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
+        last[:] = [result.stderr]
+        return result.returncode == 0
+
+    try:
+        wait_for(admitted, timeout_s=timeout_s, what=f"{obj['kind']} {obj['metadata']['name']} admitted")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {last[0] if last else ''}") from exc
+
+
+def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco") -> None:
+    """The Dataset ``name`` in ``namespace`` with its keys in an opted-in Secret beside it, its source
+    allowed to ``namespace`` by the platform's policy."""
+    allow_source(testbed, namespace, uri, s3.endpoint)
+    credentials_secret(testbed, namespace, f"{name}-keys", s3)
+    apply_admitted(
+        testbed,
         {
             "apiVersion": "sluicegate.io/v1alpha1",
             "kind": "Dataset",
@@ -92,7 +169,7 @@ def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, na
                 "source": {"uri": uri, "endpoint": s3.endpoint, "region": s3.region},
                 "credentials": {"secretRef": {"name": f"{name}-keys"}},
             },
-        }
+        },
     )
 
 
@@ -114,6 +191,20 @@ class Operator:
     def stop(self, testbed: Testbed) -> None:
         stop_process_group(self.process)
         testbed.helm("uninstall", self.release, "-n", self.namespace, check=False)
+
+    def set_sources(self, testbed: Testbed, rules: list[dict[str, Any]]) -> None:
+        """The platform team's move: ``helm upgrade`` the release with ``sources.rules`` (the namespaces
+        named must exist, as the chart binds Secret access in each)."""
+        testbed.helm(
+            "upgrade",
+            self.release,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "--reuse-values",
+            "--set-json",
+            f"sources.rules={json.dumps(rules)}",
+        )
 
 
 def start(
@@ -148,6 +239,8 @@ def start(
         "--set",
         "replicaCount=0",
         "--set",
+        "webhook.replicas=0",
+        "--set",
         f"webhook.url={url}/mutate",
     )
     kubeconfig = testbed.service_account_kubeconfig(namespace, name)
@@ -164,6 +257,8 @@ def start(
                 f"--public-url={url}",
                 f"--webhook-configuration={name}",
                 f"--tls-secret={name}-tls",
+                f"--sources-configmap={name}-sources",
+                "--metrics-auth=false",  # the benchmarks scrape it directly; tests/security turns it on
                 *extra_args,
             ],
             stdout=out,
@@ -195,6 +290,17 @@ def start(
                 return False
 
         wait_for(healthy, timeout_s=30, what="the operator's HTTPS endpoint")
+
+        def ca_published() -> bool:
+            found = [
+                testbed.kubectl(
+                    "get", kind, name, "-o", "jsonpath={.webhooks[0].clientConfig.caBundle}", check=False
+                ).stdout
+                for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration")
+            ]
+            return all(found)
+
+        wait_for(ca_published, timeout_s=30, what="the operator's CA in both webhook configurations")
     except BaseException:
         operator.stop(testbed)
         raise

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from sluicegate._broker_protocol import PlanResponse
-from sluicegate._exceptions import ConfigError, QueryError
-from sluicegate._manifest import ItemRecord, records_to_table
+from sluicegate._exceptions import ConfigError, NotFoundError, QueryError
+from sluicegate._manifest import ItemRecord, records_to_table, to_parquet
 from sluicegate._partition import Remainder
-from sluicegate._store import Store, sha256_hex
-from sluicegate_operator.catalog import Catalog, s3_options, shard_table
+from sluicegate._store import S3Options, Store, sha256_hex
+from sluicegate_operator.catalog import Catalog, Handle, s3_options, shard_table
 
 from .conftest import dataset
 
@@ -36,15 +36,18 @@ def store(tmp_path: Path) -> Store:
     return s
 
 
+def handle(catalog: Catalog, store: Store) -> Handle:
+    return catalog.open(store.uri, "", S3Options())
+
+
 def test_shards_are_disjoint_equal_and_cover_the_selection(store: Store) -> None:
     catalog = Catalog()
-    selected = catalog.select(store, 1, ("labels.car > 0", 'meta.split = "train"', ""))
-    table, _ = store.manifest(1)
+    h = handle(catalog, store)
+    selected = catalog.select(h, 1, ("labels.car > 0", 'meta.split = "train"', ""))
+    table = catalog.manifest(h, 1).table
     expected = {r["id"] for r in table.to_pylist() if r["labels.car"] > 0 and r["meta.split"] == "train"}
     assert len(selected) == len(expected)
-    assert catalog.select(store, 1, ("labels.car > 0", 'meta.split = "train"')) is selected, (
-        "cached, '' ignored"
-    )
+    assert catalog.select(h, 1, ("labels.car > 0", 'meta.split = "train"')) is selected, "cached, '' ignored"
     shards = [
         shard_table(table, selected, rank=r, world_size=4, seed=7, shuffle=True, remainder=Remainder.DROP)
         for r in range(4)
@@ -80,8 +83,9 @@ def test_shards_are_disjoint_equal_and_cover_the_selection(store: Store) -> None
 
 
 def test_unknown_field_is_a_query_error(store: Store) -> None:
+    catalog = Catalog()
     with pytest.raises(QueryError, match=r"labels\.truck"):
-        Catalog().select(store, 1, ("labels.truck > 0",))
+        catalog.select(handle(catalog, store), 1, ("labels.truck > 0",))
 
 
 def test_s3_options_from_secret() -> None:
@@ -102,13 +106,44 @@ def test_s3_options_from_secret() -> None:
 
 def test_shard_is_serialised_once_and_matches_the_rows(store: Store) -> None:
     catalog = Catalog()
+    h = handle(catalog, store)
     kwargs = {"rank": 1, "world_size": 3, "seed": 5, "shuffle": True, "remainder": Remainder.PAD}
-    shard = catalog.shard(store, 1, ("labels.car > 0",), **kwargs)  # type: ignore[arg-type]
-    assert catalog.shard(store, 1, ("labels.car > 0", " "), **kwargs) is shard  # type: ignore[arg-type]
+    shard = catalog.shard(h, 1, ("labels.car > 0",), **kwargs)  # type: ignore[arg-type]
+    assert catalog.shard(h, 1, ("labels.car > 0", " "), **kwargs) is shard  # type: ignore[arg-type]
     table, _ = store.manifest(1)
-    selected = catalog.select(store, 1, ("labels.car > 0",))
+    selected = catalog.select(h, 1, ("labels.car > 0",))
     rows = shard_table(table, selected, **kwargs).to_pylist()  # type: ignore[arg-type]
     assert json.loads(shard.rows_json) == rows
     assert (shard.items, shard.total) == (len(rows), len(selected))
     assert list(shard.blobs) == list(dict.fromkeys(r["blob"] for r in rows))
     assert shard.blob_set == set(shard.blobs)
+
+
+def test_caches_are_keyed_on_the_full_store_identity(store: Store, tmp_path: Path) -> None:
+    """Two handles of one URI with other endpoints or keys never share a cached manifest or selection."""
+    catalog = Catalog()
+    plain = catalog.open(store.uri, "", S3Options())
+    assert catalog.open(store.uri, "", S3Options()) is plain
+    keyed = catalog.open(
+        store.uri, "", S3Options(access_key_id="AKIDSECRET", secret_access_key="TOPSECRETKEY")
+    )
+    elsewhere = catalog.open(store.uri, "http://127.0.0.1:1", S3Options())
+    assert len({plain.key, keyed.key, elsewhere.key}) == 3
+    assert "TOPSECRETKEY" not in repr(keyed.key), "keys are digested, never kept in a cache key"
+    assert catalog.latest_version(plain) == 1
+    assert catalog.resolve(plain, 1) == 1
+    with pytest.raises(NotFoundError, match="no version 2"):
+        catalog.resolve(plain, 2)
+    first = catalog.select(plain, 1, ("labels.car > 0",))
+    assert catalog.select(plain, 1, ("labels.car > 0",)) is first
+    # The manifest object changes under the same version (a store owner rewrote it): revalidation
+    # notices the new tag and drops everything computed from the old bytes.
+    before = catalog.manifest(plain, 1).tag
+    records = [
+        ItemRecord(id="only", blob=store.put_blob(b"x"), size=1, media_type="text/plain", labels={"car": 1})
+    ]
+    (Path(store.local_root or tmp_path) / "versions" / "1.parquet").write_bytes(
+        to_parquet(records_to_table(records), store.manifest(1)[1])
+    )
+    assert catalog.manifest(plain, 1, revalidate=True).tag != before
+    assert len(catalog.select(plain, 1, ("labels.car > 0",))) == 1

@@ -69,3 +69,37 @@ def test_real_tls_handshake_trusts_only_the_ca(tmp_path: Path) -> None:
     assert asyncio.run(handshake(state.ca_cert.decode()))
     other = fresh()
     assert not asyncio.run(handshake(other.ca_cert.decode()))
+
+
+def test_ca_rolls_over_without_breaking_pods_that_trust_the_bundle() -> None:
+    """Low finding: a CA rotation broke running sidecars. The successor CA is trusted (in the bundle a
+    pod is admitted with) long before it signs, so a pod admitted in between keeps working after."""
+    life = timedelta(days=300)
+
+    def renew(state: certs.TLSState | None, at: datetime) -> certs.TLSState:
+        return certs.renew(state, HOSTS, at, ca_valid=life, cert_valid=timedelta(days=30))
+
+    state = renew(None, NOW)
+    assert state.trust_bundle == state.ca_cert, "no successor yet"
+    early = NOW + timedelta(days=110)
+    assert not state.needs_rotation(HOSTS, NOW + timedelta(days=19))
+    state = renew(state, early)
+    assert state.next_ca_cert, "past a third of its life the CA gets a successor"
+    assert state.trust_bundle == state.ca_cert + state.next_ca_cert
+    bundle_of_a_pod = state.trust_bundle  # what a sidecar admitted now trusts
+    assert certs.TLSState.from_secret_data(state.secret_data()) == state
+    late = NOW + timedelta(days=210)
+    rolled = renew(state, late)
+    assert rolled.ca_cert == state.next_ca_cert, "at two thirds the successor starts signing"
+    cert = x509.load_pem_x509_certificate(rolled.cert)
+    trusted = x509.load_pem_x509_certificates(bundle_of_a_pod)
+    assert any(cert.issuer == ca.subject and _signed_by(cert, ca) for ca in trusted)
+    assert b"PRIVATE KEY" not in rolled.trust_bundle
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:
+        return False
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -26,10 +27,10 @@ def helm() -> Path:
         pytest.skip(f"helm unavailable: {error}")
 
 
-def render(helm: Path, *sets: str) -> list[dict[str, Any]]:
+def render(helm: Path, *sets: str, set_json: bool = False) -> list[dict[str, Any]]:
     args = [str(helm), "template", "sg", str(CHART), "-n", "sluicegate-system", "--kube-version", "1.36.0"]
     for value in sets:
-        args += ["--set", value]
+        args += ["--set-json" if set_json else "--set", value]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
@@ -70,10 +71,74 @@ def test_webhook_matches_the_operators_definition(helm: Path) -> None:
         "port": 443,
     }
     assert rendered["metadata"]["name"] == "sg-sluicegate"
+    (validating,) = [d for d in render(helm) if d["kind"] == "ValidatingWebhookConfiguration"]
+    (hook,) = validating["webhooks"]
+    (want,) = webhook.validating_configuration("sg-sluicegate", {})["webhooks"]
+    assert {k: v for k, v in hook.items() if k != "clientConfig"} == {
+        k: v for k, v in want.items() if k != "clientConfig"
+    }
+    assert hook["clientConfig"]["service"]["path"] == webhook.VALIDATE_PATH
+    (dev,) = [
+        d
+        for d in render(helm, "webhook.url=https://127.0.0.1:1/mutate")
+        if d["kind"] == "ValidatingWebhookConfiguration"
+    ]
+    assert dev["webhooks"][0]["clientConfig"] == {"url": "https://127.0.0.1:1/validate"}
+
+
+def test_webhook_survives_one_pod_and_a_rollout(helm: Path) -> None:
+    docs = render(helm)
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    hooks = deployments["sg-sluicegate-webhook"]
+    assert hooks["spec"]["replicas"] == 2
+    assert hooks["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (container,) = hooks["spec"]["template"]["spec"]["containers"]
+    assert "--serve-only" in container["args"]
+    assert deployments["sg-sluicegate"]["spec"]["strategy"] == {"type": "Recreate"}
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == hooks["spec"]["selector"]["matchLabels"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    for d in deployments.values():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items(), "both serve behind the Service"
+    dev = render(helm, "replicaCount=0", "webhook.replicas=0")
+    assert [d["metadata"]["name"] for d in dev if d["kind"] == "Deployment"] == ["sg-sluicegate"]
+    assert "PodDisruptionBudget" not in kinds(dev)
+
+
+def test_source_policy_and_credential_access_follow_the_rules(helm: Path) -> None:
+    docs = render(helm)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["name"] == "sg-sluicegate-sources"
+    assert json.loads(cm["data"]["sources.json"]) == {"rules": []}, "no rule: every source refused"
+    assert not [
+        d for d in docs if d["metadata"]["name"] == "sg-sluicegate-credentials" and "Binding" in d["kind"]
+    ]
+    rules = [
+        {"namespaces": ["team-a", "team-b"], "uris": ["s3://bucket-a"]},
+        {"namespaces": ["team-a"], "uris": ["s3://bucket-b"]},
+    ]
+    docs = render(helm, f"sources.rules={json.dumps(rules)}", set_json=True)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert json.loads(cm["data"]["sources.json"]) == {"rules": rules}
+    bindings = [
+        d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "sg-sluicegate-credentials"
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    wide = render(helm, 'sources.rules=[{"namespaces": ["*"], "uris": ["s3://bucket-a"]}]', set_json=True)
+    assert [d["kind"] for d in wide if d["metadata"]["name"] == "sg-sluicegate-credentials"] == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    with pytest.raises(subprocess.CalledProcessError):
+        render(helm, 'sources.rules=[{"namespaces": ["a"], "uris": ["http://x"]}]', set_json=True)
 
 
 def test_operator_pod_is_restricted_and_wired(helm: Path) -> None:
-    (deployment,) = [d for d in render(helm) if d["kind"] == "Deployment"]
+    (deployment,) = [
+        d for d in render(helm) if d["kind"] == "Deployment" and d["metadata"]["name"] == "sg-sluicegate"
+    ]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -90,20 +155,28 @@ def test_operator_pod_is_restricted_and_wired(helm: Path) -> None:
         d for d in render(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "sg-sluicegate"
     )
     verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in rules["rules"] for res in r["resources"]}
-    assert verbs[("", "secrets")] == {"get"}, "credentials are read by name, never listed"
+    assert ("", "secrets") not in verbs, "Secrets only where a source rule names the namespace"
+    assert args["sources-configmap"] == "sg-sluicegate-sources"
     assert verbs[("authentication.k8s.io", "tokenreviews")] == {"create"}
     assert verbs[("authorization.k8s.io", "subjectaccessreviews")] == {"create"}
 
 
 def test_optional_objects_are_gated(helm: Path) -> None:
-    default = kinds(render(helm))
-    assert "ServiceMonitor" not in default
-    assert "ConfigMap" not in default
+    default = render(helm)
+    assert "ServiceMonitor" not in kinds(default)
+    assert [d["metadata"]["name"] for d in default if d["kind"] == "ConfigMap"] == ["sg-sluicegate-sources"]
     on = render(helm, "metrics.serviceMonitor.enabled=true", "grafana.dashboard.enabled=true")
-    (dashboard,) = [d for d in on if d["kind"] == "ConfigMap"]
+    (dashboard,) = [
+        d for d in on if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
+    ]
     assert '"title": "sluicegate"' in dashboard["data"]["sluicegate.json"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert "ServiceMonitor" in kinds(on)
+    (monitor,) = [d for d in on if d["kind"] == "ServiceMonitor"]
+    tls = monitor["spec"]["endpoints"][0]["tlsConfig"]
+    assert tls["ca"] == {"configMap": {"name": "sg-sluicegate-tls-ca", "key": "ca.crt"}}, (
+        "never the key's Secret"
+    )
+    assert monitor["spec"]["endpoints"][0]["bearerTokenFile"].endswith("/serviceaccount/token")
 
 
 @pytest.mark.parametrize(

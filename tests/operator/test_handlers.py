@@ -7,12 +7,15 @@ from kubernetes import client
 from sluicegate_operator import handlers
 from sluicegate_operator.catalog import Catalog
 from sluicegate_operator.kube import Kube
+from sluicegate_operator.resolve import Sources
 from sluicegate_operator.settings import Settings
 
 
 def test_only_event_handlers_so_no_diff_base_is_needed() -> None:
     registry = kopf.OperatorRegistry()
-    ctx = handlers.Context(kube=Kube(client.ApiClient()), catalog=Catalog(), settings=Settings())
+    kube = Kube(client.ApiClient())
+    policies = Sources(kube, "sluicegate-system", "sluicegate-sources")
+    ctx = handlers.Context(kube=kube, catalog=Catalog(), settings=Settings(), policies=policies)
     handlers.register(registry, ctx)
     watched = {h.id for h in registry._watching.get_all_handlers()}
     assert {"reconcile", "count"} <= watched

@@ -124,7 +124,9 @@ def test_inject_adds_native_sidecar_token_socket_and_env() -> None:
     token = volumes[inject.TOKEN_VOLUME]["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == AUDIENCE
     assert "emptyDir" in volumes[inject.SOCKET_VOLUME]
-    assert "emptyDir" in volumes[inject.CACHE_VOLUME]
+    # Finding 9: the kubelet counts blocks and files being written, so the limit leaves headroom over
+    # the budget the cache keeps (a limit equal to it evicts the pod at a full cache).
+    assert int(volumes[inject.CACHE_VOLUME]["emptyDir"]["sizeLimit"]) == 10 * 2**30 + 2**30
     main = after["spec"]["containers"][0]
     main_env = {e["name"]: e["value"] for e in main["env"]}
     assert main_env[TrainerEnv.ADDRESS] == f"unix://{SOCKET_PATH}"
