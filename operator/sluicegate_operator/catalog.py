@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 from obstore.exceptions import BaseError
 from obstore.exceptions import NotFoundError as ObsNotFound
 from obstore.store import LocalStore, ObjectStore, S3Store
-from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
+from sluicegate._exceptions import ConfigError, NotFoundError, StoreError
 from sluicegate._manifest import info_from_metadata
 from sluicegate._partition import Remainder, shard
-from sluicegate._query import select_rows
+from sluicegate._query import guard_query, select_rows
 from sluicegate._store import S3Options, Store
 
 from .models import Dataset
@@ -420,38 +420,6 @@ class Catalog:
         with self._lock:
             self._cache.put(key, result, len(result.rows_json) + 80 * len(blobs))
         return result
-
-
-MAX_QUERY_CHARS = 4096
-MAX_QUERY_DEPTH = 32
-
-
-def guard_query(text: str, what: str = "query") -> None:
-    """:class:`QueryError` for a query too long or too deeply nested to be worth parsing (the parser
-    recurses per parenthesis and costs time per character; a tenant's query must not cost the operator
-    more than this)."""
-    if len(text) > MAX_QUERY_CHARS:
-        raise QueryError(
-            f"the {what} is {len(text)} characters long; at most {MAX_QUERY_CHARS} are allowed: "
-            "select with fewer, broader conditions (e.g. file.id in [...] lists belong in metadata)"
-        )
-    depth, quote, escaped = 0, "", False
-    for i, ch in enumerate(text):
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "([":
-            depth += 1
-            if depth > MAX_QUERY_DEPTH:
-                raise QueryError(f"the {what} nests parentheses more than {MAX_QUERY_DEPTH} deep", text, i)
-        elif ch in ")]":
-            depth = max(0, depth - 1)
 
 
 def decode_manifest(data: bytes, where: str, limits: Limits) -> pa.Table:

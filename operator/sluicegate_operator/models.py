@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from sluicegate._partition import Remainder
+from sluicegate._query import MAX_QUERY_CHARS
 
 GROUP = "sluicegate.io"
 VERSION = "v1alpha1"
@@ -23,7 +24,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 STREAM_VERB = "stream"
 
 # Bounds on what a tenant may write into a spec (the API server enforces them; CEL cost stays bounded).
-MAX_QUERY = 4096  # sluicegate_operator.catalog.MAX_QUERY_CHARS
+MAX_QUERY = MAX_QUERY_CHARS  # the query language's own bound, stated once
 MAX_K8S_NAME = 253
 MAX_NAME = 256
 MAX_URI = 1024

@@ -38,7 +38,7 @@ import pyarrow as pa
 from ._exceptions import QueryError
 from ._manifest import FILE_FIELDS, FieldType, query_fields
 
-__all__ = ["Query", "parse", "select_rows"]
+__all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_DEPTH", "Query", "guard_query", "parse", "select_rows"]
 
 Value = bool | int | float | str
 NAMESPACES = ("labels", "meta", "file")
@@ -171,6 +171,38 @@ class Or:
 Node = Compare | In | Truthy | Not | And | Or
 
 
+MAX_QUERY_CHARS = 4096
+MAX_QUERY_DEPTH = 32
+
+
+def guard_query(text: str, what: str = "query") -> None:
+    """:class:`QueryError` for a query too long or too deeply nested to be worth parsing (the parser
+    recurses per parenthesis and costs time per character; no query may cost a daemon more than this).
+    :meth:`Query.parse` calls it first; the operator also calls it where a query is not parsed yet."""
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(
+            f"the {what} is {len(text)} characters long; at most {MAX_QUERY_CHARS} are allowed: "
+            "select with fewer, broader conditions (e.g. file.id in [...] lists belong in metadata)"
+        )
+    depth, quote, escaped = 0, "", False
+    for i, ch in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+            if depth > MAX_QUERY_DEPTH:
+                raise QueryError(f"the {what} nests parentheses more than {MAX_QUERY_DEPTH} deep", text, i)
+        elif ch in ")]":
+            depth = max(0, depth - 1)
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
@@ -216,10 +248,15 @@ class _Parser:
         return items[0] if len(items) == 1 else And(tuple(items))
 
     def _not(self) -> Node:
-        if self._keyword("not"):
+        # Iterative: "not not ... x" must not recurse once per word (guard_query bounds parentheses only).
+        negations = 0
+        while self._keyword("not"):
             self.i += 1
-            return Not(self._not())
-        return self._atom()
+            negations += 1
+        node = self._atom()
+        for _ in range(negations):
+            node = Not(node)
+        return node
 
     def _atom(self) -> Node:
         if self.tok.kind == "punct" and self.tok.text == "(":
@@ -320,6 +357,7 @@ class Query:
     def parse(cls, text: str) -> Query:
         if not isinstance(text, str):
             raise QueryError(f"a query is a string, got {type(text).__name__}")
+        guard_query(text)
         return cls(text, _Parser(text).parse())
 
     def fields(self) -> list[Field]:

@@ -327,3 +327,13 @@ def test_column_names_with_quotes_are_quoted_identifiers() -> None:
         [ItemRecord(id="q", blob=sha256_hex(b"q"), size=1, media_type="image/png", labels={'a"b': 3})]
     )
     assert select_rows(table, ['labels."a\\"b" = 3']).to_pylist() == [0]
+
+
+def test_queries_too_long_or_too_deep_are_refused_before_parsing() -> None:
+    Query.parse("(" * 32 + "labels.a > 1" + ")" * 32)
+    Query.parse('meta.x = "' + "(" * 100 + '"')  # parentheses inside a string do not nest
+    Query.parse("not " * 1000 + "labels.a > 1")  # negations do not recurse
+    with pytest.raises(QueryError, match="more than 32 deep"):
+        Query.parse("(" * 250 + "labels.a > 1" + ")" * 250)
+    with pytest.raises(QueryError, match="characters long"):
+        Query.parse("labels.a > 1 or " * 1000 + "labels.a > 1")
