@@ -414,10 +414,14 @@ class Sidecar:
                 listen.path.unlink(missing_ok=True)  # a stale socket from a killed predecessor
                 site: web.BaseSite = web.UnixSite(self._runner, str(listen.path))
                 await site.start()
+                # Any user of the pod may connect (a trainer often runs as another UID): the socket lives
+                # in the pod's own volume, which nothing outside the pod can reach.
+                os.chmod(listen.path, _SOCKET_MODE)
                 addresses.append(f"unix://{listen.path}")
                 if hasattr(os, "memfd_create"):
                     fds = FdServer(_fd_path(listen.path), self._fd_batch, self._memory_file)
                     await fds.start()
+                    os.chmod(fds.path, _SOCKET_MODE)
                     self._fd_servers.append(fds)
             else:
                 site = web.TCPSite(self._runner, listen.host, listen.port)
@@ -466,6 +470,7 @@ class Sidecar:
 
 
 _WRITE_SLICE = 1 << 20
+_SOCKET_MODE = 0o666
 _SOCKET_BUFFER = 4 << 20  # Linux caps it at net.core.wmem_max (4 MiB by default) and doubles it
 
 

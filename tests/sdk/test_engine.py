@@ -322,3 +322,13 @@ def test_a_manifest_with_blake3_is_verified_by_it_on_every_tier(tmp_path: Path) 
     engine = asyncio.run(run())
     assert engine.stats.disk_hits >= 3
     assert engine.stats.integrity_failures == 2
+
+
+def test_a_manifest_whose_blob_is_a_path_is_refused_before_any_read(tmp_path: Path) -> None:
+    good = "a" * 64
+    table = pa.table(
+        {"id": ["x", "y"], "blob": [good, "../../../../dev/zero"], "size": [1, 1], "media_type": ["a", "a"]}
+    )
+    plan = Plan(1, table)
+    with pytest.raises(StoreError, match=r"row 1: blob '\.\./\.\./.*not a lowercase hex digest"):
+        plan.refs([0])

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
@@ -43,6 +44,22 @@ def read_manifest(store: Store, version: int) -> Manifest:
     return Manifest(response.content, where)
 
 
+_HASH_COLUMNS = ("blob", CHECK_COLUMN)
+
+
+def _check_hashes(column: pa.Array, name: str, where: str) -> None:
+    """Refuse a manifest whose hashes are not hex digests: they name files (``blobs/<sha256>``, cache
+    entries), so a value such as ``../../dev/zero`` must never reach a path. Checked once per column."""
+    ok = pc.match_substring_regex(column, r"^[0-9a-f]{64}$")
+    bad = pc.invert(pc.fill_null(ok, name != "blob"))  # the check column may be null; the blob may not
+    if pc.any(bad).as_py():
+        first = int(pc.index(bad, True).as_py())
+        raise StoreError(
+            f"{where} row {first}: {name} {column[first].as_py()!r} is not a lowercase hex digest; "
+            "the manifest is corrupt or was not written by sluicegate (re-import the dataset)"
+        )
+
+
 class Manifest:
     """A manifest decoded on demand: a column when a query or a batch needs it, full rows one Parquet row
     group at a time when an item's annotations are asked for.
@@ -52,6 +69,7 @@ class Manifest:
     """
 
     def __init__(self, source: pa.Table | bytes, where: str = "manifest") -> None:
+        self._where = where
         self._lock = threading.Lock()
         self._columns: dict[str, pa.Array] = {}
         self._groups: dict[int, pa.Table] = {}
@@ -89,7 +107,10 @@ class Manifest:
             if missing:
                 source = self._table if self._table is not None else self._read(columns=missing)
                 for name in missing:
-                    self._columns[name] = source.column(name).combine_chunks()
+                    column = source.column(name).combine_chunks()
+                    if name in _HASH_COLUMNS:
+                        _check_hashes(column, name, self._where)
+                    self._columns[name] = column
             return [self._columns[n] for n in names]
 
     def query_table(self, queries: Sequence[str]) -> pa.Table:
