@@ -66,6 +66,7 @@ One config while iterating on the engine (the prepared data kept between runs)::
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import io
 import json
@@ -86,7 +87,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from sluicegate import S3Options, Store, import_dataset
+from sluicegate import ItemRecord, S3Options, Store, import_dataset
+from sluicegate._manifest import blake3_hex, records_to_table
+from sluicegate._store import sha256_hex
 
 from bench import RESULTS, machine, write_results
 from bench.store_query import synthetic_manifest
@@ -293,12 +296,26 @@ def _paths(folder: Path, n: int | None = None) -> list[Path]:
 
 
 def _import(paths: list[Path], uri: str, s3: S3Options | None = None) -> list[str]:
-    """Commit ``paths`` as one version with the importer a user runs (``sluicegate dataset import
-    --format jsonl``); returns the blob hashes."""
-    listing = Path(tempfile.mkdtemp(prefix="sg-bench-import-")) / "items.jsonl"
-    listing.write_text("".join(json.dumps({"path": str(p), "id": p.name}) + "\n" for p in paths))
-    import_dataset("jsonl", [listing], uri, s3=s3)
-    shutil.rmtree(listing.parent)
+    """Commit ``paths`` as one version; returns the blob hashes. Images go through the importer a user
+    runs (``sluicegate dataset import --format jsonl``); raw bytes, which the importers refuse, are
+    committed as records with the same hashes the importer writes."""
+    if paths[0].suffix == ".jpg":
+        listing = Path(tempfile.mkdtemp(prefix="sg-bench-import-")) / "items.jsonl"
+        listing.write_text("".join(json.dumps({"path": str(p), "id": p.name}) + "\n" for p in paths))
+        import_dataset("jsonl", [listing], uri, s3=s3)
+        shutil.rmtree(listing.parent)
+    else:
+        store = Store(uri, s3)
+        blobs = [p.read_bytes() for p in paths]
+        shas = [sha256_hex(b) for b in blobs]
+        asyncio.run(store.put_blobs_async(zip(shas, paths, strict=True)))
+        records = [
+            ItemRecord(
+                id=p.name, blob=sha, blake3=blake3_hex(b), size=len(b), media_type="application/octet-stream"
+            )
+            for p, sha, b in zip(paths, shas, blobs, strict=True)
+        ]
+        store.commit(lambda _base: records_to_table(records))
     table, _ = Store(uri, s3).manifest()
     blob_of = dict(zip(table.column("id").to_pylist(), table.column("blob").to_pylist(), strict=True))
     return [blob_of[p.name] for p in paths]

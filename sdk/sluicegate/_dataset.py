@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from . import _partition
+from ._alloc import keep_freed_memory
 from ._engine import EngineConfig, engine_store
 from ._exceptions import ConfigError
 from ._local import LocalSource
@@ -37,6 +38,7 @@ _FIRST_BATCH = 8  # a small first request keeps the time to the first item low
 _MAX_BATCH = 512
 _BATCH_BYTES = 16 * 2**20  # target bytes per request once item sizes are known
 _MIN_DEPTH = 2
+_LARGE_ITEM = 2**20  # items this big on average: keep freed memory for the next batch (see _alloc)
 
 
 # -- the dataset -------------------------------------------------------------------------------------
@@ -224,6 +226,8 @@ class Dataset:
                 items = head.result()
                 total = sum(len(it.data) for it in items)
                 item_bytes = total / count if not item_bytes else 0.8 * item_bytes + 0.2 * total / count
+                if item_bytes >= _LARGE_ITEM:
+                    keep_freed_memory()
                 batch = int(min(_MAX_BATCH, max(1, _BATCH_BYTES // max(item_bytes, 1.0))))
                 depth = int(max(_MIN_DEPTH, self._prefetch // max(batch * item_bytes, 1.0)))
                 yield from items

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from sluicegate._alloc import keep_freed_memory
 from sluicegate._exceptions import SluicegateError
 
 from .config import parse_args
@@ -15,6 +16,7 @@ from .server import Sidecar
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # this process frees a batch's worth of large blobs at a time
     try:
         config = parse_args(argv)
         served = asyncio.run(Sidecar(config).run())
