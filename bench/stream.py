@@ -302,7 +302,7 @@ def _import(paths: list[Path], uri: str, s3: S3Options | None = None) -> list[st
     if paths[0].suffix == ".jpg":
         listing = Path(tempfile.mkdtemp(prefix="sg-bench-import-")) / "items.jsonl"
         listing.write_text("".join(json.dumps({"path": str(p), "id": p.name}) + "\n" for p in paths))
-        import_dataset("jsonl", [listing], uri, s3=s3)
+        import_dataset("jsonl", [listing], uri, s3=s3, allow=[paths[0].parent])
         shutil.rmtree(listing.parent)
     else:
         store = Store(uri, s3)

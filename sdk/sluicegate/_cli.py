@@ -87,6 +87,14 @@ def import_command(
             "32 for an object store, each with one upload in flight).",
         ),
     ] = None,
+    allow: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow",
+            help="Also read files under this directory (repeatable); by default only under the folders, "
+            "the JSONL files' directories or the COCO --images directory.",
+        ),
+    ] = None,
     endpoint: Endpoint = None,
     region: Region = None,
 ) -> None:
@@ -110,6 +118,7 @@ def import_command(
             message=message,
             progress=progress,
             workers=workers,
+            allow=allow or (),
         )
         if result.committed:
             _err.print(

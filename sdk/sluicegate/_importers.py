@@ -126,6 +126,7 @@ def import_dataset(
     message: str | None = None,
     progress: bool = False,
     workers: int | None = None,
+    allow: Sequence[PathLike] = (),
 ) -> ImportResult:
     """Import ``sources`` in ``format`` into the dataset at ``uri`` as one new version.
 
@@ -144,6 +145,11 @@ def import_dataset(
     stops the upload. Nothing is committed then, and re-running after a fix uploads only the files
     the store still lacks. ``workers`` threads read, hash and store the files (default: one per
     CPU for a local store, 32 for an object store, where each thread keeps one upload in flight).
+
+    Files are read only under the import's own roots: the folders (imagefolder), the directory of each
+    JSONL file, the COCO images directory, and the directories named in ``allow``. An index that points
+    elsewhere (an absolute path, ``..``, a symlink out) is refused before anything is read: importing
+    someone else's annotation file must not upload ``~/.aws/credentials``.
     """
     try:
         fmt = Format(format)
@@ -163,6 +169,13 @@ def import_dataset(
         entries = _PLANNERS[fmt](paths)
     if not entries:
         raise ImportError_(f"no items in {', '.join(map(str, paths))}: nothing to import")
+    if fmt is Format.COCO:
+        roots = [Path(images or ".")]
+    elif fmt is Format.JSONL:
+        roots = [p.parent for p in paths]
+    else:
+        roots = list(paths)
+    _confine(entries, [*roots, *map(Path, allow)])
     store = Store(uri, s3)
     with _progress_bars(progress) as bars:
         records, uploaded, present = _scan_and_upload(store, entries, workers, bars)
@@ -248,6 +261,20 @@ class _JsonlItem(BaseModel):
     labels: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     annotations: list[Annotation] = Field(default_factory=list)
     metadata: dict[str, MetaValue] = Field(default_factory=dict)
+
+
+def _confine(entries: Sequence[_Entry], roots: Sequence[Path]) -> None:
+    """Refuse entries whose file (symlinks resolved) is not under one of ``roots``."""
+    inside = tuple(os.path.join(os.path.realpath(r), "") for r in roots)
+    problems = _Problems()
+    for entry in entries:
+        if not os.path.realpath(entry.path).startswith(inside):
+            problems.add(
+                f"{entry.where}: {entry.path} is outside the import's roots "
+                f"({', '.join(r.rstrip(os.sep) for r in inside)}); to import files from elsewhere, name "
+                "their directory with --allow DIR (import_dataset(..., allow=[DIR]))"
+            )
+    problems.raise_if_any()
 
 
 def _plan_jsonl(files: Sequence[Path]) -> list[_Entry]:
