@@ -6,7 +6,9 @@ adds the query with a caret under the offending column).
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -231,4 +233,14 @@ def query_command(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:  # how typer ends every command, errors and --help included
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # The command is done and its output written: end without the interpreter's teardown, during which
+    # native libraries' thread pools (Arrow, obstore's runtime) have aborted a finished command with
+    # SIGABRT ("terminate called without an active exception") on a loaded machine.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
