@@ -12,6 +12,7 @@ BENCHMARKS = {
     "stream": "bench.stream",
     "operator_scale": "bench.operator_scale",
     "stream_sidecar": "bench.stream_sidecar",
+    "import_speed": "bench.import_speed",
 }
 
 

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -267,14 +268,37 @@ def _confine(entries: Sequence[_Entry], roots: Sequence[Path]) -> None:
     """Refuse entries whose file (symlinks resolved) is not under one of ``roots``."""
     inside = tuple(os.path.join(os.path.realpath(r), "") for r in roots)
     problems = _Problems()
+    real_dirs: dict[str, str] = {}  # many files share a directory: resolve each directory once
     for entry in entries:
-        if not os.path.realpath(entry.path).startswith(inside):
+        if not _realpath(entry.path, real_dirs).startswith(inside):
             problems.add(
                 f"{entry.where}: {entry.path} is outside the import's roots "
                 f"({', '.join(r.rstrip(os.sep) for r in inside)}); to import files from elsewhere, name "
                 "their directory with --allow DIR (import_dataset(..., allow=[DIR]))"
             )
     problems.raise_if_any()
+
+
+def _realpath(path: str, real_dirs: dict[str, str]) -> str:
+    """``os.path.realpath(path)``, resolving ``path``'s directory through the cache ``real_dirs``.
+
+    Resolving is component by component, so the directory's resolution followed by the last
+    component's is the whole path's; only a last component that is itself a link (or ``.``/``..``)
+    needs more, and takes the full walk. realpath walks every component with an lstat each in Python
+    (~30 us a file here, 0.6 s of an import of 20,000); this is one lstat.
+    """
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return os.path.realpath(path)
+    except OSError:
+        pass  # missing (realpath keeps it as named) or unreadable: the scan will say which
+    real_head = real_dirs.get(head)
+    if real_head is None:
+        real_head = real_dirs[head] = os.path.realpath(head or ".")
+    return os.path.join(real_head, tail)
 
 
 def _plan_jsonl(files: Sequence[Path]) -> list[_Entry]:

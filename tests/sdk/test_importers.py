@@ -594,3 +594,26 @@ def test_imported_items_carry_the_blake3_that_readers_verify(tmp_path: Path, wri
     table, _ = Store(tmp_path / "ds").manifest()
     checks = dict(zip(table.column("id").to_pylist(), table.column("blake3").to_pylist(), strict=True))
     assert checks == {"small.png": blake3_hex(small.read_bytes()), "big.png": blake3_hex(big.read_bytes())}
+
+
+def test_confinement_resolves_paths_as_realpath_does(tmp_path: Path) -> None:
+    """The import's root check resolves each directory once; the answers are os.path.realpath's."""
+    (tmp_path / "root" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root" / "sub" / "f.png").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "secret").write_bytes(b"x")
+    (tmp_path / "root" / "out").symlink_to(tmp_path / "elsewhere")  # a directory link out
+    (tmp_path / "root" / "sub" / "leak.png").symlink_to(tmp_path / "elsewhere" / "secret")  # a file link out
+    (tmp_path / "root" / "sub" / "in.png").symlink_to("f.png")  # a relative link that stays inside
+    (tmp_path / "root" / "loop").symlink_to("loop")
+    cases = [
+        "sub/f.png", "sub/in.png", "sub/leak.png", "out/secret", "sub/../sub/f.png", "sub/..",
+        "sub/.", "sub/", "missing/x.png", "sub/missing.png", "loop", "loop/x", "sub/f.png/x",
+        "../elsewhere/secret", str(tmp_path / "elsewhere" / "secret"),
+    ]  # fmt: skip
+    cache: dict[str, str] = {}
+    for case in cases:
+        path = os.path.join(tmp_path / "root", case)
+        assert _importers._realpath(path, cache) == os.path.realpath(path), case
+    rel = os.path.relpath(tmp_path / "root" / "sub" / "f.png")  # relative to the working directory
+    assert _importers._realpath(rel, cache) == os.path.realpath(rel)
