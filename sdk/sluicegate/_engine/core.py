@@ -14,20 +14,18 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from .._exceptions import IntegrityError, StoreError
 from .cache import DiskCache, MemoryCache
 from .config import EngineConfig, EngineStats
 from .loop import Workers
-from .upstream import BlobRef, Limits, Upstream, split, transient
+from .upstream import BlobRef, Limits, Upstream, transient
 
 __all__ = ["Engine"]
 
 log = logging.getLogger("sluicegate.engine")
-T = TypeVar("T")
-U = TypeVar("U")
 
 _BURST_BYTES = (
     8 * 2**20
@@ -159,7 +157,7 @@ class Engine:
         try:
             todo = flight.refs
             if self.disk is not None:
-                found = await self._over_workers(self.disk.get_many, todo)
+                found = await self.workers.map(self.disk.get_many, todo)
                 rest = []
                 for ref, data in zip(todo, found, strict=True):
                     if data is None:
@@ -201,11 +199,6 @@ class Engine:
         self.stats.evictions += sum(1 for sha, _ in evicted if sha not in results)
         if self.disk is not None and not self._closed:
             self._spawn(self._spill(evicted))
-
-    async def _over_workers(self, fn: Callable[[Sequence[T]], list[U]], items: Sequence[T]) -> list[U]:
-        """``fn`` over ``items`` split between the workers (reads and hashes run in parallel)."""
-        shares = await asyncio.gather(*(self.workers.run(fn, s) for s in split(items, self.workers.threads)))
-        return [x for share in shares for x in share]
 
     async def _spill(self, blobs: list[tuple[str, bytes]]) -> None:
         assert self.disk is not None

@@ -11,16 +11,18 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Finalizer", "LoopThread", "Workers", "close_on_collect"]
+__all__ = ["Finalizer", "LoopThread", "Workers", "close_on_collect", "split"]
 
 T = TypeVar("T")
+U = TypeVar("U")
 Finalizer = Callable[[], Coroutine[Any, Any, None]]
 _Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
@@ -57,12 +59,26 @@ class Workers:
         self._jobs().put((fn, args, loop, future))
         return future
 
+    async def map(self, fn: Callable[[Sequence[T]], list[U]], items: Sequence[T]) -> list[U]:
+        """``fn`` over ``items`` split into one contiguous share per worker, results in order: one
+        hand-off per worker for the whole batch, and the shares' reads and hashes run in parallel."""
+        shares = await asyncio.gather(*(self.run(fn, s) for s in split(items, self.threads)))
+        return [x for share in shares for x in share]
+
     def close(self) -> None:
         with self._lock:
             jobs, self._queue = self._queue, None
         if jobs is not None and self._pid == os.getpid():
             for _ in range(self.threads):
                 jobs.put(None)
+
+
+def split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
+    """Contiguous, near-equal parts (at most ``parts``, none empty)."""
+    n = len(items)
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
-import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import httpx
 
@@ -25,8 +25,6 @@ from .._exceptions import IntegrityError, NotFoundError, StoreError
 from .._manifest import blake3_hex
 from .._store import S3Options, Store, blob_key
 from .loop import Workers
-
-T = TypeVar("T")
 
 __all__ = [
     "BlobRef",
@@ -40,7 +38,6 @@ __all__ = [
     "engine_store",
     "fetch_each",
     "forked",
-    "split",
     "transient",
 ]
 
@@ -180,18 +177,9 @@ def _read_fd(fd: int, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
-    """Contiguous, near-equal parts (at most ``parts``, none empty)."""
-    n = len(items)
-    parts = max(1, min(parts, n))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-
-
 async def read_files(root: str, refs: Sequence[BlobRef], workers: Workers) -> list[Outcome]:
     """Local blobs read and hashed over the workers, one hand-off per worker."""
-    shares = await asyncio.gather(*(workers.run(_read_files, root, s) for s in split(refs, workers.threads)))
-    return [outcome for share in shares for outcome in share]
+    return await workers.map(functools.partial(_read_files, root), refs)
 
 
 # -- one request per blob (object stores, presigned URLs) --------------------------------------------
@@ -228,10 +216,7 @@ async def fetch_each(
 
     fan_out = min(len(refs), limits.concurrency)
     await asyncio.gather(*(worker() for _ in range(fan_out)))
-    pairs = list(zip(refs, raws, strict=True))
-    workers = limits.workers
-    shares = await asyncio.gather(*(workers.run(_hash_all, s) for s in split(pairs, workers.threads)))
-    return [outcome for share in shares for outcome in share]
+    return await limits.workers.map(_hash_all, list(zip(refs, raws, strict=True)))
 
 
 class UrlUpstream:
