@@ -77,10 +77,31 @@ MODULES = (
             "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
             "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
             "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+            "kubelet": "k8s.io/kubernetes/cmd/kubelet",
         },
         _KUBE_VERSION_VARS,
     ),
     GoModule("kwok", "sigs.k8s.io/kwok", {"kwok": "sigs.k8s.io/kwok/cmd/kwok"}),
+    # The real node: containerd (CRI), its runc shim and ctr; the CNI plugins that give pods a network.
+    GoModule(
+        "containerd",
+        "github.com/containerd/containerd/v2",
+        {
+            "containerd": "github.com/containerd/containerd/v2/cmd/containerd",
+            "containerd-shim-runc-v2": "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
+            "ctr": "github.com/containerd/containerd/v2/cmd/ctr",
+        },
+    ),
+    GoModule(
+        "cni",
+        "github.com/containernetworking/plugins",
+        {
+            "bridge": "github.com/containernetworking/plugins/plugins/main/bridge",
+            "host-local": "github.com/containernetworking/plugins/plugins/ipam/host-local",
+            "loopback": "github.com/containernetworking/plugins/plugins/main/loopback",
+            "portmap": "github.com/containernetworking/plugins/plugins/meta/portmap",
+        },
+    ),
     GoModule(
         "helm",
         "helm.sh/helm/v3",
@@ -113,6 +134,7 @@ def _cache_dir(module: GoModule, go_version: str) -> Path:
         digest.update(part)
     digest.update(go_version.encode())
     digest.update(" ".join(module.build_flags).encode())
+    digest.update(" ".join(sorted(module.binaries.values())).encode())
     return cache_root() / f"{module.directory}-{module.version}-{digest.hexdigest()[:10]}"
 
 

@@ -73,30 +73,35 @@ class Ports:
 
     @classmethod
     def pick(cls) -> Ports:
-        """Free ports below the kernel's ephemeral range.
+        return cls(*free_ports(6))
 
-        A port from bind(("127.0.0.1", 0)) lies inside that range, where it may be taken as the local end
-        of some outgoing connection (the API server's to etcd, say) before its component gets to bind it.
-        """
-        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-        candidates = random.sample(range(10000, first_ephemeral), 64)
-        sockets: list[socket.socket] = []
-        try:
-            # Holding each socket until all are chosen keeps two picks from agreeing.
-            for port in candidates:
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    s.close()
-                    continue
-                sockets.append(s)
-                if len(sockets) == 6:
-                    return cls(*(s.getsockname()[1] for s in sockets))
-            raise TestbedError("found no 6 free ports on 127.0.0.1")
-        finally:
-            for s in sockets:
+
+def free_ports(count: int) -> list[int]:
+    """Free ports below the kernel's ephemeral range.
+
+    A port from bind(("127.0.0.1", 0)) lies inside that range, where it may be taken as the local end
+    of some outgoing connection (the API server's to etcd, say) before its component gets to bind it.
+    """
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.sample(range(10000, first_ephemeral), 16 * count)
+    sockets: list[socket.socket] = []
+    try:
+        # Holding each socket until all are chosen keeps two picks from agreeing.
+        for port in candidates:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                # The wildcard address: a port free there is free on loopback and the node IP alike.
+                s.bind(("0.0.0.0", port))
+            except OSError:
                 s.close()
+                continue
+            sockets.append(s)
+            if len(sockets) == count:
+                return [s.getsockname()[1] for s in sockets]
+        raise TestbedError(f"found no {count} free ports")
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def write_kubeconfig(
@@ -270,6 +275,13 @@ class Testbed:
         front_proxy_ca = CertificateAuthority(self.pki_dir / "front-proxy")
         front_proxy = front_proxy_ca.issue("front-proxy-client", "front-proxy-client", client=True)
         admin = ca.issue("admin", "testbed-admin", organizations=("system:masters",), client=True)
+        # For `kubectl logs` and `exec` on the real node (see node.py).
+        kubelet_client = ca.issue(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            organizations=("system:masters",),
+            client=True,
+        )
         write_kubeconfig(self.kubeconfig, self.server, ca.cert_path, user="testbed-admin", cert=admin)
         kubeconfigs = {
             # These identities are what the bootstrap RBAC policy grants the controller manager and scheduler.
@@ -289,7 +301,7 @@ class Testbed:
         }
         p = self.ports
 
-        self._spawn(
+        self.spawn(
             "etcd",
             [
                 "--name=testbed",
@@ -305,9 +317,9 @@ class Testbed:
                 "--log-level=warn",
             ],
         )
-        self._wait("etcd", lambda: self._http_ok(f"http://127.0.0.1:{p.etcd_client}/health"), deadline)
+        self.wait("etcd", lambda: self._http_ok(f"http://127.0.0.1:{p.etcd_client}/health"), deadline)
 
-        self._spawn(
+        self.spawn(
             "kube-apiserver",
             [
                 f"--etcd-servers=http://127.0.0.1:{p.etcd_client}",
@@ -335,12 +347,17 @@ class Testbed:
                 f"--proxy-client-key-file={front_proxy.key}",
                 "--enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
                 "--allow-privileged=true",
+                # Webhooks behind a Service are called at its endpoints (there is no kube-proxy for
+                # ClusterIPs); on the real node those are hostNetwork pods at the node's address.
+                "--enable-aggregator-routing=true",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 "--profiling=false",
                 "--v=1",
             ],
         )
-        self._wait("kube-apiserver", lambda: self._http_ok(f"{self.server}/readyz"), deadline)
+        self.wait("kube-apiserver", lambda: self._http_ok(f"{self.server}/readyz"), deadline)
 
         secure = [
             f"--cert-dir={self.workdir}/{{name}}-certs",
@@ -362,7 +379,7 @@ class Testbed:
             ),
             ("kube-scheduler", p.scheduler, []),
         ):
-            self._spawn(
+            self.spawn(
                 name,
                 [
                     *(arg.format(name=name) for arg in secure),
@@ -374,7 +391,7 @@ class Testbed:
                     *extra,
                 ],
             )
-        self._spawn(
+        self.spawn(
             "kwok",
             [
                 f"--kubeconfig={kubeconfigs['kwok']}",
@@ -391,11 +408,11 @@ class Testbed:
             ("kube-controller-manager", p.controller_manager),
             ("kube-scheduler", p.scheduler),
         ):
-            self._wait(name, functools.partial(self._http_ok, f"https://127.0.0.1:{port}/healthz"), deadline)
-        self._wait("kwok", lambda: self._http_ok(f"http://127.0.0.1:{p.kwok}/healthz"), deadline)
-        self._wait("kwok nodes Ready and untainted", self._nodes_schedulable, deadline)
+            self.wait(name, functools.partial(self._http_ok, f"https://127.0.0.1:{port}/healthz"), deadline)
+        self.wait("kwok", lambda: self._http_ok(f"http://127.0.0.1:{p.kwok}/healthz"), deadline)
+        self.wait("kwok nodes Ready and untainted", self._nodes_schedulable, deadline)
         # Pods are rejected until the service-account controller has created the namespace's default SA.
-        self._wait(
+        self.wait(
             "default ServiceAccount",
             lambda: self._http_ok(f"{self.server}/api/v1/namespaces/default/serviceaccounts/default"),
             deadline,
@@ -406,10 +423,18 @@ class Testbed:
         self.pids.clear()
         self._processes.clear()
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def stop_component(self, name: str) -> None:
+        """Stops one component started with `spawn` (the real node's, before the rest of the testbed)."""
+        if name in self.pids:
+            stop_process_groups({name: self.pids.pop(name)}, {name: str(self.binaries[name])})
+            self._processes.pop(name, None)
+
+    def spawn(self, name: str, args: list[str], *, env: Mapping[str, str] | None = None) -> None:
+        """Starts `binaries[name]`, logging to logs/<name>.log; stopped with the testbed."""
         with (self.log_dir / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 [str(self.binaries[name]), *args],
+                env={**os.environ, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -421,7 +446,8 @@ class Testbed:
         self._processes[name] = process
         self.pids[name] = process.pid
 
-    def _wait(self, what: str, check: Callable[[], bool], deadline: float) -> None:
+    def wait(self, what: str, check: Callable[[], bool], deadline: float) -> None:
+        """Polls `check` until true; fails early, with its log, when a spawned component exits."""
         while True:
             for name, process in self._processes.items():
                 if process.poll() is not None:
@@ -499,7 +525,7 @@ class Testbed:
             )
 
     def _nodes_schedulable(self) -> bool:
-        nodes = self.api("GET", "/api/v1/nodes")["items"]
+        nodes = self.api("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")["items"]
         return len(nodes) == self.node_count and all(
             not node["spec"].get("taints")
             and any(
