@@ -78,13 +78,15 @@ class Kube:
     def connect(cls, kubeconfig: str | None = None) -> Kube:
         """In-cluster credentials when running in a pod, else ``kubeconfig`` (or $KUBECONFIG)."""
         configuration = client.Configuration()
+        in_cluster = False
         if kubeconfig is None:
             try:
                 config.load_incluster_config(client_configuration=configuration)
-                return cls(client.ApiClient(configuration))
+                in_cluster = True
             except config.ConfigException:
                 pass
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        if not in_cluster:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         # Webhook and broker requests run concurrently; the default pool would serialise them.
         configuration.connection_pool_maxsize = 32
         return cls(client.ApiClient(configuration))

@@ -29,6 +29,8 @@ from tests.operator import devcluster
 from tests.s3server import S3Server
 from tests.s3server.fixtures import s3_server  # noqa: F401 - the session fixture `s3` builds on
 from tests.testbed import GoUnavailable, Testbed, ensure_binaries, pytest_plugin, wait_for
+from tests.testbed.image import Image, ImageUnavailable, ensure_image
+from tests.testbed.node import RealNode
 
 # The hook attaching component logs to failures.
 pytest_runtest_makereport = pytest_plugin.pytest_runtest_makereport
@@ -62,6 +64,28 @@ def shared_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
 @pytest.fixture(scope="session")
 def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     yield from shared_testbed(request)
+
+
+@pytest.fixture(scope="session")
+def image(request: pytest.FixtureRequest) -> Image:
+    """The project's image, built from the working tree (cached by content)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    try:
+        with capture.global_and_fixture_disabled():  # a cold build shows its progress
+            return ensure_image()
+    except ImageUnavailable as error:
+        pytest_plugin._unavailable(str(error))
+
+
+@pytest.fixture(scope="session")
+def real_node(testbed: Testbed, image: Image) -> Iterator[RealNode]:
+    """A kubelet on containerd registered with the session's testbed, the project's image loaded."""
+    node = RealNode(testbed)
+    try:
+        node.start(images=(image.archive,))
+        yield node
+    finally:
+        node.stop()
 
 
 INDEX = "batch.kubernetes.io/job-completion-index"

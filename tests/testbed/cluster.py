@@ -352,6 +352,8 @@ class Testbed:
                 "--enable-aggregator-routing=true",
                 f"--kubelet-client-certificate={kubelet_client.cert}",
                 f"--kubelet-client-key={kubelet_client.key}",
+                # The node's name does not resolve here; its address does.
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 "--profiling=false",
                 "--v=1",

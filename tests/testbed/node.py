@@ -376,6 +376,7 @@ state = "{base / "state"}"
             "failCgroupV1": False,
             "failSwapOn": False,
             "resolvConf": "/etc/resolv.conf",
+            "podLogsDir": str(self.directory / "pod-logs"),
             # A shared test machine: evict nothing and collect no image over the disk others fill.
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
             "imageGCHighThresholdPercent": 100,

@@ -1,0 +1,434 @@
+"""The whole shape in real pods: the chart installed with the project's image, an Indexed Job on a kubelet.
+
+The operator runs in the cluster as the chart deploys it, under the chart's ServiceAccount and RBAC. The
+webhook injects its native sidecar into 4 pods of an Indexed Job; each sidecar starts before its trainer,
+authenticates to the in-cluster broker with the pod's projected token, fetches the shard from the loopback
+S3 server through presigned URLs and serves it on the pod's unix socket, where the trainer (the same image,
+`sluicegate.connect()`) reads it. Pods use the node's network because the control plane and the S3 server
+listen on loopback (tests/testbed/node.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sluicegate
+from sluicegate import S3Options
+
+from tests.operator import devcluster
+from tests.s3server import S3Server
+from tests.testbed import CommandError, Testbed, wait_for
+from tests.testbed.cluster import free_ports
+from tests.testbed.image import Image
+from tests.testbed.node import REAL_NODE_PLACEMENT, RealNode
+
+pytestmark = pytest.mark.e2e
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "sluicegate"
+RELEASE = "sg"
+FULLNAME = f"{RELEASE}-sluicegate"
+QUERY = "labels.car > 0"
+WORLD = 4
+ITEMS = 80
+SLOW_RANK_DELAY_S = 0.5  # rank 0 reads slowly, so its sidecar can be killed mid-stream
+
+# The trainer container's script: stream the pod's shard, print (id, sha256) of every item in order.
+TRAINER = f"""
+import hashlib, json, os, sys, time
+import sluicegate
+slow = os.environ["JOB_COMPLETION_INDEX"] == "0"
+seen = []
+for item in sluicegate.connect(timeout=120):
+    seen.append([item.id, hashlib.sha256(item.data).hexdigest()])
+    if slow:
+        print("read", len(seen), flush=True)
+        time.sleep({SLOW_RANK_DELAY_S})
+print("SHARD " + json.dumps({{"rank": os.environ["SLUICEGATE_RANK"], "items": seen}}), flush=True)
+"""
+
+
+@dataclass
+class Cluster:
+    testbed: Testbed
+    node: RealNode
+    image: Image
+    s3: S3Server
+    system_ns: str
+    data_ns: str
+    team_ns: str
+    uri: str
+    port: int
+
+    def kubectl(self, *args: str, **kw: Any) -> Any:
+        return self.testbed.kubectl(*args, **kw)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def helm(self, *args: str) -> Any:
+        return self.testbed.helm(*args, timeout_s=300)
+
+    def values(self) -> list[str]:
+        """What a platform team on a cluster without a pod network sets (see the chart's values)."""
+        tb = self.testbed
+        rule = {
+            "namespaces": [self.data_ns],
+            "uris": [self.uri],
+            "endpoints": [self.s3.endpoint],
+        }
+        values = {
+            "image": {"repository": self.image.name.rpartition(":")[0], "pullPolicy": "Never"},
+            "replicaCount": 1,
+            # One node, and hostNetwork pods of one port cannot share it.
+            "webhook": {"replicas": 0},
+            "hostNetwork": True,
+            "port": self.port,
+            "publicURL": f"https://127.0.0.1:{self.port}",
+            # No kube-proxy on the testbed: the API server is reached where it listens.
+            "env": [
+                {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": str(tb.ports.apiserver)},
+            ],
+            "sources": {"rules": [rule]},
+            "datasetResyncSeconds": 5,
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+            **REAL_NODE_PLACEMENT,
+        }
+        path = tb.workdir / f"values-{uuid.uuid4().hex[:6]}.json"
+        path.write_text(json.dumps(values))
+        return ["-f", str(path)]
+
+    def operator_pods(self) -> list[dict[str, Any]]:
+        return list(
+            self.get("pods", "-n", self.system_ns, "-l", "app.kubernetes.io/component=operator")["items"]
+        )
+
+    def wait_operator_ready(self, timeout_s: float = 180) -> None:
+        """Until the rollout is done; fails at the first crash of an operator container, with its log."""
+
+        def rolled_out() -> bool:
+            for pod in self.operator_pods():
+                for status in pod["status"].get("containerStatuses", []):
+                    if status["restartCount"]:
+                        previous = self.kubectl(
+                            "logs", "-n", self.system_ns, pod["metadata"]["name"], "--previous", check=False
+                        )
+                        raise AssertionError(
+                            f"the operator crashed:\n{previous.stdout[-3000:]}{previous.stderr}"
+                        )
+            deploy = self.get("deployment", FULLNAME, "-n", self.system_ns)
+            status = deploy.get("status", {})
+            return bool(
+                status.get("observedGeneration") == deploy["metadata"]["generation"]
+                and status.get("updatedReplicas") == status.get("readyReplicas") == deploy["spec"]["replicas"]
+                and not status.get("unavailableReplicas")
+            )
+
+        wait_for(rolled_out, timeout_s=timeout_s, what="the operator rolled out and Ready")
+
+    def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 60) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            obj = self.get(kind, name, "-n", ns)
+            conds = obj.get("status", {}).get("conditions", [])
+            return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
+
+        try:
+            return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{self.operator_logs()}"
+            ) from exc
+
+    def operator_logs(self) -> str:
+        return str(
+            self.kubectl(
+                "logs", "-n", self.system_ns, f"deployment/{FULLNAME}", "--tail=60", check=False
+            ).stdout
+        )
+
+    def job(self, name: str, service_account: str, stream: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "namespace": self.team_ns},
+            "spec": {
+                "completions": WORLD,
+                "parallelism": WORLD,
+                "completionMode": "Indexed",
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"labels": {"sluicegate.io/stream": stream}},
+                    "spec": {
+                        "serviceAccountName": service_account,
+                        "restartPolicy": "Never",
+                        "hostNetwork": True,
+                        **REAL_NODE_PLACEMENT,
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [
+                            {
+                                "name": "trainer",
+                                "image": self.image.name,
+                                "imagePullPolicy": "Never",
+                                "command": ["python", "-c", TRAINER],
+                                "securityContext": {
+                                    "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]},
+                                },
+                            }
+                        ],
+                    },
+                },
+            },
+        }
+
+    def job_pods(self, job: str) -> list[dict[str, Any]]:
+        pods = self.get("pods", "-n", self.team_ns, "-l", f"batch.kubernetes.io/job-name={job}")["items"]
+        return sorted(
+            pods, key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster(testbed: Testbed, real_node: RealNode, image: Image, s3: S3Server) -> Iterator[Cluster]:
+    suffix = uuid.uuid4().hex[:6]
+    uri, _ = devcluster.sample_dataset(s3, f"realpods-{suffix}", ITEMS)
+    (port,) = free_ports(1)
+    c = Cluster(
+        testbed, real_node, image, s3, f"sg-system-{suffix}", f"data-{suffix}", f"team-{suffix}", uri, port
+    )
+    for ns in (c.data_ns, c.team_ns):
+        testbed.kubectl("create", "namespace", ns)
+    started = time.monotonic()
+    try:
+        c.helm("install", RELEASE, str(CHART), "-n", c.system_ns, "--create-namespace", *c.values())
+        c.wait_operator_ready()
+        print(f"[real pods] helm install to operator Ready: {time.monotonic() - started:.1f}s")
+        yield c
+    finally:
+        testbed.helm("uninstall", RELEASE, "-n", c.system_ns, "--wait", check=False, timeout_s=120)
+        for ns in (c.data_ns, c.team_ns, c.system_ns):
+            testbed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def published(cluster: Cluster) -> Cluster:
+    """The Dataset in data_ns (keys in an opted-in Secret), `stream` granted to team_ns:trainer, and the
+    DatasetStream `train` Ready."""
+    c = cluster
+    devcluster.credentials_secret(c.testbed, c.data_ns, "coco-keys", c.s3)
+    devcluster.apply_admitted(
+        c.testbed,
+        {
+            "apiVersion": "sluicegate.io/v1alpha1",
+            "kind": "Dataset",
+            "metadata": {"name": "coco", "namespace": c.data_ns},
+            "spec": {
+                "source": {"uri": c.uri, "endpoint": c.s3.endpoint, "region": c.s3.region},
+                "credentials": {"secretRef": {"name": "coco-keys"}},
+            },
+        },
+        timeout_s=60,
+    )
+    c.kubectl(
+        "create",
+        "role",
+        "coco-stream",
+        "-n",
+        c.data_ns,
+        "--verb=stream",
+        "--resource=datasets.sluicegate.io",
+        "--resource-name=coco",
+    )
+    for sa in ("trainer", "intruder"):
+        c.kubectl("create", "serviceaccount", sa, "-n", c.team_ns)
+    c.kubectl(
+        "create",
+        "rolebinding",
+        "coco-stream-trainer",
+        "-n",
+        c.data_ns,
+        "--role=coco-stream",
+        f"--serviceaccount={c.team_ns}:trainer",
+    )
+    devcluster.apply_admitted(
+        c.testbed,
+        {
+            "apiVersion": "sluicegate.io/v1alpha1",
+            "kind": "DatasetStream",
+            "metadata": {"name": "train", "namespace": c.team_ns},
+            "spec": {
+                "dataset": {"namespace": c.data_ns, "name": "coco"},
+                "query": QUERY,
+                "sharding": {"seed": 7},
+            },
+        },
+        timeout_s=60,
+    )
+    c.wait_ready("datasets", c.data_ns, "coco")
+    c.wait_ready("datasetstreams", c.team_ns, "train")
+    return c
+
+
+def _expected(c: Cluster) -> dict[str, str]:
+    """The query result read from the store directly, with the keys only the operator holds."""
+    s3 = c.s3
+    options = S3Options(
+        endpoint=s3.endpoint, region=s3.region, access_key_id=s3.access_key, secret_access_key=s3.secret_key
+    )
+    return {
+        item.id: hashlib.sha256(item.data).hexdigest()
+        for item in sluicegate.open(c.uri, query=QUERY, s3=options)
+    }
+
+
+def _shard(c: Cluster, pod: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
+    logs = c.kubectl("logs", "-n", c.team_ns, pod["metadata"]["name"], "-c", "trainer").stdout
+    line = next(line for line in logs.splitlines() if line.startswith("SHARD "))
+    shard = json.loads(line.removeprefix("SHARD "))
+    return int(shard["rank"]), [(i, sha) for i, sha in shard["items"]]
+
+
+def _sidecar_status(pod: dict[str, Any]) -> dict[str, Any]:
+    return next(
+        s for s in pod["status"].get("initContainerStatuses", []) if s["name"] == "sluicegate-sidecar"
+    )
+
+
+def test_operator_runs_in_cluster_with_the_charts_identity_only(cluster: Cluster) -> None:
+    c = cluster
+    (pod,) = c.operator_pods()
+    assert pod["spec"]["serviceAccountName"] == FULLNAME
+    assert pod["spec"]["nodeName"] == c.node.name
+    status = pod["status"]["containerStatuses"][0]
+    assert status["ready"], status
+    # Least privilege: with the operator's own token, Secrets outside what the chart grants stay closed.
+    c.kubectl("create", "secret", "generic", "victim", "-n", c.team_ns, "--from-literal=key=hunter2")
+    as_operator = c.testbed.service_account_kubeconfig(c.system_ns, FULLNAME)
+    for args in (
+        ("get", "secret", "victim", "-n", c.team_ns),
+        ("get", "secrets", "-n", "kube-system"),
+        ("get", "secrets", "--all-namespaces"),
+        ("create", "secret", "generic", "planted", "-n", c.team_ns, "--from-literal=a=b"),
+    ):
+        result = c.kubectl(*args, kubeconfig=as_operator, check=False)
+        assert result.returncode != 0, args
+        assert "forbidden" in result.stderr.lower(), (args, result.stderr)
+
+
+def test_indexed_job_streams_disjoint_equal_shards_through_injected_sidecars(published: Cluster) -> None:
+    c = published
+    expected = _expected(c)
+    started = time.monotonic()
+    c.testbed.apply(c.job("train", "trainer", "train"))
+
+    def slow_pod_reading() -> dict[str, Any] | None:
+        pods = c.job_pods("train")
+        if len(pods) != WORLD or pods[0]["status"].get("phase") != "Running":
+            return None
+        logs = c.kubectl(
+            "logs", "-n", c.team_ns, pods[0]["metadata"]["name"], "-c", "trainer", check=False
+        ).stdout
+        return pods[0] if "read 3\n" in logs else None
+
+    slow = wait_for(slow_pod_reading, timeout_s=180, what="rank 0 streaming")
+    # The sidecar dies mid-stream (its process, through the runtime): the kubelet restarts it, and the
+    # trainer carries on from where it was.
+    c.node.kill_container(_sidecar_status(slow)["containerID"])
+
+    def finished() -> list[dict[str, Any]] | None:
+        pods = c.job_pods("train")
+        phases = [p["status"].get("phase") for p in pods]
+        assert "Failed" not in phases, json.dumps([p["status"] for p in pods], indent=1)[-4000:]
+        return pods if len(pods) == WORLD and phases == ["Succeeded"] * WORLD else None
+
+    pods = wait_for(finished, timeout_s=240, what=f"{WORLD} pods Succeeded")
+    elapsed = time.monotonic() - started
+    print(f"[real pods] kubectl apply of the Job to {WORLD} pods Succeeded: {elapsed:.1f}s")
+    job = c.get("job", "train", "-n", c.team_ns)
+    assert any(
+        cond["type"] == "Complete" and cond["status"] == "True" for cond in job["status"]["conditions"]
+    )
+
+    assert _sidecar_status(pods[0])["restartCount"] >= 1, "the killed sidecar was restarted by the kubelet"
+    shards = dict(_shard(c, pod) for pod in pods)
+    assert sorted(shards) == list(range(WORLD))
+    per_rank = -(-len(expected) // WORLD)
+    assert {rank: len(items) for rank, items in shards.items()} == dict.fromkeys(range(WORLD), per_rank)
+    for rank, items in shards.items():
+        assert len({i for i, _ in items}) == len(items), f"rank {rank} saw an item twice"
+        for item_id, sha in items:
+            assert expected[item_id] == sha, f"rank {rank}: bytes of {item_id} differ from the store"
+    seen = Counter(i for items in shards.values() for i, _ in items)
+    assert set(seen) == set(expected), "together the ranks read exactly the query result"
+    assert sum(seen.values()) - len(seen) == WORLD * per_rank - len(expected), "disjoint but for padding"
+
+    for pod in pods:
+        spec = json.dumps(pod["spec"])
+        assert c.s3.access_key not in spec, "no storage credential in a pod"
+        assert c.s3.secret_key not in spec, "no storage credential in a pod"
+        sidecar = pod["spec"]["initContainers"][0]
+        assert sidecar["name"] == "sluicegate-sidecar", "the sidecar starts first"
+        assert sidecar["restartPolicy"] == "Always", "a native sidecar, which does not hold the Job open"
+
+
+def test_pod_whose_service_account_may_not_stream_is_refused_at_admission(published: Cluster) -> None:
+    c = published
+    with pytest.raises(CommandError) as refused:
+        c.testbed.apply(
+            c.job("intruder", "intruder", "train")["spec"]["template"]
+            | {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "intruder",
+                    "namespace": c.team_ns,
+                    "labels": {"sluicegate.io/stream": "train"},
+                },
+            }
+        )
+    message = refused.value.result.stderr
+    assert f"{c.team_ns}:intruder" in message, message
+    assert "kubectl create rolebinding" in message, message
+    assert c.kubectl("get", "pod", "intruder", "-n", c.team_ns, check=False).returncode != 0
+
+
+def test_helm_upgrade_rolls_the_operator_and_uninstall_keeps_the_crds(published: Cluster) -> None:
+    c = published
+    (before,) = c.operator_pods()
+    c.helm("upgrade", RELEASE, str(CHART), "-n", c.system_ns, *c.values(), "--set", "logLevel=DEBUG")
+    c.wait_operator_ready()
+    (after,) = wait_for(
+        lambda: (
+            [
+                p
+                for p in c.operator_pods()
+                if p["metadata"]["uid"] != before["metadata"]["uid"] and p["status"].get("phase") == "Running"
+            ]
+            or None
+        ),
+        timeout_s=120,
+        what="the upgraded operator pod",
+    )
+    assert "--log-level=DEBUG" in after["spec"]["containers"][0]["args"]
+    c.wait_ready("datasetstreams", c.team_ns, "train")
+
+    c.helm("uninstall", RELEASE, "-n", c.system_ns, "--wait")
+    for crd in ("datasets.sluicegate.io", "datasetstreams.sluicegate.io"):
+        assert c.kubectl("get", "crd", crd, check=False).returncode == 0, f"{crd} kept on uninstall"
+    assert c.get("datasets", "coco", "-n", c.data_ns)["spec"]["source"]["uri"] == c.uri
+    wait_for(lambda: not c.operator_pods(), timeout_s=60, what="the operator pod gone")
+    webhooks = c.kubectl("get", "mutatingwebhookconfigurations", "-o", "name").stdout
+    assert FULLNAME not in webhooks
