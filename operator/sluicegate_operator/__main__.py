@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
 from datetime import timedelta
 from typing import Any
 
@@ -204,10 +203,7 @@ async def run(settings: Settings) -> None:
         asyncio.create_task(handlers.resync(ctx)),
     ]
     try:
-        # An explicit identity: kopf's default asks the passwd database for the user, which has no entry for
-        # the image's UID (a crash at start in every pod).
-        identity = f"{socket.gethostname()}/{os.getpid()}"
-        await kopf.operator(registry=registry, clusterwide=True, standalone=True, identity=identity)
+        await kopf.operator(registry=registry, clusterwide=True, standalone=True)
     finally:
         for task in background:
             task.cancel()
