@@ -17,7 +17,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +32,6 @@ from tests.testbed.node import REAL_NODE_PLACEMENT, RealNode
 
 pytestmark = pytest.mark.e2e
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "sluicegate"
 RELEASE = "sg"
 FULLNAME = f"{RELEASE}-sluicegate"
 QUERY = "labels.car > 0"
@@ -66,74 +64,13 @@ class Cluster:
     data_ns: str
     team_ns: str
     uri: str
-    port: int
+    release: devcluster.InCluster | None = None
 
     def kubectl(self, *args: str, **kw: Any) -> Any:
         return self.testbed.kubectl(*args, **kw)
 
     def get(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def helm(self, *args: str) -> Any:
-        return self.testbed.helm(*args, timeout_s=300)
-
-    def values(self) -> list[str]:
-        """What a platform team on a cluster without a pod network sets (see the chart's values)."""
-        tb = self.testbed
-        rule = {
-            "namespaces": [self.data_ns],
-            "uris": [self.uri],
-            "endpoints": [self.s3.endpoint],
-        }
-        values = {
-            "image": {"repository": self.image.name.rpartition(":")[0], "pullPolicy": "Never"},
-            "replicaCount": 1,
-            # One node, and hostNetwork pods of one port cannot share it.
-            "webhook": {"replicas": 0},
-            "hostNetwork": True,
-            "port": self.port,
-            "publicURL": f"https://127.0.0.1:{self.port}",
-            # No kube-proxy on the testbed: the API server is reached where it listens.
-            "env": [
-                {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-                {"name": "KUBERNETES_SERVICE_PORT", "value": str(tb.ports.apiserver)},
-            ],
-            "sources": {"rules": [rule]},
-            "datasetResyncSeconds": 5,
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-            **REAL_NODE_PLACEMENT,
-        }
-        path = tb.workdir / f"values-{uuid.uuid4().hex[:6]}.json"
-        path.write_text(json.dumps(values))
-        return ["-f", str(path)]
-
-    def operator_pods(self) -> list[dict[str, Any]]:
-        return list(
-            self.get("pods", "-n", self.system_ns, "-l", "app.kubernetes.io/component=operator")["items"]
-        )
-
-    def wait_operator_ready(self, timeout_s: float = 180) -> None:
-        """Until the rollout is done; fails at the first crash of an operator container, with its log."""
-
-        def rolled_out() -> bool:
-            for pod in self.operator_pods():
-                for status in pod["status"].get("containerStatuses", []):
-                    if status["restartCount"]:
-                        previous = self.kubectl(
-                            "logs", "-n", self.system_ns, pod["metadata"]["name"], "--previous", check=False
-                        )
-                        raise AssertionError(
-                            f"the operator crashed:\n{previous.stdout[-3000:]}{previous.stderr}"
-                        )
-            deploy = self.get("deployment", FULLNAME, "-n", self.system_ns)
-            status = deploy.get("status", {})
-            return bool(
-                status.get("observedGeneration") == deploy["metadata"]["generation"]
-                and status.get("updatedReplicas") == status.get("readyReplicas") == deploy["spec"]["replicas"]
-                and not status.get("unavailableReplicas")
-            )
-
-        wait_for(rolled_out, timeout_s=timeout_s, what="the operator rolled out and Ready")
 
     def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 60) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
@@ -144,16 +81,8 @@ class Cluster:
         try:
             return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
         except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{self.operator_logs()}"
-            ) from exc
-
-    def operator_logs(self) -> str:
-        return str(
-            self.kubectl(
-                "logs", "-n", self.system_ns, f"deployment/{FULLNAME}", "--tail=60", check=False
-            ).stdout
-        )
+            logs = self.release.logs() if self.release else ""
+            raise AssertionError(f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{logs}") from exc
 
     def job(self, name: str, service_account: str, stream: str) -> dict[str, Any]:
         return {
@@ -205,16 +134,15 @@ class Cluster:
 def cluster(testbed: Testbed, real_node: RealNode, image: Image, s3: S3Server) -> Iterator[Cluster]:
     suffix = uuid.uuid4().hex[:6]
     uri, _ = devcluster.sample_dataset(s3, f"realpods-{suffix}", ITEMS)
-    (port,) = free_ports(1)
-    c = Cluster(
-        testbed, real_node, image, s3, f"sg-system-{suffix}", f"data-{suffix}", f"team-{suffix}", uri, port
-    )
+    c = Cluster(testbed, real_node, image, s3, f"sg-system-{suffix}", f"data-{suffix}", f"team-{suffix}", uri)
     for ns in (c.data_ns, c.team_ns):
         testbed.kubectl("create", "namespace", ns)
     started = time.monotonic()
+    rule = {"namespaces": [c.data_ns], "uris": [uri], "endpoints": [s3.endpoint]}
     try:
-        c.helm("install", RELEASE, str(CHART), "-n", c.system_ns, "--create-namespace", *c.values())
-        c.wait_operator_ready()
+        c.release = devcluster.install_in_cluster(
+            testbed, image, c.system_ns, RELEASE, port=free_ports(1)[0], rules=[rule]
+        )
         print(f"[real pods] helm install to operator Ready: {time.monotonic() - started:.1f}s")
         yield c
     finally:
@@ -309,7 +237,9 @@ def _sidecar_status(pod: dict[str, Any]) -> dict[str, Any]:
 
 def test_operator_runs_in_cluster_with_the_charts_identity_only(cluster: Cluster) -> None:
     c = cluster
-    (pod,) = c.operator_pods()
+    assert c.release is not None
+    release = c.release
+    (pod,) = release.operator_pods()
     assert pod["spec"]["serviceAccountName"] == FULLNAME
     assert pod["spec"]["nodeName"] == c.node.name
     status = pod["status"]["containerStatuses"][0]
@@ -407,14 +337,16 @@ def test_pod_whose_service_account_may_not_stream_is_refused_at_admission(publis
 
 def test_helm_upgrade_rolls_the_operator_and_uninstall_keeps_the_crds(published: Cluster) -> None:
     c = published
-    (before,) = c.operator_pods()
-    c.helm("upgrade", RELEASE, str(CHART), "-n", c.system_ns, *c.values(), "--set", "logLevel=DEBUG")
-    c.wait_operator_ready()
+    assert c.release is not None
+    release = c.release
+    (before,) = release.operator_pods()
+    release.upgrade("--set", "logLevel=DEBUG")
+    release.wait_ready()
     (after,) = wait_for(
         lambda: (
             [
                 p
-                for p in c.operator_pods()
+                for p in release.operator_pods()
                 if p["metadata"]["uid"] != before["metadata"]["uid"] and p["status"].get("phase") == "Running"
             ]
             or None
@@ -425,10 +357,10 @@ def test_helm_upgrade_rolls_the_operator_and_uninstall_keeps_the_crds(published:
     assert "--log-level=DEBUG" in after["spec"]["containers"][0]["args"]
     c.wait_ready("datasetstreams", c.team_ns, "train")
 
-    c.helm("uninstall", RELEASE, "-n", c.system_ns, "--wait")
+    release.uninstall()
     for crd in ("datasets.sluicegate.io", "datasetstreams.sluicegate.io"):
         assert c.kubectl("get", "crd", crd, check=False).returncode == 0, f"{crd} kept on uninstall"
     assert c.get("datasets", "coco", "-n", c.data_ns)["spec"]["source"]["uri"] == c.uri
-    wait_for(lambda: not c.operator_pods(), timeout_s=60, what="the operator pod gone")
+    wait_for(lambda: not release.operator_pods(), timeout_s=60, what="the operator pod gone")
     webhooks = c.kubectl("get", "mutatingwebhookconfigurations", "-o", "name").stdout
     assert FULLNAME not in webhooks

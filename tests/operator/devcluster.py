@@ -4,8 +4,11 @@ The chart is installed for RBAC and the webhook configuration (``replicaCount=0`
 pointing here), and the operator runs as a local process under the chart's ServiceAccount, so the
 API server calls it like an in-cluster webhook and every permission it uses comes from the chart.
 
-``python -m tests.operator.devcluster`` (after ``python -m tests.testbed up``) adds a loopback S3 server
-with a sample Dataset and keeps the operator in the foreground until Ctrl-C.
+:func:`install_in_cluster` instead installs the chart as a platform team would, with the project's image,
+its operator running in a pod on the testbed's real node.
+
+``python -m tests.operator.devcluster`` (after ``python -m tests.testbed up``) starts the real node, installs
+the chart in the cluster, adds a loopback S3 server with a sample Dataset, and keeps running until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from sluicegate._manifest import ItemRecord, records_to_table
 
 from tests.s3server import S3Server
 from tests.testbed import Testbed, stop_process_group, wait_for
+from tests.testbed.image import Image, ensure_image
+from tests.testbed.node import REAL_NODE_PLACEMENT, RealNode
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "sluicegate"
@@ -307,6 +312,116 @@ def start(
     return operator
 
 
+@dataclass
+class InCluster:
+    """A release of the chart whose operator runs in a pod (see :func:`install_in_cluster`)."""
+
+    testbed: Testbed
+    namespace: str
+    release: str
+    values: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.release}-sluicegate"
+
+    def operator_pods(self) -> list[dict[str, Any]]:
+        found = self.testbed.kubectl(
+            "get", "pods", "-n", self.namespace, "-l", "app.kubernetes.io/component=operator", "-o", "json"
+        )
+        return list(json.loads(found.stdout)["items"])
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        """Until the rollout is done; fails at the first crash of an operator container, with its log."""
+
+        def rolled_out() -> bool:
+            for pod in self.operator_pods():
+                for status in pod["status"].get("containerStatuses", []):
+                    if status["restartCount"]:
+                        previous = self.testbed.kubectl(
+                            "logs", "-n", self.namespace, pod["metadata"]["name"], "--previous", check=False
+                        )
+                        raise AssertionError(
+                            f"the operator crashed:\n{previous.stdout[-3000:]}{previous.stderr}"
+                        )
+            deploy = json.loads(
+                self.testbed.kubectl(
+                    "get", "deployment", self.name, "-n", self.namespace, "-o", "json"
+                ).stdout
+            )
+            status = deploy.get("status", {})
+            return bool(
+                status.get("observedGeneration") == deploy["metadata"]["generation"]
+                and status.get("updatedReplicas") == status.get("readyReplicas") == deploy["spec"]["replicas"]
+                and not status.get("unavailableReplicas")
+            )
+
+        wait_for(rolled_out, timeout_s=timeout_s, what=f"the operator of {self.release} rolled out and Ready")
+
+    def upgrade(self, *args: str) -> None:
+        self.testbed.helm(
+            "upgrade",
+            self.release,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "-f",
+            str(self.values),
+            *args,
+            timeout_s=300,
+        )
+
+    def uninstall(self, *, check: bool = True) -> None:
+        self.testbed.helm(
+            "uninstall", self.release, "-n", self.namespace, "--wait", check=check, timeout_s=120
+        )
+
+    def logs(self, lines: int = 60) -> str:
+        got = self.testbed.kubectl(
+            "logs", "-n", self.namespace, f"deployment/{self.name}", f"--tail={lines}", check=False
+        )
+        return str(got.stdout + got.stderr)
+
+
+def install_in_cluster(
+    testbed: Testbed,
+    image: Image,
+    namespace: str,
+    release: str,
+    *,
+    port: int,
+    rules: Sequence[dict[str, Any]] = (),
+) -> InCluster:
+    """``helm install`` of the chart with ``image`` on the real node, with what a platform team on a
+    cluster without a pod network or kube-proxy sets, and no more privilege than the chart grants."""
+    values = {
+        "image": {"repository": image.name.rpartition(":")[0], "pullPolicy": "Never"},
+        "replicaCount": 1,
+        # One node, and two hostNetwork pods serving one port cannot share it.
+        "webhook": {"replicas": 0},
+        "hostNetwork": True,
+        "port": port,
+        "publicURL": f"https://127.0.0.1:{port}",
+        # No kube-proxy on the testbed: the API server is reached where it listens.
+        "env": [
+            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": str(testbed.ports.apiserver)},
+        ],
+        "sources": {"rules": list(rules)},
+        "datasetResyncSeconds": 5,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        **REAL_NODE_PLACEMENT,
+    }
+    path = testbed.workdir / f"values-{release}-{namespace}.json"
+    path.write_text(json.dumps(values, indent=2))
+    testbed.helm(
+        "install", release, str(CHART), "-n", namespace, "--create-namespace", "-f", str(path), timeout_s=300
+    )
+    release_ = InCluster(testbed, namespace, release, path)
+    release_.wait_ready()
+    return release_
+
+
 def _attach(state_dir: Path) -> Testbed:
     """The testbed `python -m tests.testbed up` recorded in ``state_dir``."""
     from tests.testbed.build import ensure_binaries
@@ -324,35 +439,44 @@ def _interrupt(*_: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.operator.devcluster", description=__doc__)
     parser.add_argument("--state-dir", type=Path, default=REPO / ".testbed")
-    parser.add_argument("--port", type=int, default=8443, help="operator port on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=8443, help="operator port on the node")
     args = parser.parse_args(argv)
     if not (args.state_dir / "state.json").exists():
         print("no testbed running: start one with `python -m tests.testbed up`", file=sys.stderr)
         return 1
     testbed = _attach(args.state_dir)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
-    with S3Server() as s3:
-        uri, records = sample_dataset(s3, "datasets")
-        log = args.state_dir / "operator.log"
-        operator = start(testbed, "sluicegate-system", "dev", log, port=args.port)
-        try:
+    image = ensure_image()
+    node = RealNode(testbed, tainted=False)
+    release: InCluster | None = None
+    try:
+        node.start(images=(image.archive,))
+        # Pods of the quick start run on the real node, not on a kwok node that only pretends to.
+        for kwok in testbed.kubectl("get", "nodes", "-l", "type=kwok", "-o", "name").stdout.split():
+            testbed.kubectl("cordon", kwok)
+        with S3Server() as s3:
+            uri, records = sample_dataset(s3, "datasets")
             testbed.kubectl("create", "namespace", "data")
+            release = install_in_cluster(testbed, image, "sluicegate-system", "dev", port=args.port)
             publish_dataset(testbed, "data", uri, s3)
             print(
-                f"""sluicegate dev cluster: operator {operator.url} (log {log}), S3 {s3.endpoint}
+                f"""sluicegate dev cluster: the operator ({release.name}, image {image.name}) runs
+in sluicegate-system on the real node {node.name}; S3 {s3.endpoint}
 Dataset data/coco: {len(records)} items on {uri}
 
   export KUBECONFIG={args.state_dir / "kubeconfig"} PATH={args.state_dir / "bin"}:$PATH
   kubectl get datasets -A
 
-Ctrl-C stops the operator and the S3 server; `make testbed-down` stops the cluster.""",
+Ctrl-C uninstalls the chart and stops the node and the S3 server; `make testbed-down` stops the cluster.""",
                 flush=True,
             )
-            operator.process.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            operator.stop(testbed)
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if release is not None:
+            release.uninstall(check=False)
+        node.stop()
     return 0
 
 

@@ -187,6 +187,8 @@ class RealNode:
     testbed: Testbed
     name: str = NODE_NAME
     node_ip: str = field(default_factory=host_ip)
+    # Untainted (make dev-cluster), any pod may land here, as on a one-node cluster.
+    tainted: bool = True
     _ports: Ports | None = None
 
     @property
@@ -397,7 +399,7 @@ state = "{base / "state"}"
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.node_ip}",
                 f"--node-labels={REAL_NODE_LABEL}=real",
-                f"--register-with-taints={REAL_NODE_TAINT}=true:NoSchedule",
+                *([f"--register-with-taints={REAL_NODE_TAINT}=true:NoSchedule"] if self.tainted else []),
                 "--v=1",
             ],
         )
