@@ -23,11 +23,13 @@ lint: $(INSTALLED)
 	$(VENV)/bin/lint-imports
 	$(PY) -m sluicegate_operator.crdgen --check
 
-# The Kubernetes testbed and the S3 server are built from Go modules once per machine (cached under
-# ~/.cache), before pytest, so no test pays for a cold build inside its timeout.
+# The Kubernetes testbed (with its real node) and the S3 server are built from Go modules, and the image
+# with buildah, once per machine (cached under ~/.cache by content), before pytest, so no test pays for a
+# cold build inside its timeout.
 servers: $(INSTALLED)
 	@if command -v go >/dev/null; then \
-		$(PY) -m tests.testbed build && $(PY) -c "from tests.s3server import build; build()"; \
+		$(PY) -m tests.testbed build && $(PY) -c "from tests.s3server import build; build()" \
+			&& $(PY) -m tests.testbed.image; \
 	else echo "no Go toolchain: the e2e tests will be skipped (and fail under CI=true)"; fi
 
 # pytest exits non-zero when it collects no test, so an empty run never passes.
