@@ -38,9 +38,10 @@ SUITE = "bookworm"
 # python-is-python3: the Dockerfile runs `python`, which the official python images provide.
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
 # What Debian's slim images leave out too; the copyright files stay for the licences.
-_DPKG_EXCLUDES = tuple(
-    f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale", "lintian")
-) + ("--dpkgopt=path-include=/usr/share/doc/*/copyright",)
+_DPKG_EXCLUDES = (
+    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale", "lintian")),
+    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+)
 BASE_RECIPE = (
     "mmdebstrap",
     "--variant=minbase",
