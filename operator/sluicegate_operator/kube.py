@@ -149,14 +149,6 @@ class Kube:
     async def get_job(self, namespace: str, name: str) -> Json | None:
         return await self._call(self._batch.read_namespaced_job, name, namespace)
 
-    async def count_pods(self, namespace: str, label_selector: str) -> int:
-        pods = await self._must(self._core.list_namespaced_pod, namespace, label_selector=label_selector)
-        return sum(
-            1
-            for p in pods.get("items", [])
-            if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
-        )
-
     # -- reviews -----------------------------------------------------------------------------------
 
     async def token_review(self, token: str, audiences: Sequence[str]) -> Json:
