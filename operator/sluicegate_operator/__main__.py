@@ -16,7 +16,7 @@ import kopf
 from . import handlers, server
 from .broker import Broker, BrokerLimits
 from .catalog import Catalog, Limits
-from .inject import SidecarConfig
+from .inject import SidecarTemplate
 from .kube import Kube
 from .resolve import Sources
 from .settings import Settings
@@ -164,7 +164,7 @@ async def run(settings: Settings) -> None:
     tls = server.TLS(kube, settings)
     await tls.ensure()
     key = await server.grant_key(kube, settings)
-    sidecar = SidecarConfig(image=settings.sidecar_image, broker_url=settings.url, broker_ca_pem=tls.ca_pem)
+    sidecar = SidecarTemplate(image=settings.sidecar_image, broker_url=settings.url, broker_ca_pem=tls.ca_pem)
     broker = Broker(
         kube,
         catalog,

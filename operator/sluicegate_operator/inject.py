@@ -48,7 +48,7 @@ class AdmissionDenied(Exception):
 
 
 @dataclass(frozen=True)
-class SidecarConfig:
+class SidecarTemplate:
     """What the operator's settings contribute to every injected sidecar."""
 
     image: str
@@ -171,7 +171,7 @@ def _mount(container: dict[str, Any], name: str, path: str, *, read_only: bool =
         mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
 
 
-def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarConfig) -> dict[str, Any]:
+def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarTemplate) -> dict[str, Any]:
     cache = stream.spec.cache
     overrides = stream.spec.sidecar
     env = {
@@ -278,7 +278,7 @@ def inject(
     stream: DatasetStream,
     namespace: str,
     rank: Rank,
-    config: SidecarConfig,
+    config: SidecarTemplate,
     *,
     grant: str | None = None,
 ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import ValidationError
 
 from . import access, grants, inject, sources
-from .inject import AdmissionDenied, SidecarConfig
+from .inject import AdmissionDenied, SidecarTemplate
 from .kube import Kube, KubeError
 from .metrics import ADMISSION_SECONDS, ADMISSIONS
 from .models import GROUP, STREAM_VERB, Dataset, DatasetStream
@@ -184,7 +184,7 @@ class Webhook:
     def __init__(
         self,
         kube: Kube,
-        sidecar: SidecarConfig,
+        sidecar: SidecarTemplate,
         decision_ttl_s: float = DECISION_TTL_S,
         *,
         grant_key: bytes = b"",

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from sluicegate._broker_protocol import AUDIENCE, SOCKET_PATH, SidecarEnv, TrainerEnv
 from sluicegate_operator import inject, webhook
-from sluicegate_operator.inject import AdmissionDenied, SidecarConfig
+from sluicegate_operator.inject import AdmissionDenied, SidecarTemplate
 from sluicegate_operator.models import RankSource
 
 from .conftest import stream
 
-CONFIG = SidecarConfig(image="sluicegate:test", broker_url="https://broker:8443", broker_ca_pem="PEM")
+CONFIG = SidecarTemplate(image="sluicegate:test", broker_url="https://broker:8443", broker_ca_pem="PEM")
 
 
 def pod(
