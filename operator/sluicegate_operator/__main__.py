@@ -17,9 +17,9 @@ from . import handlers, server
 from .broker import Broker, BrokerLimits
 from .catalog import Catalog, Limits
 from .inject import SidecarTemplate
-from .kube import Kube
+from .kube import Kube, KubeError
 from .resolve import Sources
-from .settings import Settings
+from .settings import DEFAULT_IMAGE, Settings
 from .webhook import Webhook
 
 log = logging.getLogger("sluicegate.operator")
@@ -53,9 +53,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--extra-san", action="append", default=[], help="extra DNS name or IP for the certificate"
     )
-    p.add_argument(
-        "--sidecar-image", default=env("SLUICEGATE_SIDECAR_IMAGE", "ghcr.io/sluicegate/sluicegate:0.1.0")
-    )
+    p.add_argument("--sidecar-image", default=env("SLUICEGATE_SIDECAR_IMAGE", DEFAULT_IMAGE))
     p.add_argument(
         "--presign-ttl",
         type=int,
@@ -214,7 +212,12 @@ async def run(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(run(parse_args(argv)))
+    try:
+        asyncio.run(run(parse_args(argv)))
+    except KubeError as exc:
+        # A configuration mistake, not a bug: one line that says what to do, no traceback.
+        log.error("%s", exc)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

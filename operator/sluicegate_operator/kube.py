@@ -86,7 +86,13 @@ class Kube:
             except config.ConfigException:
                 pass
         if not in_cluster:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            try:
+                config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            except (config.ConfigException, OSError) as exc:
+                raise KubeError(
+                    "no cluster to connect to: not in a pod (no KUBERNETES_SERVICE_HOST and ServiceAccount "
+                    f"token) and no usable kubeconfig ({exc}); pass --kubeconfig or set KUBECONFIG"
+                ) from exc
         # Webhook and broker requests run concurrently; the default pool would serialise them.
         configuration.connection_pool_maxsize = 32
         return cls(client.ApiClient(configuration))

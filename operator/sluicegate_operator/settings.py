@@ -5,6 +5,10 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
+from sluicegate import __version__
+
+# The image published for each release, tagged with the package version (the chart's appVersion).
+DEFAULT_IMAGE = f"ghcr.io/sluicegate/sluicegate:{__version__}"
 
 
 class Settings(BaseModel):
@@ -45,7 +49,7 @@ class Settings(BaseModel):
     broker_rate: float = Field(default=50.0, gt=0, description="requests per second per pod")
     broker_burst: float = Field(default=100.0, ge=1)
     extra_sans: tuple[str, ...] = ()
-    sidecar_image: str = "ghcr.io/sluicegate/sluicegate:0.1.0"
+    sidecar_image: str = DEFAULT_IMAGE
     presign_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
     cert_valid_days: float = Field(default=90, gt=0)
     ca_valid_days: float = Field(default=3650, gt=0)

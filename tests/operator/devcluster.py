@@ -412,6 +412,19 @@ def install_in_cluster(
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         **REAL_NODE_PLACEMENT,
     }
+    # CRDs applied earlier with kubectl (by `start`) are adopted, as a platform team moving them under Helm
+    # would; `crds.keep` leaves them in place on uninstall either way.
+    for crd in ("datasets.sluicegate.io", "datasetstreams.sluicegate.io"):
+        if testbed.kubectl("get", "crd", crd, check=False).returncode == 0:
+            testbed.kubectl("label", "crd", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+            testbed.kubectl(
+                "annotate",
+                "crd",
+                crd,
+                f"meta.helm.sh/release-name={release}",
+                f"meta.helm.sh/release-namespace={namespace}",
+                "--overwrite",
+            )
     path = testbed.workdir / f"values-{release}-{namespace}.json"
     path.write_text(json.dumps(values, indent=2))
     testbed.helm(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 from sluicegate_operator import crdgen, webhook
+from sluicegate_operator.settings import DEFAULT_IMAGE
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +151,8 @@ def test_operator_pod_is_restricted_and_wired(helm: Path) -> None:
     args = dict(a[2:].split("=", 1) for a in container["args"])
     assert args["webhook-configuration"] == "sg-sluicegate"
     assert args["tls-secret"] == "sg-sluicegate-tls"
-    assert args["sidecar-image"] == "ghcr.io/sluicegate/sluicegate:0.1.0"
+    # The chart's appVersion is the package version (pyproject.toml states it; helm needs a literal).
+    assert args["sidecar-image"] == DEFAULT_IMAGE
     rules = next(
         d for d in render(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "sg-sluicegate"
     )

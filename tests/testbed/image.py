@@ -8,7 +8,8 @@ Dockerfile as its `PYTHON` build arg; `buildah bud` then builds the Dockerfile u
 
 Both steps are cached by content: the base under base-<digest>/ keyed on its mmdebstrap recipe, the image
 under sluicegate-<version>-<digest>/ keyed on the Dockerfile, the packaging files, every file the image
-copies from sdk/, sidecar/ and operator/, and the base's digest. `python -m tests.testbed.image` prebuilds.
+copies from sdk/, sidecar/ and operator/, the build flags and the base's digest. The storage driver is
+overlay as root, vfs otherwise. `python -m tests.testbed.image` prebuilds (`make servers` runs it).
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ BASE_CONFIG = (
 )
 IMAGE_INPUTS = ("Dockerfile", ".dockerignore", "pyproject.toml", "constraints.txt", "README.md")
 IMAGE_TREES = ("sdk", "sidecar", "operator")
-# buildah's default rlimits (nproc 32768, nofile 1048576) exceed the hard limits of small CI machines,
-# where the runtime then refuses to start the container.
+# `buildah bud` raises its RUN steps' rlimits (nproc to 32768 by default), which fails where that exceeds
+# the machine's hard limit; these fit any machine and are plenty for pip.
 ULIMITS = ("--ulimit=nofile=1024:1024", "--ulimit=nproc=4096:4096")
 # The Dockerfile's pip reaches PyPI; it must trust the CAs this machine trusts (an egress proxy may
 # re-sign TLS), which pip's own certifi bundle does not know. Bound in for the build's RUN steps only.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+BUD_FLAGS = ("--isolation=chroot", "--network=host", "--pull=never", *ULIMITS, "--file=Dockerfile")
+# docker-archive rather than oci-archive: `ctr images import` keeps its tag as the image's name.
+ARCHIVE_TRANSPORT = "docker-archive"
 
 
 class ImageUnavailable(RuntimeError):
@@ -82,7 +86,7 @@ class Image:
     archive: Path
     # Sum of the uncompressed layers: what the image takes unpacked on a node.
     size_bytes: int
-    # Unique per content in the private storage, where `name` may point at a newer build.
+    # The image ID in the private storage (run_container starts it), where `name` may name a newer build.
     ref: str
     # The image config's USER, which run_container runs as (a runtime would).
     user: str
@@ -133,7 +137,10 @@ def _ensure_tools() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     update = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
     install = subprocess.run(
-        ["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if install.returncode != 0:
         raise ImageUnavailable(
@@ -165,7 +172,7 @@ def _git_files(*trees: str) -> list[str]:
 
 
 def _image_key(base_digest: str) -> str:
-    digest = hashlib.sha256(base_digest.encode())
+    digest = hashlib.sha256("\0".join((base_digest, *BUD_FLAGS, ARCHIVE_TRANSPORT)).encode())
     for rel in (*IMAGE_INPUTS, *_git_files(*IMAGE_TREES)):
         path = REPO_ROOT / rel
         # Deleted but still tracked: the build context lacks it as well.
@@ -227,13 +234,13 @@ def _base() -> tuple[str, str]:
     return ref, digest
 
 
-def _archive_size(archive: Path) -> int:
-    """The uncompressed size of the image: docker-archive stores each layer as a plain tar."""
+def _archive_manifest(archive: Path) -> tuple[list[str], int]:
+    """The archive's tags and the image's uncompressed size (docker-archive stores layers as plain tars)."""
     with tarfile.open(archive) as tar:
         manifest_file = tar.extractfile("manifest.json")
         assert manifest_file is not None
         (manifest,) = json.load(manifest_file)
-        return sum(tar.getmember(layer).size for layer in manifest["Layers"])
+        return list(manifest["RepoTags"]), sum(tar.getmember(layer).size for layer in manifest["Layers"])
 
 
 def _trust_host_cas(staging: Path) -> list[str]:
@@ -245,38 +252,40 @@ def _trust_host_cas(staging: Path) -> list[str]:
     return [f"--volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro", f"--volume={pip_conf}:/etc/pip.conf:ro"]
 
 
-def _build(base: str, base_digest: str, directory: Path, name: str, ref: str) -> None:
+def _build(base: str, directory: Path, name: str) -> None:
     with _staging(directory) as staging:
         _log(f"building {name} from the Dockerfile on {base}")
         started = time.monotonic()
+        iidfile = staging / "iid"
         buildah(
             "bud",
-            "--isolation=chroot",
-            "--network=host",
-            "--pull=never",
-            *ULIMITS,
+            *BUD_FLAGS,
             *_trust_host_cas(staging),
             f"--build-arg=PYTHON={base}",
             f"--tag={name}",
-            f"--tag={ref}",
-            "--file=Dockerfile",
+            f"--iidfile={iidfile}",
             str(REPO_ROOT),
         )
+        (staging / "pip.conf").unlink(missing_ok=True)
+        image_id = iidfile.read_text().strip().removeprefix("sha256:")
+        iidfile.unlink()
         built = time.monotonic()
         archive = staging / "sluicegate.tar"
-        buildah("push", "--quiet", ref, f"docker-archive:{archive}:{name}")
-        size = _archive_size(archive)
-        (staging / "image.json").write_text(
-            json.dumps({"name": name, "size_bytes": size, "base_digest": base_digest})
-        )
+        # Pushed by ID: pushing by a name adds that name to the archive's tags as well.
+        buildah("push", "--quiet", image_id, f"{ARCHIVE_TRANSPORT}:{archive}:{name}")
+        tags, size = _archive_manifest(archive)
+        # containerd names an imported docker-archive after its RepoTags.
+        if tags != [name]:
+            raise ImageBuildFailed(f"{archive} is tagged {tags}, not [{name!r}]")
+        (staging / "image.json").write_text(json.dumps({"size_bytes": size, "id": image_id}))
         _log(
             f"built {name} in {built - started:.0f}s, archived in {time.monotonic() - built:.0f}s: "
             f"{size / 2**20:.0f} MiB -> {directory}"
         )
 
 
-def _user(ref: str) -> str:
-    config = json.loads(buildah("inspect", "--type=image", ref).stdout)["OCIv1"]["config"]
+def _user(image_id: str) -> str:
+    config = json.loads(buildah("inspect", "--type=image", image_id).stdout)["OCIv1"]["config"]
     return str(config.get("User") or "0:0")
 
 
@@ -291,18 +300,21 @@ def ensure_image() -> Image:
         base, base_digest = _base()
         key = _image_key(base_digest)[:12]
         name = f"{NAME}:{version()}"
-        ref = f"{NAME}:{version()}-{key}"
         directory = _image_dir() / f"sluicegate-{version()}-{key}"
         if not directory.is_dir():
-            _build(base, base_digest, directory, name, ref)
+            _build(base, directory, name)
         archive = directory / "sluicegate.tar"
-        if not _has_image(ref):
+        meta_file = directory / "image.json"
+        meta = json.loads(meta_file.read_text())
+        if not _has_image(meta["id"]):
             # The storage was cleared while the archive stayed: load it back for run_container.
-            buildah("pull", "--quiet", f"docker-archive:{archive}")
-            buildah("tag", name, ref)
-        meta = json.loads((directory / "image.json").read_text())
-    _log(f"{name} ({ref}) ready in {time.monotonic() - started:.1f}s")
-    return Image(name=name, archive=archive, size_bytes=meta["size_bytes"], ref=ref, user=_user(ref))
+            pulled = buildah("pull", "--quiet", f"{ARCHIVE_TRANSPORT}:{archive}").stdout.split()[-1]
+            meta["id"] = pulled.removeprefix("sha256:")
+            meta_file.write_text(json.dumps(meta))
+    _log(f"{name} (image {meta['id'][:12]}) ready in {time.monotonic() - started:.1f}s")
+    return Image(
+        name=name, archive=archive, size_bytes=meta["size_bytes"], ref=meta["id"], user=_user(meta["id"])
+    )
 
 
 @contextlib.contextmanager
@@ -311,7 +323,6 @@ def run_container(
     command: Sequence[str],
     *,
     volumes: Sequence[tuple[Path, str]] = (),
-    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     """A container of ``image`` running ``command`` under runc, as the image's USER with its environment,
     on the host's network, with ``volumes`` (host path, container path) bound read-only. Yields the
@@ -326,7 +337,6 @@ def run_container(
         "--network=host",
         f"--user={image.user}",
         *(f"--volume={host}:{inside}:ro" for host, inside in volumes),
-        *(f"--env={k}={v}" for k, v in (env or {}).items()),
         container,
         "--",
         *command,
