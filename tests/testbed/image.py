@@ -284,6 +284,21 @@ def _build(base: str, directory: Path, name: str) -> None:
         )
 
 
+def _prune(keep: Path, kept: int = 2) -> None:
+    """Each change to the sources builds a new image of ~1.3 GB (archive and storage): keep the newest
+    `kept` builds, `keep` among them, and drop the others from the cache and the storage."""
+    builds = sorted(
+        (d for d in _image_dir().glob("sluicegate-*") if d.is_dir() and d != keep),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for old in builds[kept - 1 :]:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            image_id = json.loads((old / "image.json").read_text())["id"]
+            buildah("rmi", "--force", image_id, check=False)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _user(image_id: str) -> str:
     config = json.loads(buildah("inspect", "--type=image", image_id).stdout)["OCIv1"]["config"]
     return str(config.get("User") or "0:0")
@@ -303,6 +318,7 @@ def ensure_image() -> Image:
         directory = _image_dir() / f"sluicegate-{version()}-{key}"
         if not directory.is_dir():
             _build(base, directory, name)
+            _prune(keep=directory)
         archive = directory / "sluicegate.tar"
         meta_file = directory / "image.json"
         meta = json.loads(meta_file.read_text())
