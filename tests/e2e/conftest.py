@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,26 @@ def s3(s3_server: S3Server) -> S3Server:  # noqa: F811
     return s3_server
 
 
+def wait_ready(
+    testbed: Testbed, kind: str, ns: str, name: str, *, timeout_s: float, logs: Callable[[], str]
+) -> dict[str, Any]:
+    """``kind`` ``ns/name`` once its Ready condition is True; on timeout its status and ``logs()`` (the
+    operator's) say why."""
+
+    def get() -> dict[str, Any]:
+        return dict(json.loads(testbed.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout))
+
+    def ready() -> dict[str, Any] | None:
+        obj = get()
+        conds = obj.get("status", {}).get("conditions", [])
+        return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
+
+    try:
+        return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{get().get('status')}\n{logs()}") from exc
+
+
 @dataclass
 class ControlPlane:
     testbed: Testbed
@@ -192,17 +212,7 @@ class ControlPlane:
         }
 
     def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 30) -> dict[str, Any]:
-        def ready() -> dict[str, Any] | None:
-            obj = self.get(kind, name, "-n", ns)
-            conds = obj.get("status", {}).get("conditions", [])
-            return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
-
-        try:
-            return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
-        except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{self.log_tail()}"
-            ) from exc
+        return wait_ready(self.testbed, kind, ns, name, timeout_s=timeout_s, logs=self.log_tail)
 
     def indexed_job(
         self, name: str, stream: str, *, service_account: str = "trainer", completions: int = 4

@@ -23,6 +23,7 @@ import pytest
 import sluicegate
 from sluicegate import S3Options
 
+from tests.e2e.conftest import wait_ready
 from tests.operator import devcluster
 from tests.s3server import S3Server
 from tests.testbed import CommandError, Testbed, wait_for
@@ -73,16 +74,8 @@ class Cluster:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
     def wait_ready(self, kind: str, ns: str, name: str, timeout_s: float = 60) -> dict[str, Any]:
-        def ready() -> dict[str, Any] | None:
-            obj = self.get(kind, name, "-n", ns)
-            conds = obj.get("status", {}).get("conditions", [])
-            return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
-
-        try:
-            return wait_for(ready, timeout_s=timeout_s, what=f"{kind} {ns}/{name} Ready")
-        except AssertionError as exc:
-            logs = self.release.logs() if self.release else ""
-            raise AssertionError(f"{exc}\n{self.get(kind, name, '-n', ns).get('status')}\n{logs}") from exc
+        logs = self.release.logs if self.release else str
+        return wait_ready(self.testbed, kind, ns, name, timeout_s=timeout_s, logs=logs)
 
     def job(self, name: str, service_account: str, stream: str) -> dict[str, Any]:
         return {

@@ -89,7 +89,11 @@ def allow_source(
     found = json.loads(
         testbed.kubectl("get", "configmaps", "-A", "-l", SOURCES_SELECTOR, "-o", "json").stdout
     )
-    rule = {"namespaces": [namespace], "uris": [uri], "endpoints": [endpoint] if endpoint else []}
+    rule: dict[str, Any] = {
+        "namespaces": [namespace],
+        "uris": [uri],
+        "endpoints": [endpoint] if endpoint else [],
+    }
     if ambient:
         rule["ambientCredentials"] = True
     for cm in found["items"]:

@@ -111,6 +111,23 @@ MODULES = (
 )
 
 
+def apt_install(*packages: str) -> None:
+    """Installs Debian packages the testbed needs beside the Go builds (runc, buildah, mmdebstrap)."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BuildFailed(f"{', '.join(packages)} not installed, and apt-get cannot install them here")
+    _log(f"installing {', '.join(packages)} from Debian's packages")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    update = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
+    install = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if install.returncode != 0:
+        raise BuildFailed(f"apt-get install {' '.join(packages)} failed:\n{update.stderr}{install.stderr}")
+
+
 def pinned_versions() -> dict[str, str]:
     return {m.module: m.version for m in MODULES}
 

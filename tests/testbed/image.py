@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import cache_root
+from .build import BuildFailed, apt_install, cache_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAME = "localhost/sluicegate"
@@ -131,21 +131,10 @@ def _ensure_tools() -> None:
     missing = [tool for tool in ("buildah", "mmdebstrap", "runc") if shutil.which(tool) is None]
     if not missing:
         return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ImageUnavailable(f"{', '.join(missing)} not installed, and apt-get cannot install them here")
-    _log(f"installing {', '.join(missing)} from Debian's packages")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    update = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
-    install = subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if install.returncode != 0:
-        raise ImageUnavailable(
-            f"apt-get install {' '.join(missing)} failed:\n{update.stderr}{install.stderr}"
-        )
+    try:
+        apt_install(*missing)
+    except BuildFailed as exc:
+        raise ImageUnavailable(str(exc)) from exc
 
 
 def _sha256_file(path: Path) -> str:

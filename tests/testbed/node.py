@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .build import cache_root
+from .build import BuildFailed, apt_install, cache_root
 from .cluster import Testbed, TestbedError, free_ports, wait_for, write_kubeconfig
 
 NODE_NAME = "sluicegate-node"
@@ -54,28 +53,14 @@ def _log(message: str) -> None:
     print(f"[testbed] {message}", flush=True, file=sys.stderr)
 
 
-def _apt_install(*packages: str) -> None:
-    """Debian's runc is the node's OCI runtime (building it needs cgo and libseccomp)."""
-    _log(f"installing {', '.join(packages)} from Debian's packages")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    update = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
-    install = subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if install.returncode != 0:
-        raise TestbedError(f"apt-get install {packages} failed:\n{update.stderr}{install.stderr}")
-
-
 def runc_path() -> Path:
     for candidate in RUNC_CANDIDATES:
         if os.access(candidate, os.X_OK):
             return Path(candidate)
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise TestbedError("runc is not installed (apt-get install runc) and cannot be installed here")
-    _apt_install("runc")
+    try:
+        apt_install("runc")  # Debian's: building runc needs cgo and libseccomp
+    except BuildFailed as exc:
+        raise TestbedError(str(exc)) from exc
     return runc_path()
 
 
