@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import sluicegate
 from sluicegate import S3Options
+from sluicegate_operator.inject import SIDECAR_NAME
 
 from tests.e2e.conftest import wait_ready
 from tests.operator import devcluster
@@ -139,7 +140,8 @@ def cluster(testbed: Testbed, real_node: RealNode, image: Image, s3: S3Server) -
         print(f"[real pods] helm install to operator Ready: {time.monotonic() - started:.1f}s")
         yield c
     finally:
-        testbed.helm("uninstall", RELEASE, "-n", c.system_ns, "--wait", check=False, timeout_s=120)
+        if c.release is not None:
+            c.release.uninstall(check=False)
         for ns in (c.data_ns, c.team_ns, c.system_ns):
             testbed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
@@ -149,20 +151,8 @@ def published(cluster: Cluster) -> Cluster:
     """The Dataset in data_ns (keys in an opted-in Secret), `stream` granted to team_ns:trainer, and the
     DatasetStream `train` Ready."""
     c = cluster
-    devcluster.credentials_secret(c.testbed, c.data_ns, "coco-keys", c.s3)
-    devcluster.apply_admitted(
-        c.testbed,
-        {
-            "apiVersion": "sluicegate.io/v1alpha1",
-            "kind": "Dataset",
-            "metadata": {"name": "coco", "namespace": c.data_ns},
-            "spec": {
-                "source": {"uri": c.uri, "endpoint": c.s3.endpoint, "region": c.s3.region},
-                "credentials": {"secretRef": {"name": "coco-keys"}},
-            },
-        },
-        timeout_s=60,
-    )
+    # Its source is allowed by the chart's sources.rules (see `cluster`), not patched in afterwards.
+    devcluster.dataset_with_keys(c.testbed, c.data_ns, c.uri, c.s3, timeout_s=60)
     c.kubectl(
         "create",
         "role",
@@ -223,9 +213,7 @@ def _shard(c: Cluster, pod: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]
 
 
 def _sidecar_status(pod: dict[str, Any]) -> dict[str, Any]:
-    return next(
-        s for s in pod["status"].get("initContainerStatuses", []) if s["name"] == "sluicegate-sidecar"
-    )
+    return next(s for s in pod["status"].get("initContainerStatuses", []) if s["name"] == SIDECAR_NAME)
 
 
 def test_operator_runs_in_cluster_with_the_charts_identity_only(cluster: Cluster) -> None:
@@ -303,7 +291,7 @@ def test_indexed_job_streams_disjoint_equal_shards_through_injected_sidecars(pub
         assert c.s3.access_key not in spec, "no storage credential in a pod"
         assert c.s3.secret_key not in spec, "no storage credential in a pod"
         sidecar = pod["spec"]["initContainers"][0]
-        assert sidecar["name"] == "sluicegate-sidecar", "the sidecar starts first"
+        assert sidecar["name"] == SIDECAR_NAME, "the sidecar starts first"
         assert sidecar["restartPolicy"] == "Always", "a native sidecar, which does not hold the Job open"
 
 

@@ -163,10 +163,10 @@ def apply_admitted(testbed: Testbed, obj: dict[str, Any], timeout_s: float = 30)
         raise AssertionError(f"{exc}: {last[0] if last else ''}") from exc
 
 
-def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco") -> None:
-    """The Dataset ``name`` in ``namespace`` with its keys in an opted-in Secret beside it, its source
-    allowed to ``namespace`` by the platform's policy."""
-    allow_source(testbed, namespace, uri, s3.endpoint)
+def dataset_with_keys(
+    testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco", *, timeout_s: float = 30
+) -> None:
+    """The Dataset ``name`` in ``namespace`` on ``s3``, its keys in an opted-in Secret beside it."""
     credentials_secret(testbed, namespace, f"{name}-keys", s3)
     apply_admitted(
         testbed,
@@ -179,7 +179,14 @@ def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, na
                 "credentials": {"secretRef": {"name": f"{name}-keys"}},
             },
         },
+        timeout_s=timeout_s,
     )
+
+
+def publish_dataset(testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco") -> None:
+    """:func:`dataset_with_keys`, its source first allowed to ``namespace`` by the platform's policy."""
+    allow_source(testbed, namespace, uri, s3.endpoint)
+    dataset_with_keys(testbed, namespace, uri, s3, name)
 
 
 @dataclass
@@ -434,9 +441,9 @@ def install_in_cluster(
     testbed.helm(
         "install", release, str(CHART), "-n", namespace, "--create-namespace", "-f", str(path), timeout_s=300
     )
-    release_ = InCluster(testbed, namespace, release, path)
-    release_.wait_ready()
-    return release_
+    installed = InCluster(testbed, namespace, release, path)
+    installed.wait_ready()
+    return installed
 
 
 def _attach(state_dir: Path) -> Testbed:

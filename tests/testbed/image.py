@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import BuildFailed, apt_install, cache_root
+from .cluster import stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAME = "localhost/sluicegate"
@@ -347,18 +348,17 @@ def run_container(
         *command,
     ]
     proc = subprocess.Popen(
-        argv, env=_storage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        env=_storage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, for stop_process_group
     )
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process_group(proc)
         if proc.stdout is not None:
             proc.stdout.close()
         buildah("rm", container, check=False)

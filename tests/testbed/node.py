@@ -199,10 +199,9 @@ class RealNode:
         shim_dir = self.directory / "bin"
         shim_dir.mkdir(exist_ok=True)
         # containerd finds its shim on PATH.
-        for name in ("containerd-shim-runc-v2",):
-            link = shim_dir / name
-            link.unlink(missing_ok=True)
-            link.symlink_to(binaries[name])
+        shim = shim_dir / "containerd-shim-runc-v2"
+        shim.unlink(missing_ok=True)
+        shim.symlink_to(binaries[shim.name])
         self.testbed.spawn(
             "containerd",
             [f"--config={self.directory / 'containerd.toml'}", "--log-level=warn"],
