@@ -13,6 +13,7 @@ BENCHMARKS = {
     "operator_scale": "bench.operator_scale",
     "stream_sidecar": "bench.stream_sidecar",
     "import_speed": "bench.import_speed",
+    "admission_flood": "bench.admission_flood",
 }
 
 

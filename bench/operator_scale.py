@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from sluicegate import S3Options, Store
+from sluicegate import Store
 from sluicegate._broker_protocol import AUDIENCE, BrokerPaths, PlanResponse, UrlsResponse
 from sluicegate._store import blob_key
 from sluicegate_operator.inject import RANK_ANNOTATION, STREAM_LABEL
@@ -294,9 +294,7 @@ def prepare(testbed: Testbed, s3: S3Server, scale: Scale, log: Path) -> Env:
     data_ns, team_ns, streams_ns = f"bench-data-{suffix}", f"bench-team-{suffix}", f"bench-streams-{suffix}"
     bucket = f"bench-{suffix}"
     s3.create_bucket(bucket)
-    options = S3Options(
-        endpoint=s3.endpoint, region=s3.region, access_key_id=s3.access_key, secret_access_key=s3.secret_key
-    )
+    options = s3.options()
     store = Store(f"s3://{bucket}/bench", options)
     # Blob hashes are synthetic (nothing to download); plan and presign never read blobs.
     store.commit(lambda _: synthetic_manifest(scale.items), message="bench")

@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=env("SLUICEGATE_METRICS_AUTH", "true"),
         help="require a bearer token allowed to get /metrics (true) or serve it to anyone (false)",
     )
+    p.add_argument(
+        "--admission-auth",
+        choices=("true", "false"),
+        default=env("SLUICEGATE_ADMISSION_AUTH", "false"),
+        help="require the caller of /mutate and /validate to bear a token allowed to post them (true: "
+        "for an API server configured to authenticate to webhooks) or answer anyone (false)",
+    )
     p.add_argument("--cert-valid-days", type=float, default=float(env("SLUICEGATE_CERT_VALID_DAYS", "90")))
     p.add_argument(
         "--resync",
@@ -135,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         cache_bytes=args.cache_bytes,
         store_timeout_s=args.store_timeout,
         metrics_auth=args.metrics_auth == "true",
+        admission_auth=args.admission_auth == "true",
         broker_rate=args.broker_rate,
         broker_burst=2 * args.broker_rate,
     )
@@ -171,9 +179,13 @@ async def run(settings: Settings) -> None:
         grant_key=key,
         limits=BrokerLimits(rate_per_s=settings.broker_rate, burst=settings.broker_burst),
     )
-    gate = server.MetricsGate(kube) if settings.metrics_auth else None
     hook = Webhook(kube, sidecar, grant_key=key, policies=policies)
-    app = server.build_app(hook, broker, gate)
+    app = server.build_app(
+        hook,
+        broker,
+        metrics=server.PathGate(kube, server.SCRAPE) if settings.metrics_auth else None,
+        admission=server.PathGate(kube, server.ADMIT) if settings.admission_auth else None,
+    )
 
     def on_bundle(pem: str) -> None:  # pods admitted from now on trust the CA's successor too
         hook.sidecar = dataclasses.replace(hook.sidecar, broker_ca_pem=pem)

@@ -225,12 +225,12 @@ class Kube:
         status = review.get("status") or {}
         return bool(status.get("allowed")), str(status.get("reason") or status.get("evaluationError") or "")
 
-    async def may_get_path(self, *, user: str, groups: Sequence[str], path: str) -> bool:
-        """SubjectAccessReview: may ``user`` get the non-resource URL ``path``?"""
+    async def may_use_path(self, *, user: str, groups: Sequence[str], path: str, verb: str) -> bool:
+        """SubjectAccessReview: may ``user`` ``verb`` (``get``, ``post``) the non-resource URL ``path``?"""
         spec: Json = {
             "user": user,
             "groups": list(groups),
-            "nonResourceAttributes": {"path": path, "verb": "get"},
+            "nonResourceAttributes": {"path": path, "verb": verb},
         }
         body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
         review = await self._must(self._authz.create_subject_access_review, body)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from sluicegate._partition import Remainder
+from sluicegate._quantity import QUANTITY_PATTERN
 from sluicegate._query import MAX_QUERY_CHARS
 
 GROUP = "sluicegate.io"
@@ -29,7 +30,9 @@ MAX_K8S_NAME = 253
 MAX_NAME = 256
 MAX_URI = 1024
 MAX_MESSAGE = 2048
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+MAX_QUANTITY = 32
+# A container resource quantity (cpu 500m, memory 2Gi, ...); the API server checks it in full later.
+_RESOURCE = Annotated[str, Field(min_length=1, max_length=MAX_QUANTITY)]
 
 
 def _clip(value: object) -> object:
@@ -267,21 +270,28 @@ class Cache(_Model):
     """Byte budgets of each sidecar's read-ahead cache."""
 
     memory: str = Field(
-        default="512Mi", pattern=_QUANTITY, description="Memory budget, e.g. 2Gi.", max_length=32
+        default="512Mi",
+        pattern=QUANTITY_PATTERN,
+        description="Memory budget, e.g. 2Gi.",
+        max_length=MAX_QUANTITY,
     )
     disk: str = Field(
         default="0",
-        pattern=_QUANTITY,
+        pattern=QUANTITY_PATTERN,
         description="Disk budget (emptyDir), e.g. 20Gi; 0 for none.",
-        max_length=32,
+        max_length=MAX_QUANTITY,
     )
 
 
 class Resources(_Model):
     """Container resources, as in a Pod spec."""
 
-    requests: dict[str, str] | None = Field(default=None, description="Minimum resources, e.g. cpu: 500m.")
-    limits: dict[str, str] | None = Field(default=None, description="Maximum resources, e.g. memory: 2Gi.")
+    requests: dict[str, _RESOURCE] | None = Field(
+        default=None, max_length=16, description="Minimum resources, e.g. cpu: 500m."
+    )
+    limits: dict[str, _RESOURCE] | None = Field(
+        default=None, max_length=16, description="Maximum resources, e.g. memory: 2Gi."
+    )
 
 
 class SidecarOverrides(_Model):

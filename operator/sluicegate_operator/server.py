@@ -172,45 +172,73 @@ async def grant_key(kube: Kube, settings: Settings) -> bytes:
     )
 
 
-class MetricsGate:
-    """Who may scrape ``/metrics``: a token the API server vouches for (TokenReview, its default
-    audience) whose user may ``get`` the non-resource URL ``/metrics`` (what Prometheus' ClusterRole
-    usually grants). The metrics name streams and refusal reasons, so a pod may not read them. A yes is
-    reused for a minute per token digest."""
+# Scraping is a get; the API server posts AdmissionReviews (where it is configured to authenticate
+# to webhooks: an AdmissionConfiguration whose kubeconfig gives it a token).
+SCRAPE, ADMIT = "get", "post"
+
+
+class PathGate:
+    """Who may call a path: a bearer token the API server vouches for (TokenReview, its default
+    audience) whose user may ``verb`` that non-resource URL (SubjectAccessReview). ``/metrics`` names
+    streams and refusal reasons, and a forged AdmissionReview answers whether a stream exists or a
+    ServiceAccount may stream, so neither may be asked by a pod. A yes is reused for a minute per token
+    digest, so the API server's calls cost no review after the first."""
 
     TTL_S = 60.0
 
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, verb: str) -> None:
         self._kube = kube
-        self._allowed: dict[str, float] = {}
+        self._verb = verb
+        self._allowed: dict[tuple[str, str], float] = {}
 
-    async def check(self, token: str | None) -> None:
+    async def check(self, path: str, token: str | None) -> None:
         if not token:
-            raise Refused(401, "no_token", "scraping /metrics needs a bearer token allowed to get /metrics")
-        digest = hashlib.sha256(token.encode()).hexdigest()
+            raise Refused(401, "no_token", f"{path} needs a bearer token allowed to {self._verb} {path}")
+        key = (hashlib.sha256(token.encode()).hexdigest(), path)
         now = time.monotonic()
-        if self._allowed.get(digest, 0.0) > now:
+        if self._allowed.get(key, 0.0) > now:
             return
         review = await self._kube.token_review(token, [])
         if not review.get("authenticated"):
             raise Refused(401, "token_rejected", "the bearer token was not accepted by TokenReview")
         user = review.get("user") or {}
-        allowed = await self._kube.may_get_path(
+        allowed = await self._kube.may_use_path(
             user=str(user.get("username", "")),
             groups=list(user.get("groups") or []),
-            path=BrokerPaths.METRICS,
+            path=path,
+            verb=self._verb,
         )
         if not allowed:
-            raise Refused(403, "rbac", f"{user.get('username')} may not get /metrics (a non-resource URL)")
+            raise Refused(
+                403, "rbac", f"{user.get('username')} may not {self._verb} {path} (a non-resource URL)"
+            )
         if len(self._allowed) > 1000:
             self._allowed.clear()
-        self._allowed[digest] = now + self.TTL_S
+        self._allowed[key] = now + self.TTL_S
+
+    def guard(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+        """``handler`` behind this gate: refused before its body is read."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                await self.check(request.path, _bearer(request))
+            except Refused as exc:
+                return _error(exc.status, exc.message)
+            return await handler(request)
+
+        return guarded
 
 
 def build_app(
-    hook: webhook.Webhook, broker: Broker, metrics_gate: MetricsGate | None = None
+    hook: webhook.Webhook,
+    broker: Broker,
+    metrics: PathGate | None = None,
+    admission: PathGate | None = None,
 ) -> web.Application:
-    def admission(review: Callable[[Any], Awaitable[dict[str, Any]]]) -> Any:
+    def gated(gate: PathGate | None, handler: Any) -> Any:
+        return handler if gate is None else gate.guard(handler)
+
+    def review_handler(review: Callable[[Any], Awaitable[dict[str, Any]]]) -> Any:
         async def handler(request: web.Request) -> web.Response:
             try:
                 body = json.loads(await _body(request, REVIEW_BODY_BYTES)())
@@ -245,23 +273,18 @@ def build_app(
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    async def metrics(request: web.Request) -> web.Response:
-        if metrics_gate is not None:
-            try:
-                await metrics_gate.check(_bearer(request))
-            except Refused as exc:
-                return _error(exc.status, exc.message)
+    async def scrape(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=REVIEW_BODY_BYTES)
     app.add_routes(
         [
-            web.post(webhook.PATH, admission(hook.review)),
-            web.post(webhook.VALIDATE_PATH, admission(hook.validate)),
+            web.post(webhook.PATH, gated(admission, review_handler(hook.review))),
+            web.post(webhook.VALIDATE_PATH, gated(admission, review_handler(hook.validate))),
             web.post(BrokerPaths.PLAN, plan),
             web.post(BrokerPaths.URLS, urls),
             web.get(BrokerPaths.HEALTHZ, healthz),
-            web.get(BrokerPaths.METRICS, metrics),
+            web.get(BrokerPaths.METRICS, gated(metrics, scrape)),
         ]
     )
     return app

@@ -46,6 +46,11 @@ class Settings(BaseModel):
     metrics_auth: bool = Field(
         default=True, description="/metrics needs a token allowed to get the non-resource URL /metrics"
     )
+    admission_auth: bool = Field(
+        default=False,
+        description="/mutate and /validate need a token allowed to post them: for an API server that "
+        "authenticates to webhooks (AdmissionConfiguration), so that no pod can probe streams and grants",
+    )
     broker_rate: float = Field(default=50.0, gt=0, description="requests per second per pod")
     broker_burst: float = Field(default=100.0, ge=1)
     extra_sans: tuple[str, ...] = ()

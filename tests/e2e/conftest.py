@@ -152,13 +152,7 @@ class ControlPlane:
     @property
     def s3_options(self) -> S3Options:
         """What the operator reads the Dataset with (tests compare against the store directly)."""
-        s3 = self.s3
-        return S3Options(
-            endpoint=s3.endpoint,
-            region=s3.region,
-            access_key_id=s3.access_key,
-            secret_access_key=s3.secret_key,
-        )
+        return self.s3.options()
 
     def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.testbed.kubectl(*args, **kw)

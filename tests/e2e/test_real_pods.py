@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import sluicegate
-from sluicegate import S3Options
 from sluicegate_operator.inject import SIDECAR_NAME
 
 from tests.e2e.conftest import wait_ready
@@ -196,9 +195,7 @@ def published(cluster: Cluster) -> Cluster:
 def _expected(c: Cluster) -> dict[str, str]:
     """The query result read from the store directly, with the keys only the operator holds."""
     s3 = c.s3
-    options = S3Options(
-        endpoint=s3.endpoint, region=s3.region, access_key_id=s3.access_key, secret_access_key=s3.secret_key
-    )
+    options = s3.options()
     return {
         item.id: hashlib.sha256(item.data).hexdigest()
         for item in sluicegate.open(c.uri, query=QUERY, s3=options)

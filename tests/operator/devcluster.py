@@ -28,17 +28,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sluicegate import S3Options, Store
+from sluicegate import Store
 from sluicegate._broker_protocol import BrokerPaths
 from sluicegate._manifest import ItemRecord, records_to_table
 
 from tests.s3server import S3Server
-from tests.testbed import Testbed, stop_process_group, wait_for
+from tests.testbed import WEBHOOK_CALLER, Testbed, stop_process_group, wait_for
 from tests.testbed.image import Image, ensure_image
 from tests.testbed.node import REAL_NODE_PLACEMENT, RealNode
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "sluicegate"
+
+
+# The testbed's API server authenticates to webhooks as WEBHOOK_CALLER; only it may post AdmissionReviews.
+ADMISSION_CALLER = {
+    "enabled": True,
+    "subjects": [{"kind": "User", "name": WEBHOOK_CALLER}],
+}
 
 
 def free_port() -> int:
@@ -53,12 +60,7 @@ def sample_dataset(s3: S3Server, bucket: str, items: int = 40) -> tuple[str, lis
     uri = f"s3://{bucket}/coco"
     store = Store(
         uri,
-        S3Options(
-            endpoint=s3.endpoint,
-            region=s3.region,
-            access_key_id=s3.access_key,
-            secret_access_key=s3.secret_key,
-        ),
+        s3.options(),
     )
     records = []
     for i in range(items):
@@ -258,6 +260,8 @@ def start(
         "webhook.replicas=0",
         "--set",
         f"webhook.url={url}/mutate",
+        "--set-json",
+        f"webhook.authentication={json.dumps(ADMISSION_CALLER)}",
     )
     kubeconfig = testbed.service_account_kubeconfig(namespace, name)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLUICEGATE_"))}
@@ -275,6 +279,7 @@ def start(
                 f"--tls-secret={name}-tls",
                 f"--sources-configmap={name}-sources",
                 "--metrics-auth=false",  # the benchmarks scrape it directly; tests/security turns it on
+                "--admission-auth=true",
                 *extra_args,
             ],
             stdout=out,
@@ -409,7 +414,7 @@ def install_in_cluster(
         "image": {"repository": image.name.rpartition(":")[0], "pullPolicy": "Never"},
         "replicaCount": 1,
         # One node, and two hostNetwork pods serving one port cannot share it.
-        "webhook": {"replicas": 0},
+        "webhook": {"replicas": 0, "authentication": ADMISSION_CALLER},
         "hostNetwork": True,
         "port": port,
         "publicURL": f"https://127.0.0.1:{port}",

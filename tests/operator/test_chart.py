@@ -181,6 +181,37 @@ def test_optional_objects_are_gated(helm: Path) -> None:
     assert monitor["spec"]["endpoints"][0]["bearerTokenFile"].endswith("/serviceaccount/token")
 
 
+def test_admission_authentication_binds_only_the_named_caller(helm: Path) -> None:
+    def args(docs: list[dict[str, Any]]) -> list[str]:
+        (deployment,) = [
+            d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "sg-sluicegate"
+        ]
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    default = render(helm)
+    assert "--admission-auth=false" in args(default)
+    assert not [d for d in default if d["metadata"]["name"].endswith("-admission-caller")]
+    caller = {"enabled": True, "subjects": [{"kind": "User", "name": "apiserver-webhook"}]}
+    on = render(helm, f"webhook.authentication={json.dumps(caller)}", set_json=True)
+    assert "--admission-auth=true" in args(on)
+    (role,) = [
+        d for d in on if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-admission-caller")
+    ]
+    assert role["rules"] == [{"nonResourceURLs": ["/mutate", "/validate"], "verbs": ["post"]}]
+    (binding,) = [
+        d
+        for d in on
+        if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == role["metadata"]["name"]
+    ]
+    assert binding["subjects"] == [
+        {"kind": "User", "name": "apiserver-webhook", "apiGroup": "rbac.authorization.k8s.io"}
+    ]
+    bad = {"enabled": True, "subjects": [{"kind": "Robot", "name": "x"}]}
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        render(helm, f"webhook.authentication={json.dumps(bad)}", set_json=True)
+    assert "values don't meet the specifications of the schema" in info.value.stderr
+
+
 @pytest.mark.parametrize(
     "value", ["bogus=1", "webhook.failurePolicy=Sometimes", "replicaCount=3", "image.foo=x"]
 )

@@ -27,6 +27,7 @@ from tests.testbed import stop_process_group
 if TYPE_CHECKING:
     from botocore.client import BaseClient
     from obstore.store import S3Store
+    from sluicegate import S3Options
 
 __all__ = ["BuildFailed", "GoUnavailable", "S3Server", "build", "cache_path", "pinned_version"]
 
@@ -250,6 +251,17 @@ class S3Server:
             region=self.region,
             virtual_hosted_style_request=False,
             client_options={"allow_http": True},
+        )
+
+    def options(self) -> S3Options:
+        """sluicegate's S3 options for this server, with its keys."""
+        from sluicegate import S3Options
+
+        return S3Options(
+            endpoint=self.endpoint,
+            region=self.region,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
         )
 
     def create_bucket(self, name: str) -> None:

@@ -15,7 +15,7 @@ from sluicegate._broker_protocol import MAX_URLS_PER_REQUEST, BrokerPaths, PlanR
 
 from tests.testbed import wait_for
 
-from .conftest import Tenants, stream
+from .tenants import Tenants, stream
 
 pytestmark = pytest.mark.e2e
 WORLD = 4
@@ -252,3 +252,36 @@ def test_metrics_answer_only_who_may_get_them(tenants: Tenants, ranked: str) -> 
     bundle = cp.get("configmap", f"{cp.operator.name}-tls-ca", "-n", cp.operator.namespace)["data"]["ca.crt"]
     assert "BEGIN CERTIFICATE" in bundle
     assert "PRIVATE KEY" not in bundle
+
+
+def test_forged_admission_reviews_are_refused(tenants: Tenants, ranked: str) -> None:
+    """Low finding: a pod that reaches the operator's port posts crafted AdmissionReviews to learn
+    whether a stream exists or a ServiceAccount may stream. Only the API server (the identity its
+    AdmissionConfiguration gives it, bound by the chart's webhook.authentication) may post them; the
+    `ranked` fixture has just had a real pod injected through the same gate."""
+    cp = tenants.cp
+    cp.apply(_pod(cp, "probe-admission", {"sluicegate.io/stream": ranked}))
+    pod_token = cp.pod_token(cp.get("pod", "probe-admission", "-n", cp.team_ns))
+    cp.kubectl("create", "serviceaccount", "prober", "-n", cp.team_ns)
+    plain = cp.kubectl("create", "token", "prober", "-n", cp.team_ns).stdout.strip()
+    pod = _pod(cp, "forged", {"sluicegate.io/stream": ranked})
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": cp.team_ns,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+        },
+    }
+    for path in ("/mutate", "/validate"):
+        for token, status in ((None, 401), (pod_token, 401), (plain, 403)):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            got = httpx.post(cp.url + path, json=review, verify=cp.ca, trust_env=False, headers=headers)
+            assert got.status_code == status, (path, token is not None, got.text)
+            assert "response" not in got.json(), "a refused caller learns nothing of the review"
+            assert ranked not in got.text

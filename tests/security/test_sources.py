@@ -12,7 +12,7 @@ from tests.operator import devcluster
 from tests.s3server import S3Server
 from tests.testbed import wait_for
 
-from .conftest import Tarpit, Tenants, condition, dataset, stream
+from .tenants import Tarpit, Tenants, condition, dataset, stream
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.testbed import wait_for
 
-from .conftest import Tenants, condition, stream
+from .tenants import Tenants, condition, stream
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import sluicegate
 from aiohttp import web
-from sluicegate import S3Options, Store
+from sluicegate import Store
 from sluicegate import _protocol as proto
 from sluicegate._broker_protocol import (
     BrokerError,
@@ -146,12 +146,7 @@ class StandInBroker:
 def broker(s3_server: S3Server, tmp_path: Path) -> Iterator[tuple[StandInBroker, dict[str, bytes]]]:  # noqa: F811
     bucket = f"broker-{tmp_path.name[-20:].lower().replace('_', '-').strip('-')}"
     s3_server.create_bucket(bucket)
-    options = S3Options(
-        endpoint=s3_server.endpoint,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
+    options = s3_server.options()
     uri = f"s3://{bucket}/ds"
     expected = make_dataset(uri, 12, size=2000, s3=options)
     with StandInBroker(Store(uri, options), tmp_path / "pki") as stand_in:

@@ -1,9 +1,10 @@
 """A real Kubernetes control plane on loopback for the e2e tests (issue #4); see README.md here."""
 
 from .build import BuildFailed, GoUnavailable, ensure_binaries, pinned_versions
-from .cluster import CommandError, Testbed, TestbedError, stop_process_group, wait_for
+from .cluster import WEBHOOK_CALLER, CommandError, Testbed, TestbedError, stop_process_group, wait_for
 
 __all__ = [
+    "WEBHOOK_CALLER",
     "BuildFailed",
     "CommandError",
     "GoUnavailable",

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import ssl
@@ -30,6 +31,9 @@ KWOK_STAGES = Path(__file__).resolve().parent / "kwok-stages.yaml"
 SERVICE_CIDR = "10.96.0.0/16"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 START_TIMEOUT_S = 90.0
+# Who the API server is when it calls admission webhooks (its AdmissionConfiguration gives it a token, as
+# a platform team does so that webhooks can tell the API server from a pod posting forged reviews).
+WEBHOOK_CALLER = "testbed:kube-apiserver-webhook"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
@@ -250,6 +254,41 @@ class Testbed:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
+    def _authenticate_to_webhooks(self) -> Path:
+        """An AdmissionConfiguration under which the API server sends every webhook the bearer token of
+        ``WEBHOOK_CALLER`` (a static token, so that it exists before the API server starts)."""
+        token_path = self.pki_dir / "webhook-caller.token"
+        if not token_path.exists():
+            token_path.write_text(secrets.token_hex(24))
+            token_path.chmod(0o600)
+        token = token_path.read_text()
+        (self.pki_dir / "tokens.csv").write_text(f'{token},{WEBHOOK_CALLER},{WEBHOOK_CALLER},""\n')
+        kubeconfig = self.pki_dir / "webhook-caller.kubeconfig"
+        kubeconfig.write_text(
+            json.dumps(
+                {"apiVersion": "v1", "kind": "Config", "users": [{"name": "*", "user": {"token": token}}]}
+            )
+        )
+        webhook = {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": str(kubeconfig),
+        }
+        config = self.workdir / "admission.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "apiserver.config.k8s.io/v1",
+                    "kind": "AdmissionConfiguration",
+                    "plugins": [
+                        {"name": name, "configuration": webhook}
+                        for name in ("ValidatingAdmissionWebhook", "MutatingAdmissionWebhook")
+                    ],
+                }
+            )
+        )
+        return config
+
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Starts every component and returns once all are healthy and the kwok nodes are schedulable."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -300,6 +339,7 @@ class Testbed:
             )
         }
         p = self.ports
+        admission_config = self._authenticate_to_webhooks()
 
         self.spawn(
             "etcd",
@@ -346,6 +386,8 @@ class Testbed:
                 f"--proxy-client-cert-file={front_proxy.cert}",
                 f"--proxy-client-key-file={front_proxy.key}",
                 "--enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+                f"--admission-control-config-file={admission_config}",
+                f"--token-auth-file={self.pki_dir / 'tokens.csv'}",
                 "--allow-privileged=true",
                 # Webhooks behind a Service are called at its endpoints (there is no kube-proxy for
                 # ClusterIPs); on the real node those are hostNetwork pods at the node's address.
