@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sluicegate._broker_protocol import BrokerPaths
+from sluicegate.core.broker_protocol import BrokerPaths
 
 from bench import machine, write_results
 from tests.operator import devcluster

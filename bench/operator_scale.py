@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sluicegate import Store
-from sluicegate._broker_protocol import AUDIENCE, BrokerPaths, PlanResponse, UrlsResponse
-from sluicegate._store import blob_key
+from sluicegate.core.broker_protocol import AUDIENCE, BrokerPaths, PlanResponse, UrlsResponse
+from sluicegate.core.store import blob_key
 from sluicegate_operator.inject import RANK_ANNOTATION, STREAM_LABEL
 from sluicegate_operator.webhook import DECISION_TTL_S
 

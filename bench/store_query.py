@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 from sluicegate import Store, import_dataset
-from sluicegate._manifest import ANNOTATION_TYPE, BASE_SCHEMA, LABEL_PREFIX, META_PREFIX
-from sluicegate._query import select_rows
+from sluicegate.core.manifest import ANNOTATION_TYPE, BASE_SCHEMA, LABEL_PREFIX, META_PREFIX
+from sluicegate.core.query import select_rows
 
 from bench import machine, write_results
 

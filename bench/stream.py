@@ -88,8 +88,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 from sluicegate import ItemRecord, S3Options, Store, import_dataset
-from sluicegate._manifest import blake3_hex, records_to_table
-from sluicegate._store import sha256_hex
+from sluicegate.core.manifest import blake3_hex, records_to_table
+from sluicegate.core.store import sha256_hex
 
 from bench import RESULTS, machine, write_results
 from bench.store_query import synthetic_manifest

@@ -31,7 +31,7 @@ _SIDECAR = str(Path(sys.executable).parent / "sluicegate-sidecar")
 
 def _store(root: Path, n: int, size: int) -> None:
     from sluicegate import Store
-    from sluicegate._manifest import ItemRecord, records_to_table
+    from sluicegate.core.manifest import ItemRecord, records_to_table
 
     store = Store(root)
     records = []

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
-from sluicegate._broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
-from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
-from sluicegate._store import blob_key
+from sluicegate import ConfigError, NotFoundError, QueryError, StoreError
+from sluicegate.core.broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
+from sluicegate.core.store import blob_key
 
 from . import access, grants
 from .access import Identity, Refused

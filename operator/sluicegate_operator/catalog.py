@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 from obstore.exceptions import BaseError
 from obstore.exceptions import NotFoundError as ObsNotFound
 from obstore.store import LocalStore, ObjectStore, S3Store
-from sluicegate._exceptions import ConfigError, NotFoundError, StoreError
-from sluicegate._manifest import info_from_metadata
-from sluicegate._partition import Remainder, shard
-from sluicegate._query import guard_query, select_rows
-from sluicegate._store import S3Options, Store
+from sluicegate import ConfigError, NotFoundError, StoreError
+from sluicegate.core.manifest import info_from_metadata
+from sluicegate.core.partition import Remainder, shard
+from sluicegate.core.query import guard_query, select_rows
+from sluicegate.core.store import S3Options, Store
 
 from .models import Dataset
 
@@ -125,7 +125,7 @@ class Manifest:
 class Shard:
     """One rank's shard, serialised once: every broker request of that pod reuses it."""
 
-    rows_json: bytes  # JSON array of the manifest rows in assignment order (sluicegate._protocol.WireRow)
+    rows_json: bytes  # JSON array of the manifest rows in assignment order (sluicegate.core.protocol.WireRow)
     blobs: tuple[str, ...]  # distinct blob hashes, in first-use order
     blob_set: frozenset[str]
     items: int

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 import kopf
-from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, StoreError
+from sluicegate import ConfigError, NotFoundError, QueryError, StoreError
 
 from . import status as st
 from .catalog import Catalog, ManifestTooLarge

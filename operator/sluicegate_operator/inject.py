@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sluicegate._broker_protocol import (
+from sluicegate.core.broker_protocol import (
     AUDIENCE,
     SOCKET_DIR,
     SOCKET_PATH,
@@ -19,7 +19,7 @@ from sluicegate._broker_protocol import (
     SidecarEnv,
     TrainerEnv,
 )
-from sluicegate._quantity import parse_bytes
+from sluicegate.core.quantity import parse_bytes
 
 from .grants import GRANT_ANNOTATION
 from .models import DatasetStream, RankSource

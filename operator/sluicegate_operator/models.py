@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from pydantic.alias_generators import to_camel
-from sluicegate._partition import Remainder
-from sluicegate._quantity import QUANTITY_PATTERN
-from sluicegate._query import MAX_QUERY_CHARS
+from sluicegate.core.partition import Remainder
+from sluicegate.core.quantity import QUANTITY_PATTERN
+from sluicegate.core.query import MAX_QUERY_CHARS
 
 GROUP = "sluicegate.io"
 VERSION = "v1alpha1"

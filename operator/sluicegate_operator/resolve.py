@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from pydantic import ValidationError
-from sluicegate._exceptions import ConfigError
+from sluicegate import ConfigError
 
 from . import sources
 from .catalog import Catalog, Handle, s3_options

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sluicegate._broker_protocol import MAX_URLS_PER_REQUEST, BrokerError, BrokerErrorCode, BrokerPaths
+from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, BrokerError, BrokerErrorCode, BrokerPaths
 
 from . import certs, webhook
 from .access import Refused

@@ -12,8 +12,8 @@ from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sluicegate._manifest import LABEL_PREFIX
-from sluicegate._partition import per_rank
+from sluicegate.core.manifest import LABEL_PREFIX
+from sluicegate.core.partition import per_rank
 
 from .models import (
     Condition,

@@ -1,12 +1,13 @@
 """sluicegate: stream versioned, access-controlled training data into PyTorch and TensorFlow.
 
-The public API is what ``__all__`` lists; every other module is private.
+The public API is what ``__all__`` lists. :mod:`sluicegate.core` is what the sidecar and the operator
+build on (internal, see its docstring); every other module is private.
 """
 
 from importlib.metadata import version as _version
 
-from ._dataset import Dataset, Item, connect, open
-from ._exceptions import (
+from sluicegate._dataset import Dataset, Item, connect, open
+from sluicegate._exceptions import (
     ConfigError,
     ConflictError,
     ImportError_,
@@ -19,12 +20,12 @@ from ._exceptions import (
     StoreError,
     StreamError,
 )
-from ._importers import ImportResult, import_dataset
-from ._manifest import Annotation, ItemRecord, VersionInfo
-from ._partition import Remainder
-from ._query import Query
-from ._query import parse as parse_query
-from ._store import S3Options, Store
+from sluicegate._importers import ImportResult, import_dataset
+from sluicegate.core.manifest import Annotation, ItemRecord, VersionInfo
+from sluicegate.core.partition import Remainder
+from sluicegate.core.query import Query
+from sluicegate.core.query import parse as parse_query
+from sluicegate.core.store import S3Options, Store
 
 __version__ = _version("sluicegate")  # pyproject.toml states it once
 

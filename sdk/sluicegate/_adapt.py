@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._exceptions import ConfigError
-from ._manifest import Annotation
+from sluicegate._exceptions import ConfigError
+from sluicegate.core.manifest import Annotation
 
 __all__ = ["LabelMap", "annotation_dicts", "detection_arrays"]
 

@@ -19,11 +19,11 @@ import pyarrow.compute as pc
 import typer
 from rich.console import Console
 
-from ._exceptions import ConfigError, NotFoundError, QueryError, SluicegateError
-from ._importers import Format, import_dataset
-from ._manifest import LABEL_PREFIX, META_PREFIX, query_fields
-from ._query import select_rows
-from ._store import S3Options, Store
+from sluicegate._exceptions import ConfigError, NotFoundError, QueryError, SluicegateError
+from sluicegate._importers import Format, import_dataset
+from sluicegate.core.manifest import LABEL_PREFIX, META_PREFIX, query_fields
+from sluicegate.core.query import select_rows
+from sluicegate.core.store import S3Options, Store
 
 app = typer.Typer(
     name="sluicegate",

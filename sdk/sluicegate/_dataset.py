@@ -21,16 +21,16 @@ from typing import Any, Self, SupportsIndex
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from . import _partition
-from ._alloc import keep_freed_memory
-from ._engine import EngineConfig, engine_store
-from ._exceptions import ConfigError
-from ._local import LocalSource
-from ._partition import Positions, Remainder
-from ._query import Query
-from ._remote import BATCH_TIMEOUT_S, RemoteSource
-from ._source import Item, Pending, Source
-from ._store import S3Options
+from sluicegate._exceptions import ConfigError
+from sluicegate._local import LocalSource
+from sluicegate._remote import BATCH_TIMEOUT_S, RemoteSource
+from sluicegate._source import Item, Pending, Source
+from sluicegate.core import partition as _partition
+from sluicegate.core.alloc import keep_freed_memory
+from sluicegate.core.engine import EngineConfig, engine_store
+from sluicegate.core.partition import Positions, Remainder
+from sluicegate.core.query import Query
+from sluicegate.core.store import S3Options
 
 __all__ = ["Dataset", "Item", "Source", "connect", "open"]
 
@@ -364,7 +364,7 @@ def connect(
     hanging the trainer. When several trainer processes share the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1),
     each gets its ``LOCAL_RANK``'s part of the shard.
     """
-    from ._env import detect
+    from sluicegate.core.env import detect
 
     env = detect()
     target = address or env.address

@@ -34,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import _manifest
-from ._exceptions import ImportError_
-from ._imageinfo import HEADER_BYTES, ImageInfo, image_info
-from ._manifest import Annotation, ItemRecord, MetaValue
-from ._store import S3Options, Store
+from sluicegate._exceptions import ImportError_
+from sluicegate._imageinfo import HEADER_BYTES, ImageInfo, image_info
+from sluicegate.core import manifest as _manifest
+from sluicegate.core.manifest import Annotation, ItemRecord, MetaValue
+from sluicegate.core.store import S3Options, Store
 
 __all__ = ["Format", "ImportResult", "import_dataset"]
 

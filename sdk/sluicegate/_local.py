@@ -6,10 +6,18 @@ import concurrent.futures
 from collections.abc import Sequence
 from typing import Any
 
-from ._engine import BlobRef, Engine, EngineConfig, Plan, StoreUpstream, engine_store, read_manifest
-from ._partition import Positions
-from ._source import Item, Live, Pending, Rows, Source, live_here
-from ._store import S3Options, Store
+from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
+from sluicegate.core.engine import (
+    BlobRef,
+    Engine,
+    EngineConfig,
+    Plan,
+    StoreUpstream,
+    engine_store,
+    read_manifest,
+)
+from sluicegate.core.partition import Positions
+from sluicegate.core.store import S3Options, Store
 
 __all__ = ["LocalSource"]
 

@@ -26,8 +26,7 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
-from . import _protocol as proto
-from ._exceptions import (
+from sluicegate._exceptions import (
     IntegrityError,
     ItemNotInShard,
     QueryError,
@@ -35,8 +34,9 @@ from ._exceptions import (
     StoreError,
     StreamError,
 )
-from ._partition import Positions
-from ._source import Item, Live, Pending, Rows, Source, live_here
+from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
+from sluicegate.core import protocol as proto
+from sluicegate.core.partition import Positions
 
 __all__ = ["BATCH_TIMEOUT_S", "RemoteSource"]
 

@@ -14,10 +14,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ._engine import LoopThread, close_on_collect
-from ._exceptions import ConfigError
-from ._manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
-from ._partition import Positions
+from sluicegate._exceptions import ConfigError
+from sluicegate.core.engine import LoopThread, close_on_collect
+from sluicegate.core.manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
+from sluicegate.core.partition import Positions
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from ._adapt import LabelMap, annotation_dicts, detection_arrays
-from ._dataset import Dataset, Item
-from ._exceptions import ConfigError
+from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
+from sluicegate._dataset import Dataset, Item
+from sluicegate._exceptions import ConfigError
 
 __all__ = ["to_tensorflow"]
 

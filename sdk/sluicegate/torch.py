@@ -32,9 +32,9 @@ from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
-from ._adapt import LabelMap, annotation_dicts, detection_arrays
-from ._dataset import Dataset, Item
-from ._exceptions import ConfigError
+from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
+from sluicegate._dataset import Dataset, Item
+from sluicegate._exceptions import ConfigError
 
 __all__ = [
     "ITEM_FIELDS",

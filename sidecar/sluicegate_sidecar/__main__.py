@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sluicegate._alloc import keep_freed_memory
-from sluicegate._exceptions import SluicegateError
+from sluicegate import SluicegateError
+from sluicegate.core.alloc import keep_freed_memory
 
 from .config import parse_args
 from .server import Sidecar

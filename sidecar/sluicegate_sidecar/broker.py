@@ -22,7 +22,8 @@ from typing import TypeVar
 import httpx
 import pyarrow as pa
 from pydantic import BaseModel, ValidationError
-from sluicegate._broker_protocol import (
+from sluicegate import ConfigError, StoreError
+from sluicegate.core.broker_protocol import (
     MAX_URLS_PER_REQUEST,
     BrokerError,
     BrokerPaths,
@@ -31,11 +32,10 @@ from sluicegate._broker_protocol import (
     UrlsRequest,
     UrlsResponse,
 )
-from sluicegate._engine import BlobRef, Limits, Outcome, Plan, UrlRefused, UrlUpstream, fetch_each
-from sluicegate._exceptions import ConfigError, StoreError
-from sluicegate._manifest import BASE_SCHEMA, LABEL_PREFIX
-from sluicegate._partition import Positions
-from sluicegate._protocol import Info, WireRow
+from sluicegate.core.engine import BlobRef, Limits, Outcome, Plan, UrlRefused, UrlUpstream, fetch_each
+from sluicegate.core.manifest import BASE_SCHEMA, LABEL_PREFIX
+from sluicegate.core.partition import Positions
+from sluicegate.core.protocol import Info, WireRow
 
 __all__ = ["BrokerClient", "BrokerRefused", "BrokerUpstream", "plan_of"]
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sluicegate._broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv
-from sluicegate._engine import EngineConfig
-from sluicegate._env import detect
-from sluicegate._exceptions import ConfigError
-from sluicegate._partition import Remainder
-from sluicegate._quantity import parse_bytes
+from sluicegate import ConfigError
+from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv
+from sluicegate.core.engine import EngineConfig
+from sluicegate.core.env import detect
+from sluicegate.core.partition import Remainder
+from sluicegate.core.quantity import parse_bytes
 
 __all__ = ["Listen", "SidecarConfig", "parse_args", "quantity"]
 
@@ -180,7 +180,7 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> SidecarConfig:
     """Flags win over environment variables; in store mode rank and world size default to
-    :func:`sluicegate._env.detect`."""
+    :func:`sluicegate.core.env.detect`."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="sluicegate-sidecar", description="Serve one shard of one pinned dataset version on loopback."

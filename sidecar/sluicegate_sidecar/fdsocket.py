@@ -1,8 +1,9 @@
 """The fd socket: batch answers whose bytes travel in a memory file passed with the answer.
 
-The framing and the models are :mod:`sluicegate._protocol`'s (see its docstring). The socket sits beside the
-sidecar's unix socket, in the pod-private volume the trainer shares; the memory file a descriptor refers to
-holds only the bytes of the batch it answers, and the sidecar closes its own descriptor once it is sent.
+The framing and the models are :mod:`sluicegate.core.protocol`'s (see its docstring). The socket sits
+beside the sidecar's unix socket, in the pod-private volume the trainer shares; the memory file a
+descriptor refers to holds only the bytes of the batch it answers, and the sidecar closes its own
+descriptor once it is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from sluicegate import _protocol as proto
+from sluicegate.core import protocol as proto
 
 __all__ = ["FdServer", "memory_file"]
 

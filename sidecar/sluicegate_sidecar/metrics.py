@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sluicegate._engine import Engine
-from sluicegate._protocol import Info
+from sluicegate.core.engine import Engine
+from sluicegate.core.protocol import Info
 
 __all__ = ["SidecarCollector"]
 

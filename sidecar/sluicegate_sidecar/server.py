@@ -3,9 +3,9 @@
 The shard plan comes from the store and the configured query (store mode) or from the operator's broker
 (broker mode, see :mod:`.broker`); everything after that is the same.
 
-The paths, models and batch framing are :mod:`sluicegate._protocol`'s; fetching, verifying, caching and
-prefetching are the :class:`~sluicegate._engine.Engine`'s, the same one embedded mode runs. Every error is a
-JSON ``{code, message}``; a bad request gets a 4xx and the sidecar keeps serving.
+The paths, models and batch framing are :mod:`sluicegate.core.protocol`'s; fetching, verifying, caching and
+prefetching are the :class:`~sluicegate.core.engine.Engine`'s, the same one embedded mode runs. Every error
+is a JSON ``{code, message}``; a bad request gets a 4xx and the sidecar keeps serving.
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from pydantic import ValidationError
-from sluicegate import _partition
-from sluicegate import _protocol as proto
-from sluicegate._engine import Engine, Plan, StoreUpstream, Upstream, engine_store, read_manifest
-from sluicegate._exceptions import (
+from sluicegate import (
     ConfigError,
     IntegrityError,
     ItemNotInShard,
@@ -38,7 +35,10 @@ from sluicegate._exceptions import (
     SluicegateError,
     StoreError,
 )
-from sluicegate._store import Store
+from sluicegate.core import partition as _partition
+from sluicegate.core import protocol as proto
+from sluicegate.core.engine import Engine, Plan, StoreUpstream, Upstream, engine_store, read_manifest
+from sluicegate.core.store import Store
 
 from .broker import BrokerClient, BrokerRefused, BrokerUpstream, plan_of
 from .config import SidecarConfig

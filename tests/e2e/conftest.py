@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 from sluicegate import S3Options
-from sluicegate._broker_protocol import AUDIENCE
-from sluicegate._manifest import ItemRecord
+from sluicegate.core.broker_protocol import AUDIENCE
+from sluicegate.core.manifest import ItemRecord
 
 from tests.operator import devcluster
 from tests.s3server import S3Server

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sluicegate import _protocol as proto
+from sluicegate.core import protocol as proto
 
 from tests.sidecar.helpers import make_dataset
 from tests.testbed.cluster import free_ports, wait_for

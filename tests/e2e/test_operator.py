@@ -22,9 +22,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from sluicegate._broker_protocol import AUDIENCE, BrokerPaths, PlanResponse
-from sluicegate._manifest import ItemRecord
-from sluicegate._store import sha256_hex
+from sluicegate.core.broker_protocol import AUDIENCE, BrokerPaths, PlanResponse
+from sluicegate.core.manifest import ItemRecord
+from sluicegate.core.store import sha256_hex
 
 from tests.e2e.conftest import ControlPlane, control_plane
 from tests.s3server import S3Server

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import sluicegate
-from sluicegate._broker_protocol import SOCKET_PATH, BrokerPaths, PlanResponse, SidecarEnv, TrainerEnv
+from sluicegate.core.broker_protocol import SOCKET_PATH, BrokerPaths, PlanResponse, SidecarEnv, TrainerEnv
 
 from tests.e2e.conftest import ControlPlane, control_plane
 from tests.s3server import S3Server

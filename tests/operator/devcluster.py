@@ -29,8 +29,8 @@ from typing import Any
 
 import httpx
 from sluicegate import Store
-from sluicegate._broker_protocol import BrokerPaths
-from sluicegate._manifest import ItemRecord, records_to_table
+from sluicegate.core.broker_protocol import BrokerPaths
+from sluicegate.core.manifest import ItemRecord, records_to_table
 
 from tests.s3server import S3Server
 from tests.testbed import WEBHOOK_CALLER, Testbed, stop_process_group, wait_for

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from sluicegate._broker_protocol import PlanResponse
 from sluicegate._exceptions import ConfigError, NotFoundError, QueryError
-from sluicegate._manifest import ItemRecord, records_to_table, to_parquet
-from sluicegate._partition import Remainder
-from sluicegate._store import S3Options, Store, sha256_hex
+from sluicegate.core.broker_protocol import PlanResponse
+from sluicegate.core.manifest import ItemRecord, records_to_table, to_parquet
+from sluicegate.core.partition import Remainder
+from sluicegate.core.store import S3Options, Store, sha256_hex
 from sluicegate_operator.catalog import Catalog, Handle, s3_options, shard_table
 
 from .conftest import dataset

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-from sluicegate._broker_protocol import AUDIENCE, SOCKET_PATH, SidecarEnv, TrainerEnv
+from sluicegate.core.broker_protocol import AUDIENCE, SOCKET_PATH, SidecarEnv, TrainerEnv
 from sluicegate_operator import inject, webhook
 from sluicegate_operator.inject import AdmissionDenied, SidecarTemplate
 from sluicegate_operator.models import RankSource

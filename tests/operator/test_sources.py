@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 from sluicegate._exceptions import QueryError, StoreError
-from sluicegate._manifest import ItemRecord, VersionInfo, records_to_table, to_parquet
-from sluicegate._query import guard_query
+from sluicegate.core.manifest import ItemRecord, VersionInfo, records_to_table, to_parquet
+from sluicegate.core.query import guard_query
 from sluicegate_operator import grants, sources
 from sluicegate_operator.catalog import Limits, ManifestTooLarge, decode_manifest
 from sluicegate_operator.sources import SourcePolicy, SourceRefused

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sluicegate
 from sluicegate import Dataset, Store
-from sluicegate._manifest import Annotation, ItemRecord, records_to_table
+from sluicegate.core.manifest import Annotation, ItemRecord, records_to_table
 
 from tests.conftest import Backend, PngWriter
 from tests.sidecar.helpers import item_bytes

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import sluicegate
 from sluicegate import ConfigError, Dataset, NotFoundError, QueryError, Store
-from sluicegate._env import detect
-from sluicegate._manifest import ItemRecord, records_to_table
+from sluicegate.core.env import detect
+from sluicegate.core.manifest import ItemRecord, records_to_table
 
 from tests.conftest import Backend, PngWriter
 from tests.sidecar.helpers import make_dataset

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sluicegate import Annotation, ImportError_, Store, StoreError, _importers, _store, import_dataset
-from sluicegate._manifest import rows
-from sluicegate._query import select_rows
+from sluicegate import Annotation, ImportError_, Store, StoreError, _importers, import_dataset
+from sluicegate.core import store as _store
+from sluicegate.core.manifest import rows
+from sluicegate.core.query import select_rows
 
 from ..conftest import Backend, PngWriter, S3Server
 
@@ -580,7 +581,7 @@ def test_cli_import_takes_workers(tmp_path: Path, write_png: PngWriter) -> None:
 
 
 def test_imported_items_carry_the_blake3_that_readers_verify(tmp_path: Path, write_png: PngWriter) -> None:
-    from sluicegate._manifest import blake3_hex
+    from sluicegate.core.manifest import blake3_hex
 
     small = tmp_path / "small.png"
     write_png(small, 8, 8)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sluicegate
 from sluicegate import SidecarUnavailable
-from sluicegate import _protocol as proto
+from sluicegate.core import protocol as proto
 
 _INFO = proto.Info(
     dataset="file:///stalled", version=1, query=None, total=4, items=4, rank=0, world_size=1, seed=0,

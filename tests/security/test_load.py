@@ -9,8 +9,8 @@ import httpx
 import pyarrow as pa
 import pytest
 from sluicegate import Store
-from sluicegate._broker_protocol import BrokerPaths
-from sluicegate._manifest import ItemRecord, records_to_table
+from sluicegate.core.broker_protocol import BrokerPaths
+from sluicegate.core.manifest import ItemRecord, records_to_table
 
 from bench import admission_flood
 from tests.operator import devcluster

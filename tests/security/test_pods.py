@@ -11,7 +11,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sluicegate._broker_protocol import MAX_URLS_PER_REQUEST, BrokerPaths, PlanResponse
+from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, BrokerPaths, PlanResponse
 
 from tests.testbed import wait_for
 

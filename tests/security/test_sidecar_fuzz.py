@@ -12,7 +12,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sluicegate import _protocol as proto
+from sluicegate.core import protocol as proto
 
 from tests.sidecar.helpers import InProcessSidecar, make_dataset
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from sluicegate._broker_protocol import BrokerPaths
+from sluicegate.core.broker_protocol import BrokerPaths
 
 from tests.operator import devcluster
 from tests.s3server import S3Server

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from sluicegate import S3Options, Store
-from sluicegate._manifest import Annotation, ItemRecord, records_to_table
+from sluicegate.core.manifest import Annotation, ItemRecord, records_to_table
 from sluicegate_sidecar.config import parse_args
 from sluicegate_sidecar.server import Sidecar
 

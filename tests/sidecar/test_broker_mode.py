@@ -19,8 +19,9 @@ import pytest
 import sluicegate
 from aiohttp import web
 from sluicegate import Store
-from sluicegate import _protocol as proto
-from sluicegate._broker_protocol import (
+from sluicegate._exceptions import ConfigError
+from sluicegate.core import protocol as proto
+from sluicegate.core.broker_protocol import (
     BrokerError,
     BrokerErrorCode,
     BrokerPaths,
@@ -29,9 +30,8 @@ from sluicegate._broker_protocol import (
     UrlsRequest,
     UrlsResponse,
 )
-from sluicegate._exceptions import ConfigError
-from sluicegate._partition import Remainder
-from sluicegate._store import blob_key
+from sluicegate.core.partition import Remainder
+from sluicegate.core.store import blob_key
 from sluicegate_sidecar.config import parse_args
 
 from tests.s3server import S3Server

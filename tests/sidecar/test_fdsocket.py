@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import sluicegate
 from sluicegate import ItemNotInShard
-from sluicegate import _protocol as proto
+from sluicegate.core import protocol as proto
 
 from tests.sidecar.helpers import InProcessSidecar, SidecarProcess, make_dataset, metrics
 

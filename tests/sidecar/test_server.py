@@ -10,8 +10,9 @@ import httpx
 import numpy as np
 import pytest
 import sluicegate
-from sluicegate import ConfigError, ItemNotInShard, SidecarUnavailable, _partition
-from sluicegate import _protocol as proto
+from sluicegate import ConfigError, ItemNotInShard, SidecarUnavailable
+from sluicegate.core import partition as _partition
+from sluicegate.core import protocol as proto
 from sluicegate_sidecar.config import parse_args
 
 from tests.sidecar.helpers import InProcessSidecar, SidecarProcess, make_dataset, metrics

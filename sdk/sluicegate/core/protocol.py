@@ -19,7 +19,7 @@ its first message, and the file holds the items' bytes concatenated in header or
 the pod's volume with its sidecar uses it; everything else (TCP, no ``memfd``) uses HTTP.
 
 Indexes on the wire are positions in the sidecar's shard in *assignment* order (``0 .. items-1``); the
-epoch order is computed on both sides by the pure functions of :mod:`sluicegate._partition`.
+epoch order is computed on both sides by the pure functions of :mod:`sluicegate.core.partition`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._partition import Remainder
+from sluicegate.core.partition import Remainder
 
 __all__ = [
     "BATCH_CONTENT_TYPE",

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._exceptions import ImportError_, StoreError
+from sluicegate._exceptions import ImportError_, StoreError
 
 LABEL_PREFIX = "labels."
 META_PREFIX = "meta."

@@ -1,6 +1,6 @@
 """Sharding and shuffling as pure functions of (item count, seed, epoch, rank, world size, worker).
 
-No I/O and no environment here: :func:`sluicegate._env.detect` reads ranks from the environment,
+No I/O and no environment here: :func:`sluicegate.core.env.detect` reads ranks from the environment,
 these functions do the arithmetic, and tests check their invariants directly.
 
 The plan, for ``n`` items in query order:
@@ -23,7 +23,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from ._exceptions import ConfigError
+from sluicegate._exceptions import ConfigError
 
 Positions = npt.NDArray[np.int64]
 

@@ -13,12 +13,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from .._exceptions import NotFoundError, StoreError
-from .._manifest import CHECK_COLUMN, info_from_metadata, query_fields
-from .._partition import Positions
-from .._query import Query, select_rows
-from .._store import Store, _version_key
-from .upstream import URL_LIFETIME, BlobRef
+from sluicegate._exceptions import NotFoundError, StoreError
+from sluicegate.core.engine.upstream import URL_LIFETIME, BlobRef
+from sluicegate.core.manifest import CHECK_COLUMN, info_from_metadata, query_fields
+from sluicegate.core.partition import Positions
+from sluicegate.core.query import Query, select_rows
+from sluicegate.core.store import Store, _version_key
 
 __all__ = ["Manifest", "Plan", "read_manifest"]
 

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluicegate import ItemRecord, QueryError, _manifest
-from sluicegate._manifest import FieldType
-from sluicegate._query import Query, select_rows
-from sluicegate._store import sha256_hex
+from sluicegate import ItemRecord, QueryError
+from sluicegate.core import manifest as _manifest
+from sluicegate.core.manifest import FieldType
+from sluicegate.core.query import Query, select_rows
+from sluicegate.core.store import sha256_hex
 
 SETTINGS = settings(max_examples=200, deadline=None)
 LABELS = ("car", "traffic light", "person")

@@ -21,10 +21,10 @@ from typing import Protocol
 
 import httpx
 
-from .._exceptions import IntegrityError, NotFoundError, StoreError
-from .._manifest import blake3_hex
-from .._store import S3Options, Store, blob_key
-from .loop import Workers
+from sluicegate._exceptions import IntegrityError, NotFoundError, StoreError
+from sluicegate.core.engine.loop import Workers
+from sluicegate.core.manifest import blake3_hex
+from sluicegate.core.store import S3Options, Store, blob_key
 
 __all__ = [
     "BlobRef",

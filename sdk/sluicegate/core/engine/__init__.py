@@ -6,12 +6,12 @@ One module per job: :mod:`.config` (settings, counters), :mod:`.upstream` (where
 the same :class:`Engine` that embedded mode runs in-process, so both paths share every guarantee.
 """
 
-from .cache import DiskCache, MemoryCache
-from .config import EngineConfig, EngineStats, Histogram
-from .core import Engine
-from .loop import LoopThread, Workers, close_on_collect
-from .plan import Manifest, Plan, read_manifest
-from .upstream import (
+from sluicegate.core.engine.cache import DiskCache, MemoryCache
+from sluicegate.core.engine.config import EngineConfig, EngineStats, Histogram
+from sluicegate.core.engine.core import Engine
+from sluicegate.core.engine.loop import LoopThread, Workers, close_on_collect
+from sluicegate.core.engine.plan import Manifest, Plan, read_manifest
+from sluicegate.core.engine.upstream import (
     BlobRef,
     Fetched,
     Limits,

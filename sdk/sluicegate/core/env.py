@@ -9,7 +9,7 @@ Sources, first match wins for rank and world size:
 
 ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (torchrun) say how many trainer processes share one pod's sidecar.
 DataLoader worker info cannot come from the environment; adapters pass it in. The arithmetic on these
-numbers lives in :mod:`sluicegate._partition`.
+numbers lives in :mod:`sluicegate.core.partition`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from ._exceptions import ConfigError
+from sluicegate._exceptions import ConfigError
 
 __all__ = ["ADDRESS_VAR", "Environment", "detect"]
 

@@ -28,11 +28,11 @@ from sluicegate import (
     S3Options,
     Store,
     StoreError,
-    _manifest,
 )
-from sluicegate._store import blob_key, sha256_hex
+from sluicegate.core import manifest as _manifest
+from sluicegate.core.store import blob_key, sha256_hex
 
-from ..conftest import Backend, S3Server
+from tests.conftest import Backend, S3Server
 
 
 def _table(*ids: str, label: str = "cat") -> pa.Table:
@@ -237,8 +237,9 @@ def test_bad_uris_are_config_errors() -> None:
 _WRITER = """
 import sys, time
 from pathlib import Path
-from sluicegate import ItemRecord, S3Options, Store, _manifest
-from sluicegate._store import sha256_hex
+from sluicegate import ItemRecord, S3Options, Store
+from sluicegate.core import manifest as _manifest
+from sluicegate.core.store import sha256_hex
 
 uri, writer, commits, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 store = Store(uri)

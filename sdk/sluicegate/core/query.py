@@ -35,8 +35,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ._exceptions import QueryError
-from ._manifest import FILE_FIELDS, FieldType, query_fields
+from sluicegate._exceptions import QueryError
+from sluicegate.core.manifest import FILE_FIELDS, FieldType, query_fields
 
 __all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_DEPTH", "Query", "guard_query", "parse", "select_rows"]
 

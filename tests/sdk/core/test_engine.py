@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sluicegate import IntegrityError, NotFoundError, QueryError, Store, StoreError
-from sluicegate._engine import (
+from sluicegate.core.engine import (
     BlobRef,
     DiskCache,
     Engine,
@@ -294,7 +294,7 @@ def test_disk_tier_counts_blocks_and_sweeps_what_a_crash_left(tmp_path: Path) ->
 
 def test_a_manifest_with_blake3_is_verified_by_it_on_every_tier(tmp_path: Path) -> None:
     from sluicegate import ItemRecord
-    from sluicegate._manifest import blake3_hex, records_to_table
+    from sluicegate.core.manifest import blake3_hex, records_to_table
 
     store = Store(tmp_path / "b3")
     blobs = [bytes([i]) * 3000 for i in range(6)]

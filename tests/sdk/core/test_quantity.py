@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sluicegate._quantity import QUANTITY_PATTERN, parse_bytes
+from sluicegate.core.quantity import QUANTITY_PATTERN, parse_bytes
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sluicegate import ConfigError, Remainder
-from sluicegate._partition import epoch_order, per_rank, shard, worker_split
+from sluicegate.core.partition import epoch_order, per_rank, shard, worker_split
 
 sizes = st.integers(min_value=0, max_value=300)
 worlds = st.integers(min_value=1, max_value=17)

@@ -43,8 +43,8 @@ from obstore.exceptions import (
 )
 from obstore.store import LocalStore, S3Store
 
-from . import _manifest
-from ._exceptions import ConfigError, ConflictError, IntegrityError, NotFoundError, StoreError
+from sluicegate._exceptions import ConfigError, ConflictError, IntegrityError, NotFoundError, StoreError
+from sluicegate.core import manifest as _manifest
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

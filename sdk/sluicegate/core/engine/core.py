@@ -17,11 +17,11 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from .._exceptions import IntegrityError, StoreError
-from .cache import DiskCache, MemoryCache
-from .config import EngineConfig, EngineStats
-from .loop import Workers
-from .upstream import BlobRef, Limits, Upstream, transient
+from sluicegate._exceptions import IntegrityError, StoreError
+from sluicegate.core.engine.cache import DiskCache, MemoryCache
+from sluicegate.core.engine.config import EngineConfig, EngineStats
+from sluicegate.core.engine.loop import Workers
+from sluicegate.core.engine.upstream import BlobRef, Limits, Upstream, transient
 
 __all__ = ["Engine"]
 

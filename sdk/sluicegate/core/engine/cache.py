@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .upstream import BlobRef
+from sluicegate.core.engine.upstream import BlobRef
 
 __all__ = ["DiskCache", "MemoryCache"]
 

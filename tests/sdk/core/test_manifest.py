@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from sluicegate import Annotation, ImportError_, ItemRecord, StoreError, _manifest
-from sluicegate._manifest import FieldType, VersionInfo
-from sluicegate._store import sha256_hex
+from sluicegate import Annotation, ImportError_, ItemRecord, StoreError
+from sluicegate.core import manifest as _manifest
+from sluicegate.core.manifest import FieldType, VersionInfo
+from sluicegate.core.store import sha256_hex
 
 
 def _rec(item: str, **kw: object) -> ItemRecord:

@@ -23,8 +23,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._partition import Remainder
-from ._protocol import WireRow
+from sluicegate.core.partition import Remainder
+from sluicegate.core.protocol import WireRow
 
 __all__ = [
     "AUDIENCE",
@@ -123,7 +123,7 @@ class PlanResponse(BaseModel):
     """One pod's shard of one pinned dataset version, with short-lived read access to its blobs.
 
     ``rows`` are in *assignment* order (shard index ``i`` is ``rows[i]``; padding may repeat rows);
-    the epoch order is :func:`sluicegate._partition.epoch_order` of ``(seed, epoch, rank)``.
+    the epoch order is :func:`sluicegate.core.partition.epoch_order` of ``(seed, epoch, rank)``.
     ``urls`` maps each distinct blob hash in ``rows`` to a presigned GET URL valid until ``expires_at``;
     ask :data:`BrokerPaths.URLS` for fresh ones before then.
     """
