@@ -21,6 +21,7 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 from sluicegate import ConfigError, NotFoundError, QueryError, StoreError
 from sluicegate.core.broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
+from sluicegate.core.partition import ShardSpec
 from sluicegate.core.store import blob_key
 
 from . import access, grants
@@ -60,6 +61,17 @@ class Grant:
     rank: int
     world_size: int
     policies: tuple[Policy, ...]
+
+    def spec(self) -> ShardSpec:
+        """The sealed rank and world size, cut and ordered as the stream says."""
+        sharding = self.stream.spec.sharding
+        return ShardSpec(
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=sharding.seed,
+            shuffle=sharding.shuffle,
+            remainder=sharding.remainder,
+        )
 
 
 @dataclass(frozen=True)
@@ -285,17 +297,9 @@ class Broker:
         stream = grant.stream
         version = stream.status.resolved_version
         assert version is not None  # checked in _grant
-        sharding = stream.spec.sharding
         try:
             return self._catalog.shard(
-                grant.store,
-                version,
-                (stream.spec.query, *(p.query for p in grant.policies)),
-                rank=grant.rank,
-                world_size=grant.world_size,
-                seed=sharding.seed,
-                shuffle=sharding.shuffle,
-                remainder=sharding.remainder,
+                grant.store, version, (stream.spec.query, *(p.query for p in grant.policies)), grant.spec()
             )
         except QueryError as exc:
             raise Refused(
@@ -328,7 +332,6 @@ class Broker:
             shard = self._shard(grant)
             urls, expires = self._presign(grant, shard.blobs if request.presign else ())
             BROKER_ITEMS.inc(shard.items)
-            sharding = stream.spec.sharding
             head = PlanResponse.model_validate(
                 {
                     "namespace": stream.metadata.namespace,
@@ -338,11 +341,7 @@ class Broker:
                     "query": stream.spec.query,
                     "policies": [p.name for p in grant.policies],
                     "total": shard.total,
-                    "rank": grant.rank,
-                    "world_size": grant.world_size,
-                    "seed": sharding.seed,
-                    "shuffle": sharding.shuffle,
-                    "remainder": sharding.remainder,
+                    **grant.spec().model_dump(),
                     "rows": [],
                     "urls": {},
                     "expires_at": expires,

@@ -39,7 +39,7 @@ from obstore.exceptions import NotFoundError as ObsNotFound
 from obstore.store import LocalStore, ObjectStore, S3Store
 from sluicegate import ConfigError, NotFoundError, StoreError
 from sluicegate.core.manifest import info_from_metadata
-from sluicegate.core.partition import Remainder, shard
+from sluicegate.core.partition import ShardSpec
 from sluicegate.core.query import guard_query, select_rows
 from sluicegate.core.store import S3Options, Store
 
@@ -373,14 +373,9 @@ class Catalog:
         handle: Handle,
         version: int,
         queries: tuple[str, ...],
-        *,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool,
-        remainder: Remainder,
+        spec: ShardSpec,
     ) -> Shard:
-        """``rank``'s shard of the selection, serialised; cached like selections."""
+        """One rank's shard of the selection, serialised; cached like selections."""
         queries = tuple(q for q in queries if q.strip())
         manifest = self.manifest(handle, version)
         key = (
@@ -389,26 +384,14 @@ class Catalog:
             version,
             manifest.tag,
             queries,
-            rank,
-            world_size,
-            seed,
-            shuffle,
-            remainder,
+            spec,
         )
         with self._lock:
             cached: Shard | None = self._cache.get(key)
         if cached is not None:
             return cached
         selected = self.select(handle, version, queries)
-        rows = shard_table(
-            manifest.table,
-            selected,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            shuffle=shuffle,
-            remainder=remainder,
-        )
+        rows = shard_table(manifest.table, selected, spec)
         blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
         result = Shard(
             rows_json=rows_json(rows),
@@ -525,16 +508,7 @@ def rows_json(rows: pa.Table) -> bytes:
     return ("[" + ",".join(objects.to_pylist()) + "]").encode()
 
 
-def shard_table(
-    table: pa.Table,
-    selected: Positions,
-    *,
-    rank: int,
-    world_size: int,
-    seed: int,
-    shuffle: bool,
-    remainder: Remainder,
-) -> pa.Table:
-    """The manifest rows of ``rank``'s shard of ``selected``, in assignment order."""
-    local = shard(len(selected), rank, world_size, seed=seed, shuffle=shuffle, remainder=remainder)
+def shard_table(table: pa.Table, selected: Positions, spec: ShardSpec) -> pa.Table:
+    """The manifest rows of one rank's shard of ``selected``, in assignment order."""
+    local = spec.positions(len(selected))
     return table.take(pa.array(selected[local], pa.int64()))

@@ -28,7 +28,7 @@ from sluicegate._source import Item, Pending, Source
 from sluicegate.core import partition as _partition
 from sluicegate.core.alloc import keep_freed_memory
 from sluicegate.core.engine import EngineConfig, engine_store
-from sluicegate.core.partition import Positions, Remainder
+from sluicegate.core.partition import Positions, Remainder, ShardSpec
 from sluicegate.core.query import Query
 from sluicegate.core.store import S3Options
 
@@ -42,14 +42,6 @@ _LARGE_ITEM = 2**20  # items this big on average: keep freed memory for the next
 
 
 # -- the dataset -------------------------------------------------------------------------------------
-
-
-class _ShardSpec(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    rank: int
-    world_size: int
-    remainder: Remainder
 
 
 class _State(BaseModel):
@@ -76,7 +68,7 @@ class Dataset:
         source: Source,
         *,
         queries: tuple[str, ...] = (),
-        shard: _ShardSpec | None = None,
+        shard: ShardSpec | None = None,
         seed: int | None = None,
         prefetch: int = 64 * 2**20,
     ) -> None:
@@ -133,8 +125,9 @@ class Dataset:
             rem = Remainder(remainder)
         except ValueError:
             raise ConfigError(f"remainder must be 'pad' or 'drop', got {remainder!r}") from None
-        _partition.shard(0, rank, world_size)  # validates rank and world size now
-        return self._derive(shard=_ShardSpec(rank=rank, world_size=world_size, remainder=rem))
+        _partition.shard(0, rank, world_size)  # validates rank and world size now, as a ConfigError
+        # The seed and whether to shuffle are the view's own (shuffle() may come before or after).
+        return self._derive(shard=ShardSpec(rank=rank, world_size=world_size, remainder=rem))
 
     def shuffle(self, seed: int = 0) -> Dataset:
         """Visit items in an order that changes each epoch, deterministically from ``(seed, epoch)``."""
@@ -158,17 +151,10 @@ class Dataset:
             else:
                 view = np.arange(len(self._source), dtype=np.int64)
             if self._shard is not None:
-                s = self._shard
-                view = view[
-                    _partition.shard(
-                        len(view),
-                        s.rank,
-                        s.world_size,
-                        seed=self._seed or 0,
-                        shuffle=self._seed is not None,
-                        remainder=s.remainder,
-                    )
-                ]
+                spec = self._shard.model_copy(
+                    update={"seed": self._seed or 0, "shuffle": self._seed is not None}
+                )
+                view = view[spec.positions(len(view))]
             self._view = view
         return self._view
 

@@ -165,11 +165,7 @@ def plan_of(response: PlanResponse) -> tuple[Plan, Info]:
         query=response.query or None,
         total=response.total,
         items=len(response.rows),
-        rank=response.rank,
-        world_size=response.world_size,
-        seed=response.seed,
-        shuffle=response.shuffle,
-        remainder=response.remainder,
+        **response.shard_spec().model_dump(),
     )
     try:
         table = _table(response.rows)

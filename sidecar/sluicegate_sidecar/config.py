@@ -20,7 +20,7 @@ from sluicegate import ConfigError
 from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.env import detect
-from sluicegate.core.partition import Remainder
+from sluicegate.core.partition import ShardSpec
 from sluicegate.core.quantity import parse_bytes
 
 __all__ = ["Listen", "SidecarConfig", "parse_args", "quantity"]
@@ -63,7 +63,9 @@ class Listen(BaseModel):
         return cls(host=host, port=parsed.port)
 
 
-class SidecarConfig(BaseModel):
+class SidecarConfig(ShardSpec):
+    """The flags and environment of one sidecar; the shard spec's fields are store mode's."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     store: str | None = Field(
@@ -82,11 +84,6 @@ class SidecarConfig(BaseModel):
     namespace: str | None = None
     version: int | None = Field(default=None, ge=1, description="version to pin; latest at start if unset")
     query: str | None = None
-    rank: int = Field(default=0, ge=0)
-    world_size: int = Field(default=1, ge=1)
-    seed: int = 0
-    shuffle: bool = True
-    remainder: Remainder = Remainder.PAD
     listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=7070)], min_length=1)
     cache_memory: int = Field(default=EngineConfig.model_fields["memory_bytes"].default, ge=0)
     cache_dir: Path | None = None
@@ -117,22 +114,29 @@ class SidecarConfig(BaseModel):
     def _bytes(cls, v: object) -> object:
         return quantity(v) if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _consistent(self) -> SidecarConfig:
-        if (self.store is None) == (self.broker_url is None):
+    @model_validator(mode="before")
+    @classmethod
+    def _one_mode(cls, data: object) -> object:
+        # Before the fields (the shard spec among them) are checked: a wrong mode is the first thing to fix.
+        if not isinstance(data, Mapping):
+            return data
+        store, broker = data.get("store"), data.get("broker_url")
+        if (store is None) == (broker is None):
             raise ValueError(
                 "give exactly one of --store (read a dataset store directly) and --broker-url (in a "
                 f"cluster: the injected {SidecarEnv.BROKER_URL}); "
-                + ("both are set" if self.store else "neither is set")
+                + ("both are set" if store else "neither is set")
             )
-        if self.broker_url is not None:
+        if broker is not None:
             # The broker decides these from the pod's token: a value here would be silently ignored.
-            decided = sorted(_BROKER_DECIDES & self.model_fields_set)
+            decided = sorted(_BROKER_DECIDES & set(data))
             if decided:
                 flags = ", ".join("--" + name.replace("_", "-") for name in decided)
                 raise ValueError(f"{flags}: the broker decides these in broker mode; remove them")
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {self.rank} is outside [0, {self.world_size})")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SidecarConfig:
         if self.cache_disk and self.cache_dir is None:
             raise ValueError("cache-disk is set but cache-dir is not: give the disk tier a directory")
         return self
@@ -148,7 +152,7 @@ class SidecarConfig(BaseModel):
         )
 
 
-_BROKER_DECIDES = frozenset({"version", "query", "rank", "world_size", "seed", "shuffle", "remainder"})
+_BROKER_DECIDES = frozenset({"version", "query", *ShardSpec.model_fields})
 
 _FLAGS: tuple[tuple[str, str, str], ...] = (
     # flag, environment variable, help
@@ -204,7 +208,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         return SidecarConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+            (f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ")
             for err in exc.errors()
         )
         raise ConfigError(f"invalid sidecar configuration: {problems}") from None

@@ -146,14 +146,8 @@ class Sidecar:
         version = store.resolve(cfg.version)
         everything = Plan(version, read_manifest(store, version))
         selected = everything.select([cfg.query]) if cfg.query else np.arange(len(everything), dtype=np.int64)
-        mine = _partition.shard(
-            len(selected),
-            cfg.rank,
-            cfg.world_size,
-            seed=cfg.seed,
-            shuffle=cfg.shuffle,
-            remainder=cfg.remainder,
-        )
+        spec = cfg.shard_spec()
+        mine = spec.positions(len(selected))
         plan = Plan(version, everything.manifest, index=selected[mine])
         info = proto.Info(
             dataset=store.uri,
@@ -161,11 +155,7 @@ class Sidecar:
             query=cfg.query,
             total=len(selected),
             items=len(plan),
-            rank=cfg.rank,
-            world_size=cfg.world_size,
-            seed=cfg.seed,
-            shuffle=cfg.shuffle,
-            remainder=cfg.remainder,
+            **spec.model_dump(),
         )
         return plan, info
 

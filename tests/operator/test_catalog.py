@@ -9,7 +9,7 @@ import pytest
 from sluicegate._exceptions import ConfigError, NotFoundError, QueryError
 from sluicegate.core.broker_protocol import PlanResponse
 from sluicegate.core.manifest import ItemRecord, records_to_table, to_parquet
-from sluicegate.core.partition import Remainder
+from sluicegate.core.partition import Remainder, ShardSpec
 from sluicegate.core.store import S3Options, Store, sha256_hex
 from sluicegate_operator.catalog import Catalog, Handle, s3_options, shard_table
 
@@ -49,7 +49,7 @@ def test_shards_are_disjoint_equal_and_cover_the_selection(store: Store) -> None
     assert len(selected) == len(expected)
     assert catalog.select(h, 1, ("labels.car > 0", 'meta.split = "train"')) is selected, "cached, '' ignored"
     shards = [
-        shard_table(table, selected, rank=r, world_size=4, seed=7, shuffle=True, remainder=Remainder.DROP)
+        shard_table(table, selected, ShardSpec(rank=r, world_size=4, seed=7, remainder=Remainder.DROP))
         for r in range(4)
     ]
     ids = [s.column("id").to_pylist() for s in shards]
@@ -107,12 +107,12 @@ def test_s3_options_from_secret() -> None:
 def test_shard_is_serialised_once_and_matches_the_rows(store: Store) -> None:
     catalog = Catalog()
     h = handle(catalog, store)
-    kwargs = {"rank": 1, "world_size": 3, "seed": 5, "shuffle": True, "remainder": Remainder.PAD}
-    shard = catalog.shard(h, 1, ("labels.car > 0",), **kwargs)  # type: ignore[arg-type]
-    assert catalog.shard(h, 1, ("labels.car > 0", " "), **kwargs) is shard  # type: ignore[arg-type]
+    spec = ShardSpec(rank=1, world_size=3, seed=5)
+    shard = catalog.shard(h, 1, ("labels.car > 0",), spec)
+    assert catalog.shard(h, 1, ("labels.car > 0", " "), ShardSpec(rank=1, world_size=3, seed=5)) is shard
     table, _ = store.manifest(1)
     selected = catalog.select(h, 1, ("labels.car > 0",))
-    rows = shard_table(table, selected, **kwargs).to_pylist()  # type: ignore[arg-type]
+    rows = shard_table(table, selected, spec).to_pylist()
     assert json.loads(shard.rows_json) == rows
     assert (shard.items, shard.total) == (len(rows), len(selected))
     assert list(shard.blobs) == list(dict.fromkeys(r["blob"] for r in rows))

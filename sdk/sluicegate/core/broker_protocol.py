@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluicegate.core.partition import Remainder
+from sluicegate.core.partition import ShardSpec
 from sluicegate.core.protocol import WireRow
 
 __all__ = [
@@ -119,7 +119,7 @@ class PlanRequest(BaseModel):
     )
 
 
-class PlanResponse(BaseModel):
+class PlanResponse(ShardSpec):
     """One pod's shard of one pinned dataset version, with short-lived read access to its blobs.
 
     ``rows`` are in *assignment* order (shard index ``i`` is ``rows[i]``; padding may repeat rows);
@@ -135,11 +135,6 @@ class PlanResponse(BaseModel):
     query: str = Field(description="the stream's query")
     policies: list[str] = Field(description="names of the row-level policies AND-ed in for this pod")
     total: int = Field(description="items selected (query and policies), before sharding")
-    rank: int
-    world_size: int
-    seed: int
-    shuffle: bool
-    remainder: Remainder
     rows: list[WireRow]
     urls: dict[str, str]
     expires_at: datetime

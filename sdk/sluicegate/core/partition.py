@@ -22,6 +22,7 @@ from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sluicegate._exceptions import ConfigError
 
@@ -33,6 +34,35 @@ class Remainder(StrEnum):
 
     PAD = "pad"
     DROP = "drop"
+
+
+class ShardSpec(BaseModel):
+    """Which part of a selection one rank reads and in which order: stated here once and carried whole
+    (the sidecar's configuration, the broker's plan and the sidecar's Info extend it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rank: int = Field(default=0, ge=0)
+    world_size: int = Field(default=1, ge=1)
+    seed: int = 0
+    shuffle: bool = True
+    remainder: Remainder = Remainder.PAD
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> ShardSpec:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.world_size})")
+        return self
+
+    def shard_spec(self) -> ShardSpec:
+        """The spec alone, out of a model that extends it."""
+        return ShardSpec(**{name: getattr(self, name) for name in ShardSpec.model_fields})
+
+    def positions(self, n: int) -> Positions:
+        """:func:`shard` of ``n`` items for this spec."""
+        return shard(
+            n, self.rank, self.world_size, seed=self.seed, shuffle=self.shuffle, remainder=self.remainder
+        )
 
 
 def _check(rank: int, world_size: int) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluicegate.core.partition import Remainder
+from sluicegate.core.partition import ShardSpec
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
@@ -92,8 +92,8 @@ class ErrorBody(BaseModel):
     message: str
 
 
-class Info(BaseModel):
-    """What a sidecar serves: one shard of one pinned version of one dataset."""
+class Info(ShardSpec):
+    """What a sidecar serves: one shard (the spec's fields) of one pinned version of one dataset."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -102,11 +102,6 @@ class Info(BaseModel):
     query: str | None
     total: int = Field(description="items the query selects, before sharding")
     items: int = Field(description="items in this rank's shard (every rank has the same count)")
-    rank: int
-    world_size: int
-    seed: int
-    shuffle: bool
-    remainder: Remainder
 
 
 class BatchRequest(BaseModel):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from sluicegate import ConfigError, Remainder
-from sluicegate.core.partition import epoch_order, per_rank, shard, worker_split
+from sluicegate.core.broker_protocol import PlanResponse
+from sluicegate.core.partition import ShardSpec, epoch_order, per_rank, shard, worker_split
 
 sizes = st.integers(min_value=0, max_value=300)
 worlds = st.integers(min_value=1, max_value=17)
@@ -96,3 +98,36 @@ def test_bad_arguments_are_config_errors() -> None:
         epoch_order(5, seed=0, epoch=-1)
     with pytest.raises(ConfigError, match="worker"):
         worker_split(np.arange(4), 2, 2)
+
+
+@given(n=sizes, world=worlds, seed=seeds, shuffle=st.booleans(), remainder=st.sampled_from(list(Remainder)))
+def test_a_shard_spec_cuts_what_shard_cuts(
+    n: int, world: int, seed: int, shuffle: bool, remainder: Remainder
+) -> None:
+    for rank in range(world):
+        spec = ShardSpec(rank=rank, world_size=world, seed=seed, shuffle=shuffle, remainder=remainder)
+        expected = shard(n, rank, world, seed=seed, shuffle=shuffle, remainder=remainder)
+        assert np.array_equal(spec.positions(n), expected)
+
+
+def test_a_shard_spec_refuses_a_rank_outside_its_world_and_travels_whole() -> None:
+    with pytest.raises(ValidationError, match=r"rank 4 is outside \[0, 4\)"):
+        ShardSpec(rank=4, world_size=4)
+    spec = ShardSpec(rank=1, world_size=4, seed=9, shuffle=False, remainder=Remainder.DROP)
+    plan = PlanResponse.model_validate(
+        {
+            "namespace": "ns",
+            "stream": "s",
+            "dataset": "ns/d",
+            "version": 1,
+            "query": "",
+            "policies": [],
+            "total": 0,
+            "rows": [],
+            "urls": {},
+            "expires_at": "2026-01-01T00:00:00Z",
+            **spec.model_dump(mode="json"),
+        }
+    )
+    assert plan.shard_spec() == spec
+    assert type(plan.shard_spec()) is ShardSpec
