@@ -1,48 +1,74 @@
-"""Operator settings: command-line flags with environment defaults, validated once at start."""
+"""Operator settings: one model for the command line and the environment, validated once at start.
+
+Every field is a flag (``--manifest-max-bytes``) and an environment variable
+(``SLUICEGATE_MANIFEST_MAX_BYTES``); a flag wins. ``sluicegate-operator --help`` lists them with
+their defaults.
+"""
 
 from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 from sluicegate import __version__
 
 # The image published for each release, tagged with the package version (the chart's appVersion).
 DEFAULT_IMAGE = f"ghcr.io/sluicegate/sluicegate:{__version__}"
+ENV_PREFIX = "SLUICEGATE_"
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Settings(BaseSettings):
+    """The sluicegate operator: reconciler, admission webhooks and broker. Every flag is also an
+    environment variable, SLUICEGATE_ and the flag's name in capitals (--store-timeout-s:
+    SLUICEGATE_STORE_TIMEOUT_S); a flag wins."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        cli_prog_name="sluicegate-operator",
+        cli_kebab_case=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
 
     namespace: str = Field(default="sluicegate-system", description="namespace the operator runs in")
     service_name: str = Field(default="sluicegate-operator", description="Service in front of the operator")
-    listen_host: str = "0.0.0.0"
-    listen_port: int = Field(default=8443, ge=0, le=65535)
+    listen: str = Field(
+        default="0.0.0.0:8443", pattern=r"^[^:]*:[0-9]{1,5}$", description="HOST:PORT to serve on"
+    )
     public_url: str | None = Field(
         default=None,
         description="base URL the API server and sidecars reach the webhook and broker at; "
         "default https://SERVICE.NAMESPACE.svc",
         pattern=r"^https://[^/]+$",
     )
-    webhook_configuration: str = Field(default="sluicegate", description="MutatingWebhookConfiguration name")
-    manage_webhook: bool = Field(
+    webhook_configuration: str = Field(
+        default="sluicegate", description="name of the Mutating- and ValidatingWebhookConfiguration"
+    )
+    manage_webhook: CliImplicitFlag[bool] = Field(
         default=False,
         description="create and own the whole webhook configuration (development without Helm); "
         "otherwise only its caBundle is kept up to date",
     )
-    tls_secret: str = "sluicegate-operator-tls"
+    tls_secret: str = Field(default="sluicegate-operator-tls", description="Secret holding the TLS chain")
     sources_configmap: str = Field(
         default="sluicegate-sources",
         description="ConfigMap (in the operator's namespace) holding the platform's source policy",
     )
-    serve_only: bool = Field(
+    serve_only: CliImplicitFlag[bool] = Field(
         default=False, description="serve webhook and broker only, no reconciler (the webhook replicas)"
     )
-    manifest_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    manifest_rows: int = Field(default=10_000_000, ge=1)
-    manifest_decoded_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
-    cache_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
-    store_timeout_s: float = Field(default=10.0, gt=0)
+    manifest_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="bytes of one manifest")
+    manifest_max_rows: int = Field(default=10_000_000, ge=1, description="rows of one manifest")
+    manifest_max_decoded_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024, description="bytes of one manifest once decoded"
+    )
+    cache_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=0, description="bytes of manifests and shards kept"
+    )
+    store_timeout_s: float = Field(default=10.0, gt=0, description="limit on one store read, seconds")
     metrics_auth: bool = Field(
         default=True, description="/metrics needs a token allowed to get the non-resource URL /metrics"
     )
@@ -51,16 +77,35 @@ class Settings(BaseModel):
         description="/mutate and /validate need a token allowed to post them: for an API server that "
         "authenticates to webhooks (AdmissionConfiguration), so that no pod can probe streams and grants",
     )
-    broker_rate: float = Field(default=50.0, gt=0, description="requests per second per pod")
-    broker_burst: float = Field(default=100.0, ge=1)
-    extra_sans: tuple[str, ...] = ()
-    sidecar_image: str = DEFAULT_IMAGE
-    presign_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
-    cert_valid_days: float = Field(default=90, gt=0)
-    ca_valid_days: float = Field(default=3650, gt=0)
-    tls_check_interval_s: float = Field(default=3600, gt=0)
-    dataset_resync_s: float = Field(default=60, gt=0)
-    kubeconfig: str | None = None
+    broker_rate: float = Field(default=50.0, gt=0, description="broker requests per second per pod")
+    extra_san: tuple[str, ...] = Field(default=(), description="extra DNS name or IP for the certificate")
+    sidecar_image: str = Field(default=DEFAULT_IMAGE, description="image of the injected sidecar")
+    presign_ttl_s: int = Field(
+        default=300, ge=1, le=7 * 24 * 3600, description="seconds a presigned URL stays valid"
+    )
+    cert_valid_days: float = Field(default=90, gt=0, description="days a serving certificate is valid")
+    ca_valid_days: float = Field(default=3650, gt=0, description="days the CA is valid")
+    tls_check_interval_s: float = Field(default=3600, gt=0, description="seconds between certificate checks")
+    dataset_resync_s: float = Field(default=60, gt=0, description="seconds between re-reads of each store")
+    kubeconfig: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("kubeconfig", "KUBECONFIG"),
+        description="kubeconfig (default: in-cluster credentials)",
+    )
+    log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0] or "0.0.0.0"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def broker_burst(self) -> float:
+        """Requests a pod may send at once before the rate applies."""
+        return 2 * self.broker_rate
 
     @property
     def ca_configmap(self) -> str:
@@ -86,6 +131,6 @@ class Settings(BaseModel):
             f"{svc}.{self.namespace}",
             f"{svc}.{self.namespace}.svc",
             f"{svc}.{self.namespace}.svc.cluster.local",
-            *self.extra_sans,
+            *self.extra_san,
         ]
         return tuple(dict.fromkeys(n for n in names if n))

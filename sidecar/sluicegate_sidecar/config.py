@@ -8,16 +8,18 @@ sidecar then holds no storage credentials and takes no query, version or rank).
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from sluicegate import ConfigError
-from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv
+from sluicegate.core.broker_protocol import ENV_PREFIX, MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv, env_var
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.env import detect
 from sluicegate.core.partition import ShardSpec
@@ -63,34 +65,58 @@ class Listen(BaseModel):
         return cls(host=host, port=parsed.port)
 
 
-class SidecarConfig(ShardSpec):
-    """The flags and environment of one sidecar; the shard spec's fields are store mode's."""
+class SidecarConfig(BaseSettings, ShardSpec):
+    """Serve one shard of one pinned dataset version on loopback. Every flag is also an environment
+    variable, SLUICEGATE_ and the flag's name in capitals (--cache-memory: SLUICEGATE_CACHE_MEMORY); a flag
+    wins. Rank, world size, seed, shuffle, remainder, version and query are store mode's: in broker mode
+    the broker decides them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        cli_prog_name="sluicegate-sidecar",
+        cli_kebab_case=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
 
     store: str | None = Field(
-        default=None, min_length=1, description="dataset store URI (local path, file://, s3://)"
+        default=None, min_length=1, description="dataset store URI: local path, file://, s3:// (store mode)"
     )
     broker_url: str | None = Field(
-        default=None, pattern=r"^https://\S+$", description="https:// base URL of the operator's broker"
+        default=None,
+        pattern=r"^https://\S+$",
+        description="https:// base URL of the operator's broker (broker mode)",
     )
     broker_ca: str | None = Field(
         default=None, description="PEM of the CA that signed the broker's certificate, or a file holding it"
     )
     token_file: Path = Field(
-        default=Path(TOKEN_PATH), description="the pod's projected token, re-read for every broker request"
+        default=Path(TOKEN_PATH),
+        description="the pod's projected token, re-read for every broker request (broker mode)",
     )
-    stream: str | None = Field(default=None, description="DatasetStream the broker must find the pod in")
-    namespace: str | None = None
+    stream: str | None = Field(
+        default=None, description="DatasetStream the broker must find the pod in (broker mode)"
+    )
+    namespace: str | None = Field(default=None, description="namespace of this pod (broker mode)")
     version: int | None = Field(default=None, ge=1, description="version to pin; latest at start if unset")
-    query: str | None = None
-    listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=7070)], min_length=1)
-    cache_memory: int = Field(default=EngineConfig.model_fields["memory_bytes"].default, ge=0)
-    cache_dir: Path | None = None
+    query: str | None = Field(default=None, description="slice query")
+    listen: list[Listen] = Field(
+        default_factory=lambda: [Listen(host="127.0.0.1", port=7070)],
+        min_length=1,
+        description="comma-separated: 127.0.0.1:PORT, http://127.0.0.1:PORT, unix:///PATH",
+    )
+    cache_memory: int = Field(
+        default=EngineConfig.model_fields["memory_bytes"].default,
+        ge=0,
+        description="memory cache budget: bytes or a quantity like 512Mi",
+    )
+    cache_dir: Path | None = Field(default=None, description="disk cache directory")
     cache_disk: int = Field(default=0, ge=0, description="disk tier budget; 0: no disk tier")
-    concurrency: int = Field(default=16, ge=1)
-    attempts: int = Field(default=5, ge=1)
-    timeout_s: float = Field(default=30.0, gt=0)
+    concurrency: int = Field(default=16, ge=1, description="upstream fetches in flight")
+    attempts: int = Field(default=5, ge=1, description="tries per blob on transient upstream faults")
+    timeout_s: float = Field(default=30.0, gt=0, description="limit on one upstream fetch, seconds")
     readahead: int = Field(
         default=256, ge=0, description="items the sidecar prefetches past a stream request"
     )
@@ -100,13 +126,27 @@ class SidecarConfig(ShardSpec):
         le=MAX_URLS_PER_REQUEST,
         description="broker mode: blob URLs asked for at once, ahead of the read position",
     )
-    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    shutdown_timeout_s: float = Field(default=10.0, ge=0, description="grace period for requests on SIGTERM")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # parse_args reads the environment it is given (a test's, or the process'), never on its own.
+        return (init_settings,)
 
     @field_validator("listen", mode="before")
     @classmethod
     def _listen(cls, v: object) -> object:
         if isinstance(v, str):
-            return [Listen.parse(part.strip()) for part in v.split(",") if part.strip()]
+            v = v.split(",")
+        if isinstance(v, list) and all(isinstance(part, str) for part in v):
+            return [Listen.parse(part.strip()) for part in v if part.strip()]
         return v
 
     @field_validator("cache_memory", "cache_disk", mode="before")
@@ -154,50 +194,16 @@ class SidecarConfig(ShardSpec):
 
 _BROKER_DECIDES = frozenset({"version", "query", *ShardSpec.model_fields})
 
-_FLAGS: tuple[tuple[str, str, str], ...] = (
-    # flag, environment variable, help
-    ("store", "SLUICEGATE_STORE", "dataset store URI (store mode)"),
-    ("broker-url", SidecarEnv.BROKER_URL, "https:// URL of the operator's broker (broker mode)"),
-    ("broker-ca", SidecarEnv.BROKER_CA, "PEM (or a PEM file) of the CA of the broker's certificate"),
-    ("token-file", SidecarEnv.TOKEN_FILE, "the pod's projected ServiceAccount token (broker mode)"),
-    ("stream", SidecarEnv.STREAM, "DatasetStream of this pod (broker mode; checked by the broker)"),
-    ("namespace", SidecarEnv.NAMESPACE, "namespace of this pod (broker mode; informational)"),
-    ("version", "SLUICEGATE_VERSION", "dataset version to pin (default: latest at start)"),
-    ("query", "SLUICEGATE_QUERY", "slice query"),
-    ("rank", "SLUICEGATE_RANK", "this pod's rank (default: from the environment)"),
-    ("world-size", "SLUICEGATE_WORLD_SIZE", "number of ranks (default: from the environment)"),
-    ("seed", "SLUICEGATE_SEED", "shuffle seed"),
-    ("shuffle", "SLUICEGATE_SHUFFLE", "shuffle: true or false"),
-    ("remainder", "SLUICEGATE_REMAINDER", "pad or drop"),
-    ("listen", SidecarEnv.LISTEN, "comma-separated: 127.0.0.1:PORT, http://127.0.0.1:PORT, unix:///PATH"),
-    ("cache-memory", SidecarEnv.CACHE_MEMORY, "memory cache budget: bytes or a quantity like 512Mi"),
-    ("cache-dir", SidecarEnv.CACHE_DIR, "disk cache directory"),
-    ("cache-disk", SidecarEnv.CACHE_DISK, "disk cache budget (0: none)"),
-    ("concurrency", "SLUICEGATE_CONCURRENCY", "upstream fetches in flight"),
-    ("attempts", "SLUICEGATE_ATTEMPTS", "tries per blob on transient upstream faults"),
-    ("timeout-s", "SLUICEGATE_TIMEOUT_S", "limit on one upstream fetch, seconds"),
-    ("readahead", "SLUICEGATE_READAHEAD", "items to prefetch past a stream request"),
-    ("url-window", "SLUICEGATE_URL_WINDOW", "blob URLs to ask the broker for at once (broker mode)"),
-    ("shutdown-timeout-s", "SLUICEGATE_SHUTDOWN_TIMEOUT_S", "grace period for requests on SIGTERM"),
-)
-
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> SidecarConfig:
     """Flags win over environment variables; in store mode rank and world size default to
-    :func:`sluicegate.core.env.detect`."""
+    :func:`sluicegate.core.env.detect` of the same environment."""
     env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="sluicegate-sidecar", description="Serve one shard of one pinned dataset version on loopback."
-    )
-    for flag, var, text in _FLAGS:
-        parser.add_argument(f"--{flag}", default=None, help=f"{text} [env {var}]")
-    args = vars(parser.parse_args(argv))
-    raw: dict[str, str] = {}
-    for flag, var, _ in _FLAGS:
-        key = flag.replace("-", "_")
-        value = args[key] if args[key] is not None else env.get(var)
-        if value is not None:
-            raw[key] = value
+    flags = CliSettingsSource(SidecarConfig, cli_parse_args=list(sys.argv[1:] if argv is None else argv))()
+    raw: dict[str, Any] = {
+        name: env[env_var(name)] for name in SidecarConfig.model_fields if env_var(name) in env
+    }
+    raw.update(flags)
     if "broker_url" not in raw and ("rank" not in raw or "world_size" not in raw):
         where = detect(env)
         raw.setdefault("rank", str(where.rank))

@@ -280,7 +280,7 @@ def control_plane(
         f"sluicegate-{suffix}",
         f"sg-{suffix}",
         log,
-        extra_args=("--resync=5", "--sidecar-image=sluicegate:e2e", *operator_args),
+        extra_args=("--dataset-resync-s=5", "--sidecar-image=sluicegate:e2e", *operator_args),
     )
     try:
         for ns in (data_ns, team_ns):

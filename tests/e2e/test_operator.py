@@ -47,7 +47,7 @@ def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory)
         team_ns=f"team-{suffix}",
         service_accounts=("trainer", "temp"),
         items=ITEMS,
-        operator_args=(f"--presign-ttl={PRESIGN_TTL_S}",),
+        operator_args=(f"--presign-ttl-s={PRESIGN_TTL_S}",),
     ) as plane:
         yield plane
 

@@ -56,7 +56,7 @@ def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory)
         tmp_path_factory.mktemp("operator") / "operator.log",
         data_ns="data",
         team_ns="team-a",
-        operator_args=(f"--presign-ttl={PRESIGN_TTL_S}",),
+        operator_args=(f"--presign-ttl-s={PRESIGN_TTL_S}",),
     ) as plane:
         yield plane
 

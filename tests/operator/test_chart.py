@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 from sluicegate_operator import crdgen, webhook
+from sluicegate_operator.__main__ import parse_args
 from sluicegate_operator.settings import DEFAULT_IMAGE
 
 pytestmark = pytest.mark.integration
@@ -179,6 +180,17 @@ def test_optional_objects_are_gated(helm: Path) -> None:
         "never the key's Secret"
     )
     assert monitor["spec"]["endpoints"][0]["bearerTokenFile"].endswith("/serviceaccount/token")
+
+
+def test_every_flag_the_chart_passes_is_one_the_operator_takes(helm: Path) -> None:
+    for docs in (render(helm), render(helm, "webhook.replicas=2")):
+        for d in docs:
+            if d["kind"] == "Deployment":
+                container = d["spec"]["template"]["spec"]["containers"][0]
+                settings = parse_args(container["args"])
+                assert settings.listen_port == 8443
+                env = {e["name"] for e in container["env"]}
+                assert "SLUICEGATE_NAMESPACE" in env, "the operator learns its namespace from the pod"
 
 
 def test_admission_authentication_binds_only_the_named_caller(helm: Path) -> None:

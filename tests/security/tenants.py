@@ -157,9 +157,9 @@ def tenant_plane(testbed: Testbed, s3: S3Server, log: Path) -> Iterator[Tenants]
         service_accounts=("trainer",),
         operator_args=(
             "--manifest-max-decoded-bytes=16777216",
-            "--store-timeout=2",
+            "--store-timeout-s=2",
             "--broker-rate=5",
-            "--presign-ttl=60",
+            "--presign-ttl-s=60",
             "--metrics-auth=true",
         ),
     ) as cp:

@@ -278,3 +278,13 @@ def test_broker_mode_configuration() -> None:
         parse_args(["--query", "labels.car > 0"], {**broker, "SLUICEGATE_RANK": "3"})
     with pytest.raises(ConfigError, match="broker-url"):
         parse_args(["--broker-url", "http://plain.example"], {})
+
+
+def test_every_variable_the_webhook_sets_is_a_sidecar_setting() -> None:
+    """The webhook writes SidecarEnv; the sidecar reads ENV_PREFIX + the name of each of its settings."""
+    from sluicegate.core.broker_protocol import SidecarEnv, env_var
+    from sluicegate_sidecar.config import SidecarConfig
+
+    names = {env_var(field) for field in SidecarConfig.model_fields}
+    injected = {v for k, v in vars(SidecarEnv).items() if k.isupper()}
+    assert injected <= names, injected - names

@@ -57,18 +57,28 @@ SOCKET_DIR = "/var/run/sluicegate"
 SOCKET_PATH = f"{SOCKET_DIR}/sidecar.sock"
 
 
-class SidecarEnv:
-    """Environment of the injected sidecar container."""
+# Every setting of the daemons is a flag and the environment variable ENV_PREFIX + its name in capitals
+# (the operator's and the sidecar's settings models derive both from their field names).
+ENV_PREFIX = "SLUICEGATE_"
 
-    BROKER_URL = "SLUICEGATE_BROKER_URL"  # https://... of the operator's broker
-    BROKER_CA = "SLUICEGATE_BROKER_CA"  # PEM of the CA that signed the broker's certificate
-    TOKEN_FILE = "SLUICEGATE_TOKEN_FILE"  # projected token, re-read on every request (the kubelet rotates it)
-    LISTEN = "SLUICEGATE_LISTEN"  # unix:///var/run/sluicegate/sidecar.sock
-    STREAM = "SLUICEGATE_STREAM"  # name of the DatasetStream
-    NAMESPACE = "SLUICEGATE_NAMESPACE"  # namespace of the pod and the stream
-    CACHE_MEMORY = "SLUICEGATE_CACHE_MEMORY"  # Kubernetes quantity, e.g. 512Mi
-    CACHE_DISK = "SLUICEGATE_CACHE_DISK"  # Kubernetes quantity, 0 for none
-    CACHE_DIR = "SLUICEGATE_CACHE_DIR"  # set when CACHE_DISK is not 0
+
+def env_var(setting: str) -> str:
+    """The environment variable of a daemon setting: ``broker_url`` -> ``SLUICEGATE_BROKER_URL``."""
+    return ENV_PREFIX + setting.upper()
+
+
+class SidecarEnv:
+    """Environment of the injected sidecar container: the sidecar's settings the webhook sets."""
+
+    BROKER_URL = env_var("broker_url")  # https://... of the operator's broker
+    BROKER_CA = env_var("broker_ca")  # PEM of the CA that signed the broker's certificate
+    TOKEN_FILE = env_var("token_file")  # projected token, re-read on every request (the kubelet rotates it)
+    LISTEN = env_var("listen")  # unix:///var/run/sluicegate/sidecar.sock
+    STREAM = env_var("stream")  # name of the DatasetStream
+    NAMESPACE = env_var("namespace")  # namespace of the pod and the stream
+    CACHE_MEMORY = env_var("cache_memory")  # Kubernetes quantity, e.g. 512Mi
+    CACHE_DISK = env_var("cache_disk")  # Kubernetes quantity, 0 for none
+    CACHE_DIR = env_var("cache_dir")  # set when CACHE_DISK is not 0
 
 
 class TrainerEnv:

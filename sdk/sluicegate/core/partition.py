@@ -42,11 +42,11 @@ class ShardSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    rank: int = Field(default=0, ge=0)
-    world_size: int = Field(default=1, ge=1)
-    seed: int = 0
-    shuffle: bool = True
-    remainder: Remainder = Remainder.PAD
+    rank: int = Field(default=0, ge=0, description="this rank, in [0, world_size)")
+    world_size: int = Field(default=1, ge=1, description="number of ranks the selection is cut for")
+    seed: int = Field(default=0, description="shuffle seed")
+    shuffle: bool = Field(default=True, description="permute the selection before cutting it")
+    remainder: Remainder = Field(default=Remainder.PAD, description="pad or drop, to give ranks equal counts")
 
     @model_validator(mode="after")
     def _rank_in_world(self) -> ShardSpec:
