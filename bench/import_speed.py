@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,11 @@ def _warm(files: list[Path]) -> None:
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _progress(where: str, r: int, timed: dict[str, Any], sides: Sequence[str]) -> None:
+    times = ", ".join(f"{side} {timed[side]['seconds']:.2f}s" for side in sides)
+    print(f"[import_speed] {where} round {r + 1}: {times}", file=sys.stderr, flush=True)
 
 
 def _settle(probe: Path) -> float:
@@ -251,12 +256,7 @@ def _bench_local(root: Path, data: dict[str, Any]) -> dict[str, Any]:
             if side != "cp":
                 _imported(timed[side], FILES)
         rounds.append(timed)
-        print(
-            f"[import_speed] local round {r + 1}: "
-            + ", ".join(f"{s} {timed[s]['seconds']:.2f}s" for s in order),
-            file=sys.stderr,
-            flush=True,
-        )
+        _progress("local", r, timed, order)
     shutil.rmtree(out, ignore_errors=True)
     summary = _summary(rounds, _LOCAL_SIDES)
     best = summary["best_seconds"]
@@ -390,12 +390,7 @@ def _bench_s3(root: Path, data: dict[str, Any]) -> dict[str, Any]:
                 elif timed[side]["stderr"] != [f"put {len(files)}"]:
                     raise RuntimeError(f"raw PUTs did not store {len(files)} files: {timed[side]['stderr']}")
             rounds.append(timed)
-            print(
-                f"[import_speed] s3 round {r + 1}: "
-                + ", ".join(f"{s} {timed[s]['seconds']:.2f}s" for s in _S3_SIDES),
-                file=sys.stderr,
-                flush=True,
-            )
+            _progress("s3", r, timed, _S3_SIDES)
     summary = _summary(rounds, _S3_SIDES)
     best, median = summary["best_seconds"], summary["median_seconds"]
     # The reference is the faster raw client, round by round and in the best case.

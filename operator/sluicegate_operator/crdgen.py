@@ -42,26 +42,24 @@ class Kind:
         return f"{GROUP}_{self.plural}.yaml"
 
 
-def _ready(priority: int = 0) -> dict[str, Any]:
-    column: dict[str, Any] = {
-        "name": "Ready",
-        "type": "string",
-        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-        "description": "Whether the object is ready to be streamed.",
-    }
+def _column(name: str, type_: str, path: str, description: str, priority: int = 0) -> dict[str, Any]:
+    """An additionalPrinterColumn (``priority`` 1: shown by ``kubectl get -o wide`` only)."""
+    column: dict[str, Any] = {"name": name, "type": type_, "jsonPath": path, "description": description}
     if priority:
         column["priority"] = priority
     return column
 
 
+_READY = _column(
+    "Ready",
+    "string",
+    '.status.conditions[?(@.type=="Ready")].status',
+    "Whether the object is ready to be streamed.",
+)
 _AGE: dict[str, Any] = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
-_REASON: dict[str, Any] = {
-    "name": "Reason",
-    "type": "string",
-    "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
-    "priority": 1,
-    "description": "Why the object is (not) ready.",
-}
+_REASON = _column(
+    "Reason", "string", '.status.conditions[?(@.type=="Ready")].reason', "Why the object is (not) ready.", 1
+)
 
 KINDS = (
     Kind(
@@ -73,26 +71,10 @@ KINDS = (
         spec=DatasetSpec,
         status=DatasetStatus,
         columns=(
-            _ready(),
-            {
-                "name": "Version",
-                "type": "integer",
-                "jsonPath": ".status.latestVersion",
-                "description": "Newest version of the store.",
-            },
-            {
-                "name": "Items",
-                "type": "integer",
-                "jsonPath": ".status.items",
-                "description": "Items in the newest version.",
-            },
-            {
-                "name": "Source",
-                "type": "string",
-                "jsonPath": ".spec.source.uri",
-                "priority": 1,
-                "description": "Store URI.",
-            },
+            _READY,
+            _column("Version", "integer", ".status.latestVersion", "Newest version of the store."),
+            _column("Items", "integer", ".status.items", "Items in the newest version."),
+            _column("Source", "string", ".spec.source.uri", "Store URI.", 1),
             _REASON,
             _AGE,
         ),
@@ -106,37 +88,12 @@ KINDS = (
         spec=DatasetStreamSpec,
         status=DatasetStreamStatus,
         columns=(
-            _ready(),
-            {
-                "name": "Dataset",
-                "type": "string",
-                "jsonPath": ".spec.dataset.name",
-                "description": "The Dataset streamed.",
-            },
-            {
-                "name": "Version",
-                "type": "integer",
-                "jsonPath": ".status.resolvedVersion",
-                "description": "The pinned manifest version.",
-            },
-            {
-                "name": "Items",
-                "type": "integer",
-                "jsonPath": ".status.matchedItems",
-                "description": "Items matching the query.",
-            },
-            {
-                "name": "Shards",
-                "type": "integer",
-                "jsonPath": ".status.shards",
-                "description": "Shards (ranks) when the world size is known.",
-            },
-            {
-                "name": "Pods",
-                "type": "integer",
-                "jsonPath": ".status.injectedPods",
-                "description": "Live pods with the sidecar injected.",
-            },
+            _READY,
+            _column("Dataset", "string", ".spec.dataset.name", "The Dataset streamed."),
+            _column("Version", "integer", ".status.resolvedVersion", "The pinned manifest version."),
+            _column("Items", "integer", ".status.matchedItems", "Items matching the query."),
+            _column("Shards", "integer", ".status.shards", "Shards (ranks) when the world size is known."),
+            _column("Pods", "integer", ".status.injectedPods", "Live pods with the sidecar injected."),
             _REASON,
             _AGE,
         ),

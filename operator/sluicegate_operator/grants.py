@@ -30,10 +30,9 @@ class Grant:
     world_size: int
 
 
-def _mac(
-    key: bytes, *, namespace: str, service_account: str, stream: str, stream_uid: str, rank: int, world: int
-) -> str:
-    message = "\0".join((_VERSION, namespace, service_account, stream, stream_uid, str(rank), str(world)))
+def _mac(key: bytes, who: tuple[str, str, str, str], rank: int, world: int) -> str:
+    """HMAC over (namespace, ServiceAccount, stream, stream UID), rank and world size."""
+    message = "\0".join((_VERSION, *who, str(rank), str(world)))
     return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 
 
@@ -48,15 +47,7 @@ def seal(
     world_size: int,
 ) -> str:
     """The grant annotation's value for this decision."""
-    mac = _mac(
-        key,
-        namespace=namespace,
-        service_account=service_account,
-        stream=stream,
-        stream_uid=stream_uid,
-        rank=rank,
-        world=world_size,
-    )
+    mac = _mac(key, (namespace, service_account, stream, stream_uid), rank, world_size)
     return f"{_VERSION}:{rank}:{world_size}:{mac}"
 
 
@@ -72,15 +63,7 @@ def open_grant(
     if len(parts) != 4 or parts[0] != _VERSION or not parts[1].isdigit() or not parts[2].isdigit():
         raise GrantInvalid(f"the pod's {GRANT_ANNOTATION} annotation is malformed")
     rank, world = int(parts[1]), int(parts[2])
-    expected = _mac(
-        key,
-        namespace=namespace,
-        service_account=service_account,
-        stream=stream,
-        stream_uid=stream_uid,
-        rank=rank,
-        world=world,
-    )
+    expected = _mac(key, (namespace, service_account, stream, stream_uid), rank, world)
     if not hmac.compare_digest(expected, parts[3]):
         raise GrantInvalid(
             f"the pod's {GRANT_ANNOTATION} annotation was not issued for this pod's ServiceAccount and "

@@ -252,23 +252,20 @@ def build_app(
 
         return handler
 
-    async def plan(request: web.Request) -> web.Response:
-        try:
-            answer = await broker.plan(
-                _bearer(request), _body(request, PLAN_BODY_BYTES), request.remote or "?"
-            )
-        except Refused as exc:
-            return _error(exc.status, exc.message, exc.retry_after)
-        return web.Response(body=answer, content_type="application/json")
+    def brokered(call: Callable[..., Awaitable[bytes]], limit: int) -> Any:
+        """A broker endpoint: the call sees the token, a bounded body reader and the caller's address."""
 
-    async def urls(request: web.Request) -> web.Response:
-        try:
-            answer = await broker.urls(
-                _bearer(request), _body(request, URLS_BODY_BYTES), request.remote or "?"
-            )
-        except Refused as exc:
-            return _error(exc.status, exc.message, exc.retry_after)
-        return web.Response(body=answer.model_dump_json(), content_type="application/json")
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                answer = await call(_bearer(request), _body(request, limit), request.remote or "?")
+            except Refused as exc:
+                return _error(exc.status, exc.message, exc.retry_after)
+            return web.Response(body=answer, content_type="application/json")
+
+        return handler
+
+    async def urls(*args: Any) -> bytes:
+        return (await broker.urls(*args)).model_dump_json().encode()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -281,8 +278,8 @@ def build_app(
         [
             web.post(webhook.PATH, gated(admission, review_handler(hook.review))),
             web.post(webhook.VALIDATE_PATH, gated(admission, review_handler(hook.validate))),
-            web.post(BrokerPaths.PLAN, plan),
-            web.post(BrokerPaths.URLS, urls),
+            web.post(BrokerPaths.PLAN, brokered(broker.plan, PLAN_BODY_BYTES)),
+            web.post(BrokerPaths.URLS, brokered(urls, URLS_BODY_BYTES)),
             web.get(BrokerPaths.HEALTHZ, healthz),
             web.get(BrokerPaths.METRICS, gated(metrics, scrape)),
         ]

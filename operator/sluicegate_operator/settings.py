@@ -10,12 +10,12 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliImplicitFlag
 from sluicegate import __version__
+from sluicegate.core.daemon import settings_config
 
 # The image published for each release, tagged with the package version (the chart's appVersion).
 DEFAULT_IMAGE = f"ghcr.io/sluicegate/sluicegate:{__version__}"
-ENV_PREFIX = "SLUICEGATE_"
 
 
 class Settings(BaseSettings):
@@ -23,15 +23,7 @@ class Settings(BaseSettings):
     environment variable, SLUICEGATE_ and the flag's name in capitals (--store-timeout-s:
     SLUICEGATE_STORE_TIMEOUT_S); a flag wins."""
 
-    model_config = SettingsConfigDict(
-        frozen=True,
-        extra="forbid",
-        env_prefix=ENV_PREFIX,
-        cli_prog_name="sluicegate-operator",
-        cli_kebab_case=True,
-        cli_hide_none_type=True,
-        cli_avoid_json=True,
-    )
+    model_config = settings_config("sluicegate-operator")
 
     namespace: str = Field(default="sluicegate-system", description="namespace the operator runs in")
     service_name: str = Field(default="sluicegate-operator", description="Service in front of the operator")

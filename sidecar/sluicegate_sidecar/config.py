@@ -17,9 +17,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource
 from sluicegate import ConfigError
-from sluicegate.core.broker_protocol import ENV_PREFIX, MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv, env_var
+from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv, env_var
+from sluicegate.core.daemon import settings_config
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.env import detect
 from sluicegate.core.partition import ShardSpec
@@ -71,15 +72,7 @@ class SidecarConfig(BaseSettings, ShardSpec):
     wins. Rank, world size, seed, shuffle, remainder, version and query are store mode's: in broker mode
     the broker decides them."""
 
-    model_config = SettingsConfigDict(
-        frozen=True,
-        extra="forbid",
-        env_prefix=ENV_PREFIX,
-        cli_prog_name="sluicegate-sidecar",
-        cli_kebab_case=True,
-        cli_hide_none_type=True,
-        cli_avoid_json=True,
-    )
+    model_config = settings_config("sluicegate-sidecar")
 
     store: str | None = Field(
         default=None, min_length=1, description="dataset store URI: local path, file://, s3:// (store mode)"

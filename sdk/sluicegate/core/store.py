@@ -142,12 +142,7 @@ class Store:
         """Store ``data`` under its sha256 (kept as is when present) and return the hash."""
         sha = sha or sha256_hex(data)
         self._writable()
-        try:
-            obstore.put(self._backend, blob_key(sha), data, mode="create")
-        except AlreadyExistsError:
-            pass  # content-addressed: the bytes there are these bytes
-        except BaseError as exc:
-            raise StoreError(f"cannot write blob {sha} to {self.uri}: {exc}") from exc
+        _create_blob(self._backend, sha, data, f"cannot write blob {sha} to {self.uri}")
         return sha
 
     def blob_writer(self) -> BlobWriter:
@@ -431,12 +426,7 @@ class BlobWriter:
         """Store ``source`` as blob ``sha`` (kept as is when present); raises :class:`StoreError`."""
         what: object = source if isinstance(source, Path) else f"blob {sha}"
         if not self._local:
-            try:
-                obstore.put(self._backend, blob_key(sha), source, mode="create")
-            except AlreadyExistsError:
-                pass  # content-addressed: the bytes there are these bytes
-            except BaseError as exc:
-                raise StoreError(f"cannot upload {what} to {self._store.uri}: {exc}") from exc
+            _create_blob(self._backend, sha, source, f"cannot upload {what} to {self._store.uri}")
             return
         try:
             if self._unnamed and isinstance(source, bytes):
@@ -459,6 +449,16 @@ class BlobWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _create_blob(backend: ObjectStore, sha: str, source: bytes | Path, failure: str) -> None:
+    """Upload blob ``sha`` unless it is there already; :class:`StoreError` starting with ``failure``."""
+    try:
+        obstore.put(backend, blob_key(sha), source, mode="create")
+    except AlreadyExistsError:
+        pass  # content-addressed: the bytes there are these bytes
+    except BaseError as exc:
+        raise StoreError(f"{failure}: {exc}") from exc
 
 
 def _link_unnamed(dir_fd: int, name: str, data: bytes) -> bool:
