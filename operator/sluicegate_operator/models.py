@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from pydantic.alias_generators import to_camel
+from sluicegate.core.engine import EngineConfig
 from sluicegate.core.partition import Remainder
 from sluicegate.core.quantity import QUANTITY_PATTERN
 from sluicegate.core.query import MAX_QUERY_CHARS
@@ -270,7 +271,7 @@ class Cache(_Model):
     """Byte budgets of each sidecar's read-ahead cache."""
 
     memory: str = Field(
-        default="512Mi",
+        default=f"{EngineConfig.model_fields['memory_bytes'].default // 2**20}Mi",  # the engine's
         pattern=QUANTITY_PATTERN,
         description="Memory budget, e.g. 2Gi.",
         max_length=MAX_QUANTITY,

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, CliImplicitFlag
 from sluicegate import __version__
 from sluicegate.core.daemon import settings_config
 
+from .catalog import Limits
+
 # The image published for each release, tagged with the package version (the chart's appVersion).
 DEFAULT_IMAGE = f"ghcr.io/sluicegate/sluicegate:{__version__}"
 
@@ -52,15 +54,19 @@ class Settings(BaseSettings):
     serve_only: CliImplicitFlag[bool] = Field(
         default=False, description="serve webhook and broker only, no reconciler (the webhook replicas)"
     )
-    manifest_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="bytes of one manifest")
-    manifest_max_rows: int = Field(default=10_000_000, ge=1, description="rows of one manifest")
+    manifest_max_bytes: int = Field(
+        default=Limits.manifest_bytes, ge=1024, description="bytes of one manifest"
+    )
+    manifest_max_rows: int = Field(default=Limits.manifest_rows, ge=1, description="rows of one manifest")
     manifest_max_decoded_bytes: int = Field(
-        default=512 * 1024 * 1024, ge=1024, description="bytes of one manifest once decoded"
+        default=Limits.decoded_bytes, ge=1024, description="bytes of one manifest once decoded"
     )
     cache_bytes: int = Field(
-        default=1024 * 1024 * 1024, ge=0, description="bytes of manifests and shards kept"
+        default=Limits.cache_bytes, ge=0, description="bytes of manifests and shards kept"
     )
-    store_timeout_s: float = Field(default=10.0, gt=0, description="limit on one store read, seconds")
+    store_timeout_s: float = Field(
+        default=Limits.timeout_s, gt=0, description="limit on one store read, seconds"
+    )
     metrics_auth: bool = Field(
         default=True, description="/metrics needs a token allowed to get the non-resource URL /metrics"
     )

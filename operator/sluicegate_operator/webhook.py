@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
+from sluicegate.core.flights import Flights
 
 from . import access, grants, inject, sources
 from .inject import AdmissionDenied, SidecarTemplate
@@ -144,7 +145,7 @@ class Recent(Generic[K, V]):
         self._max = max_entries
         self._clock = clock
         self._entries: dict[K, tuple[float, V]] = {}
-        self._pending: dict[K, asyncio.Future[V]] = {}
+        self._flights: Flights[K, V] = Flights()
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         entry = self._entries.get(key)
@@ -160,15 +161,13 @@ class Recent(Generic[K, V]):
 
     def _lookup(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
         """The lookup of ``key`` in flight, started if there is none."""
-        pending = self._pending.get(key)
+        pending = self._flights.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(load())
-            self._pending[key] = pending
+            pending = self._flights.start((key,), load())
             pending.add_done_callback(partial(self._settle, key))
         return pending
 
     def _settle(self, key: K, done: asyncio.Future[V]) -> None:
-        self._pending.pop(key, None)
         if done.cancelled() or done.exception() is not None:
             return  # a failed refresh leaves the current answer to expire in its time
         if self._ttl <= 0 or not self._keep(done.result()):

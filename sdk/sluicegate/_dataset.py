@@ -36,6 +36,7 @@ __all__ = ["Dataset", "Item", "Source", "connect", "open"]
 
 _FIRST_BATCH = 8  # a small first request keeps the time to the first item low
 _MAX_BATCH = 512
+_ENGINE = EngineConfig.model_fields  # the engine's defaults are open()'s
 _BATCH_BYTES = 16 * 2**20  # target bytes per request once item sizes are known
 _MIN_DEPTH = 2
 _LARGE_ITEM = 2**20  # items this big on average: keep freed memory for the next batch (see _alloc)
@@ -67,7 +68,7 @@ class Dataset:
         self,
         source: Source,
         *,
-        queries: tuple[str, ...] = (),
+        queries: tuple[Query, ...] = (),
         shard: ShardSpec | None = None,
         seed: int | None = None,
         prefetch: int = 64 * 2**20,
@@ -111,8 +112,7 @@ class Dataset:
 
     def slice(self, query: str) -> Dataset:
         """The items that also match ``query`` (AND-ed with earlier slices); syntax is checked now."""
-        Query.parse(query)
-        return self._derive(queries=(*self._queries, query))
+        return self._derive(queries=(*self._queries, Query.parse(query)))
 
     def shard(self, rank: int, world_size: int, remainder: Remainder | str = Remainder.PAD) -> Dataset:
         """Rank ``rank``'s part of ``world_size``: disjoint, equal-length parts covering the view."""
@@ -286,7 +286,7 @@ class Dataset:
     def __repr__(self) -> str:
         parts = [self._source.describe()]
         if self._queries:
-            parts.append("query " + " and ".join(f"({q})" for q in self._queries))
+            parts.append("query " + " and ".join(f"({q.text})" for q in self._queries))
         if self._shard is not None:
             parts.append(f"shard {self._shard.rank}/{self._shard.world_size} ({self._shard.remainder.value})")
         if self._seed is not None:
@@ -309,12 +309,12 @@ def open(
     version: int | None = None,
     query: str | None = None,
     *,
-    cache_bytes: int = 512 * 2**20,
+    cache_bytes: int = _ENGINE["memory_bytes"].default,
     disk_cache: str | os.PathLike[str] | None = None,
-    disk_cache_bytes: int = 8 * 2**30,
+    disk_cache_bytes: int = _ENGINE["disk_bytes"].default,
     s3: S3Options | None = None,
     prefetch: int = 64 * 2**20,
-    concurrency: int = 16,
+    concurrency: int = _ENGINE["concurrency"].default,
 ) -> Dataset:
     """Open a dataset store in this process (no sidecar), pinned to ``version`` (default: latest).
 

@@ -17,6 +17,7 @@ from sluicegate.core.engine import (
     read_manifest,
 )
 from sluicegate.core.partition import Positions
+from sluicegate.core.query import Query
 from sluicegate.core.store import S3Options, Store
 
 __all__ = ["LocalSource"]
@@ -95,7 +96,7 @@ class LocalSource(Source):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def select(self, queries: Sequence[str]) -> Positions:
+    def select(self, queries: Sequence[Query]) -> Positions:
         return self.plan.select(queries)
 
     def fetch(self, positions: Positions, readahead: Positions) -> Pending:

@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import mmap
 import os
-import random
 import socket
 import threading
 import time
@@ -35,14 +34,18 @@ from sluicegate._exceptions import (
     StreamError,
 )
 from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
+from sluicegate.core import backoff
 from sluicegate.core import protocol as proto
 from sluicegate.core.partition import Positions
+from sluicegate.core.query import Query
 
 __all__ = ["BATCH_TIMEOUT_S", "RemoteSource"]
 
 R = TypeVar("R")
 Buffer = bytes | bytearray
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# Retries of a sidecar that is not up yet: the first within 20 ms, none more than 1 s apart.
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.02, 1.0
 # How long one batch may take to arrive: a cold batch from a slow store takes long, a stalled sidecar forever.
 BATCH_TIMEOUT_S = 300.0
 
@@ -293,7 +296,7 @@ class _FdPending(Pending):
         return sock
 
     def result(self) -> list[Item]:
-        deadline: float | None = None
+        deadline = backoff.Deadline(self._source.timeout)
         attempt = 0
         while True:
             try:
@@ -315,15 +318,13 @@ class _FdPending(Pending):
                 if error.code is not proto.ErrorCode.NOT_READY:
                     raise _ERRORS.get(error.code, StreamError)(error.message)
                 reason = error.message
-            now = time.monotonic()
-            deadline = now + self._source.timeout if deadline is None else deadline
-            if now >= deadline:
+            if deadline.passed():
                 raise SidecarUnavailable(
                     f"the sidecar at {self._source.address} did not answer a batch on {self._pool.path} "
                     f"within {self._source.timeout:.0f}s ({reason}); is the sidecar container running?"
                 )
+            time.sleep(backoff.delay(attempt, first_s=_RETRY_FIRST_S, max_s=_RETRY_MAX_S))
             attempt += 1
-            time.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
 
     def _receive(self) -> tuple[proto.FdAnswer, int | None, socket.socket]:
         """The answer on this request's connection; OSError when the connection failed (closed here)."""
@@ -517,7 +518,7 @@ class RemoteSource(Source):
     async def _retrying(self, what: str, send: Callable[[], Awaitable[tuple[int, Buffer, R]]]) -> R:
         """``send()`` retried while the sidecar is unreachable or not ready, up to the timeout; an error
         answer becomes the matching exception."""
-        deadline = time.monotonic() + self._timeout
+        deadline = backoff.Deadline(self._timeout)
         attempt = 0
         while True:
             try:
@@ -531,13 +532,13 @@ class RemoteSource(Source):
                 if error.code is not proto.ErrorCode.NOT_READY:
                     raise _ERRORS.get(error.code, StreamError)(error.message)
                 reason = error.message
-            attempt += 1
-            if time.monotonic() >= deadline:
+            if deadline.passed():
                 raise SidecarUnavailable(
                     f"the sidecar at {self.address} did not answer {what} within "
                     f"{self._timeout:.0f}s ({reason}); is the sidecar container running?"
                 )
-            await asyncio.sleep(min(1.0, 0.02 * 2**attempt) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(backoff.delay(attempt, first_s=_RETRY_FIRST_S, max_s=_RETRY_MAX_S))
+            attempt += 1
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self._running().loop.run(self._request(method, path, **kwargs))
@@ -576,8 +577,8 @@ class RemoteSource(Source):
     def __len__(self) -> int:
         return self.info.items
 
-    def select(self, queries: Sequence[str]) -> Positions:
-        body = proto.SelectRequest(queries=list(queries)).model_dump_json()
+    def select(self, queries: Sequence[Query]) -> Positions:
+        body = proto.SelectRequest(queries=[q.text for q in queries]).model_dump_json()
         response = self._call(
             "POST", proto.Paths.SELECT, content=body, headers={"content-type": "application/json"}
         )

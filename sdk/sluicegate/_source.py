@@ -18,6 +18,7 @@ from sluicegate._exceptions import ConfigError
 from sluicegate.core.engine import LoopThread, close_on_collect
 from sluicegate.core.manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
 from sluicegate.core.partition import Positions
+from sluicegate.core.query import Query
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -165,8 +166,9 @@ class Source(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def select(self, queries: Sequence[str]) -> Positions:
-        """Positions (ascending) of the source's items that match every query."""
+    def select(self, queries: Sequence[Query]) -> Positions:
+        """Positions (ascending) of the source's items that match every query (parsed once, by the
+        Dataset that sliced)."""
 
     @abstractmethod
     def fetch(self, positions: Positions, readahead: Positions) -> Pending:

@@ -33,6 +33,7 @@ from sluicegate.core.broker_protocol import (
     UrlsResponse,
 )
 from sluicegate.core.engine import BlobRef, Limits, Outcome, Plan, UrlRefused, UrlUpstream, fetch_each
+from sluicegate.core.flights import Flights
 from sluicegate.core.manifest import BASE_SCHEMA, LABEL_PREFIX
 from sluicegate.core.partition import Positions
 from sluicegate.core.protocol import Info, WireRow
@@ -212,7 +213,7 @@ class BrokerUpstream:
         self._http = UrlUpstream(timeout_s)
         self._blob_at: list[str] = []  # blob hash of each plan position
         self._urls: dict[str, _Url] = {}
-        self._pending: dict[str, asyncio.Task[None]] = {}  # blob -> the request bringing its URL
+        self._pending: Flights[str, None] = Flights()  # blob -> the request bringing its URL
         self._ahead: OrderedDict[str, Sequence[int] | Positions] = (
             OrderedDict()
         )  # consumer -> positions it reads next
@@ -293,15 +294,10 @@ class BrokerUpstream:
                 raise StoreError(f"the broker sent no URL for blob {sha} although it was asked for one")
         return entry.url
 
-    def _request(self, blobs: list[str], reason: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self._ask(blobs, reason))
-        for sha in blobs:
-            self._pending[sha] = task
+    def _request(self, blobs: list[str], reason: str) -> asyncio.Future[None]:
+        task = self._pending.start(blobs, self._ask(blobs, reason))
 
-        def done(_: asyncio.Task[None]) -> None:
-            for sha in blobs:
-                if self._pending.get(sha) is task:
-                    del self._pending[sha]
+        def done(_: asyncio.Future[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
                 # Fetches waiting on it raise it themselves (and the engine retries); this is for the log.
                 log.warning("asking the broker for %d blob URLs failed: %s", len(blobs), task.exception())

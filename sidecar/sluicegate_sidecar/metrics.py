@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sluicegate.core.engine import Engine
 from sluicegate.core.protocol import Info
@@ -61,17 +61,7 @@ class SidecarCollector(Collector):
         if self._engine.disk is not None:
             budget.add_metric(["disk"], self._engine.disk.budget)
         yield budget
-        hist = stats.upstream_latency
-        cumulative, buckets = 0, []
-        for bound, count in zip((*hist.buckets, float("inf")), hist.counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        yield HistogramMetricFamily(
-            "sluicegate_upstream_latency_seconds",
-            "Latency of upstream blob fetches",
-            buckets=buckets,
-            sum_value=hist.total,
-        )
+        yield from stats.upstream_latency.collect()
         requests = CounterMetricFamily(
             "sluicegate_requests", "HTTP requests by path and status", labels=["path", "code"]
         )

@@ -35,9 +35,11 @@ from sluicegate import (
     SluicegateError,
     StoreError,
 )
+from sluicegate.core import backoff
 from sluicegate.core import partition as _partition
 from sluicegate.core import protocol as proto
 from sluicegate.core.engine import Engine, Plan, StoreUpstream, Upstream, engine_store, read_manifest
+from sluicegate.core.query import Query
 from sluicegate.core.store import Store
 
 from .broker import BrokerClient, BrokerRefused, BrokerUpstream, plan_of
@@ -145,7 +147,11 @@ class Sidecar:
         assert store is not None
         version = store.resolve(cfg.version)
         everything = Plan(version, read_manifest(store, version))
-        selected = everything.select([cfg.query]) if cfg.query else np.arange(len(everything), dtype=np.int64)
+        selected = (
+            everything.select([Query.parse(cfg.query)])
+            if cfg.query
+            else np.arange(len(everything), dtype=np.int64)
+        )
         spec = cfg.shard_spec()
         mine = spec.positions(len(selected))
         plan = Plan(version, everything.manifest, index=selected[mine])
@@ -171,7 +177,7 @@ class Sidecar:
         """Load the plan. Store mode: transient store faults are retried, a permanent problem stops the
         sidecar. Broker mode: everything is retried (with backoff), because every refusal can pass: a
         RoleBinding gets added, the stream becomes Ready, the kubelet rotates the token."""
-        delay = 0.5
+        attempt = 0
         while True:
             try:
                 plan, info = await self._fetch_plan()
@@ -183,11 +189,12 @@ class Sidecar:
                     log.error("%s", self.failure)
                     self.stopping.set()
                     return
-                self.failure = f"cannot load the shard plan yet (retrying in {delay:g}s): {exc}"
+                delay = backoff.delay(attempt, first_s=1.0, max_s=30.0)
+                attempt += 1
+                self.failure = f"cannot load the shard plan yet (retrying in {delay:.1f}s): {exc}"
                 refused = isinstance(exc, BrokerRefused | ConfigError)
                 log.log(logging.ERROR if refused else logging.WARNING, "%s", self.failure)
                 await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
         self.plan, self.info, self.failure = plan, info, None
         log.info(
             "serving %s version %s, rank %s of %s: %s items of %s",
@@ -294,7 +301,7 @@ class Sidecar:
     async def _select(self, request: web.Request) -> web.Response:
         body = proto.SelectRequest.model_validate_json(await request.read())
         plan, _ = self._ready()
-        found = await asyncio.to_thread(plan.select, body.queries)
+        found = await asyncio.to_thread(plan.select, [Query.parse(q) for q in body.queries])
         return web.Response(
             text=proto.SelectResponse(indexes=found.tolist()).model_dump_json(),
             content_type="application/json",

@@ -275,7 +275,7 @@ class Store:
             return self._manifests[version][1]
         key = _version_key(version)
         try:
-            meta = pq.read_metadata(_RangeFile(self._backend, key))
+            meta = pq.read_metadata(_ArrowFile(self._backend, key))
         except _NOT_FOUND as exc:
             raise NotFoundError(f"{self.uri} has no version {version}") from exc
         except (BaseError, pa.ArrowInvalid, OSError) as exc:
@@ -513,37 +513,20 @@ def verify(sha: str, data: bytes | memoryview) -> None:
         raise IntegrityError(f"blob {sha} is corrupt: its bytes hash to {got}")
 
 
-class _RangeFile:
-    """A read-only, seekable file over an object, for Parquet footers (pyarrow reads through it)."""
+class _ArrowFile:
+    """obstore's buffered reader as pyarrow takes a file (pyarrow also asks ``closed`` and ``readable``)."""
+
+    closed = False
 
     def __init__(self, backend: ObjectStore, key: str) -> None:
-        self._backend, self._key, self._pos = backend, key, 0
-        self._size = int(obstore.head(backend, key)["size"])
-        self.closed = False
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = {0: offset, 1: self._pos + offset, 2: self._size + offset}[whence]
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        end = self._size if n < 0 else min(self._size, self._pos + n)
-        if end <= self._pos:
-            return b""
-        data = obstore.get_range(self._backend, self._key, start=self._pos, end=end).to_bytes()
-        self._pos = end
-        return data
+        # Footers are a few KB: small buffers keep a version's info to a couple of range reads.
+        self._reader = obstore.open_reader(backend, key, buffer_size=64 * 1024)
 
     def readable(self) -> bool:
         return True
 
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
 
 
 def _parse(uri: str | os.PathLike[str], s3: S3Options) -> tuple[str, ObjectStore | Path]:

@@ -31,6 +31,7 @@ from sluicegate.core.engine import (
     StoreUpstream,
     Workers,
 )
+from sluicegate.core.query import Query
 
 from tests.sidecar.helpers import make_dataset
 
@@ -224,12 +225,15 @@ def test_manifest_decodes_lazily_and_matches_the_full_table(tmp_path: Path) -> N
     assert lazy.rows(positions) == full.take(pa.array(positions)).to_pylist()
     plan = Plan(1, lazy, index=np.array([7, 3, 44]))
     assert [r.item_id for r in plan.refs([2, 0])] == ["item000044", "item000007"]
-    assert plan.select(["labels.car >= 1"]).tolist() == [0, 2]  # items 7 and 44 have cars, 3 does not
+    assert plan.select([Query.parse("labels.car >= 1")]).tolist() == [
+        0,
+        2,
+    ]  # items 7 and 44 have cars, 3 does not
     assert plan.position_of("item000003") == 1
     assert plan.position_of("item000004") is None
     # Resolved against every field, not just the decoded ones.
     with pytest.raises(QueryError, match=r"labels\.truck"):
-        plan.select(["labels.truck >= 1"])
+        plan.select([Query.parse("labels.truck >= 1")])
     assert len(expected) == 50
     with pytest.raises(StoreError, match="not a readable Parquet"):
         Manifest(b"not parquet", "x")

@@ -7,7 +7,7 @@ the same :class:`Engine` that embedded mode runs in-process, so both paths share
 """
 
 from sluicegate.core.engine.cache import DiskCache, MemoryCache
-from sluicegate.core.engine.config import EngineConfig, EngineStats, Histogram
+from sluicegate.core.engine.config import EngineConfig, EngineStats
 from sluicegate.core.engine.core import Engine
 from sluicegate.core.engine.loop import LoopThread, Workers, close_on_collect
 from sluicegate.core.engine.plan import Manifest, Plan, read_manifest
@@ -32,7 +32,6 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "Fetched",
-    "Histogram",
     "Limits",
     "LoopThread",
     "Manifest",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import bisect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["LATENCY_BUCKETS", "EngineConfig", "EngineStats", "Histogram", "default_threads"]
+__all__ = ["LATENCY_BUCKETS", "EngineConfig", "EngineStats", "default_threads"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -42,22 +42,15 @@ class EngineConfig(BaseModel):
     )
 
 
-@dataclass
-class Histogram:
-    """Cumulative-bucket histogram (Prometheus semantics): the SDK does not depend on prometheus-client,
-    which only the sidecar's extra installs; the sidecar turns this into its histogram at scrape time."""
-
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    total: float = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1  # buckets are upper bounds, inclusive
-        self.total += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
+def upstream_latency() -> Histogram:
+    """Latency of upstream blob fetches: a prometheus-client histogram of this engine alone (no
+    registry), which the sidecar exports and embedded users read in process."""
+    return Histogram(
+        "sluicegate_upstream_latency_seconds",
+        "Latency of upstream blob fetches",
+        buckets=LATENCY_BUCKETS,
+        registry=None,
+    )
 
 
 @dataclass
@@ -77,4 +70,4 @@ class EngineStats:
     integrity_failures: int = 0
     prefetched: int = 0
     wait_seconds: float = 0.0
-    upstream_latency: Histogram = field(default_factory=Histogram)
+    upstream_latency: Histogram = field(default_factory=upstream_latency)

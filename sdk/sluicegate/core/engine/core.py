@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from sluicegate._exceptions import IntegrityError, StoreError
+from sluicegate.core import backoff
 from sluicegate.core.engine.cache import DiskCache, MemoryCache
 from sluicegate.core.engine.config import EngineConfig, EngineStats
 from sluicegate.core.engine.loop import Workers
@@ -264,8 +264,7 @@ class Engine:
                     stats.upstream_latency.observe(got.seconds)
             pending = retry
             if faulted:
-                # Full jitter: concurrent retries spread out instead of hammering the store in step.
-                await asyncio.sleep(random.uniform(0, min(cfg.max_backoff_s, cfg.backoff_s * 2**attempt)))
+                await asyncio.sleep(backoff.delay(attempt, first_s=cfg.backoff_s, max_s=cfg.max_backoff_s))
                 attempt += 1
 
     # -- read-ahead ----------------------------------------------------------------------------

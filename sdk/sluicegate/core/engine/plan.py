@@ -113,13 +113,13 @@ class Manifest:
                     self._columns[name] = column
             return [self._columns[n] for n in names]
 
-    def query_table(self, queries: Sequence[str]) -> pa.Table:
+    def query_table(self, queries: Sequence[Query]) -> pa.Table:
         """A table :func:`select_rows` can evaluate ``queries`` on: just the columns they name.
 
         Naming a field the manifest lacks raises :class:`QueryError` here, resolved against every field.
         """
         fields = query_fields(self.schema)
-        needed = sorted({column for q in queries for column in Query.parse(q).columns(fields)})
+        needed = sorted({column for q in queries for column in q.columns(fields)})
         return pa.table(self.columns(needed), schema=pa.schema([self.schema.field(n) for n in needed]))
 
     def rows(self, positions: Positions) -> list[dict[str, Any]]:
@@ -194,8 +194,8 @@ class Plan:
         """Full manifest rows (plain dicts, as the wire carries them)."""
         return self.manifest.rows(self._at(positions))
 
-    def select(self, queries: Sequence[str]) -> Positions:
-        """Plan positions (ascending) of the items that match every query."""
+    def select(self, queries: Sequence[Query]) -> Positions:
+        """Plan positions (ascending) of the items that match every (parsed) query."""
         table = self.manifest.query_table(queries)
         if self.index is not None:
             table = table.take(pa.array(self.index))
