@@ -11,4 +11,6 @@ change in any release, together with the sidecar and operator of that release.
 - ``partition``: sharding and shuffling as pure functions; ``env``: rank and world size of this process
 - ``protocol``: the sidecar's wire protocol; ``broker_protocol``: the operator-sidecar contract
 - ``quantity``: Kubernetes byte quantities; ``alloc``: the allocator settings of long-lived processes
+- ``backoff``: the one retry policy; ``flights``: single flight (one task per key in flight)
+- ``daemon``: how the sidecar and the operator read their flags and environment (pydantic-settings)
 """
