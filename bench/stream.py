@@ -987,28 +987,28 @@ def _extra_sections(r: dict[str, Any]) -> list[str]:
         lines.append("")
     f1 = cases.get("first-item")
     if f1 and "error" not in f1:
-        lines += [
-            "## First item",
-            "",
+        lines += _section(
+            "First item",
             f"{f1['first_item_s']:.2f} s from `sluicegate.open` to the first item of {f1['items']:,} items "
             f"(shuffled); then {f1['first_item_torch_loader_s']:.2f} s more to the first batch of a torch "
             "DataLoader.",
-            "",
-        ]
+        )
     rss = cases.get("rss")
     if rss and "error" not in rss:
-        lines += [
-            "## Trainer RSS through an uncached epoch",
-            "",
+        lines += _section(
+            "Trainer RSS through an uncached epoch",
             f"{rss['dataset_mb']:,} MB through a {rss['cache_mib']} MiB cache, no workers, batch "
             f"{r['config']['batch']}: RSS (MB) sampled evenly through the epoch {rss['rss_mb_samples']}; "
             f"{_verdict(next(t for t in r['targets'] if t['target'].startswith('trainer RSS')))}: "
             f"+{rss['growth_second_half_mb']} MB over the second half (limit: a twentieth of the data, "
             f"32 MB at least), at most +{rss['max_above_start_mb']} MB above the start (limit: cache + "
             f"read-ahead + 64 MB = {rss['budget_mb'] + 64} MB).",
-            "",
-        ]
+        )
     return lines
+
+
+def _section(title: str, text: str) -> list[str]:
+    return [f"## {title}", "", text, ""]
 
 
 def _plot(r: dict[str, Any]) -> None:

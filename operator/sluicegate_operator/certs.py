@@ -30,6 +30,18 @@ NEXT_CA_CERT, NEXT_CA_KEY = "next-ca.crt", "next-ca.key"
 ROTATE_AT = 2 / 3
 # Make (and start trusting) the CA's successor once a third of the CA's lifetime has passed.
 NEXT_CA_AT = 1 / 3
+# The key usages a CA does not need (x509.KeyUsage wants every one of them said).
+_KEY_USAGES = dict.fromkeys(
+    (
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "encipher_only",
+        "decipher_only",
+    ),
+    False,
+)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -113,17 +125,7 @@ def new_ca(now: datetime, valid: timedelta) -> tuple[bytes, bytes]:
         .not_valid_after(now + valid)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            x509.KeyUsage(**_KEY_USAGES, digital_signature=True, key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

@@ -63,14 +63,14 @@ _REASON = _column(
 
 KINDS = (
     Kind(
-        kind="Dataset",
-        plural="datasets",
-        short_names=("sgds",),
-        description="A versioned dataset store that streams can read, with its credentials and "
-        "row-level policies. Grant the verb 'stream' on it to let a ServiceAccount read it.",
-        spec=DatasetSpec,
-        status=DatasetStatus,
-        columns=(
+        "Dataset",
+        "datasets",
+        ("sgds",),
+        "A versioned dataset store that streams can read, with its credentials and row-level policies. "
+        "Grant the verb 'stream' on it to let a ServiceAccount read it.",
+        DatasetSpec,
+        DatasetStatus,
+        (
             _READY,
             _column("Version", "integer", ".status.latestVersion", "Newest version of the store."),
             _column("Items", "integer", ".status.items", "Items in the newest version."),

@@ -312,16 +312,15 @@ class _FdPending(Pending):
                 if answer.header is not None and fd is not None:
                     return self._items(answer.header, fd, sock)
                 self._pool.give(sock)
-                error = answer.error or proto.ErrorBody(
-                    code=proto.ErrorCode.INTERNAL, message=f"the sidecar answered status {answer.status}"
+                reason = _retry_reason(
+                    answer.error
+                    or proto.ErrorBody(
+                        code=proto.ErrorCode.INTERNAL, message=f"the sidecar answered status {answer.status}"
+                    )
                 )
-                if error.code is not proto.ErrorCode.NOT_READY:
-                    raise _ERRORS.get(error.code, StreamError)(error.message)
-                reason = error.message
             if deadline.passed():
-                raise SidecarUnavailable(
-                    f"the sidecar at {self._source.address} did not answer a batch on {self._pool.path} "
-                    f"within {self._source.timeout:.0f}s ({reason}); is the sidecar container running?"
+                raise _gave_up(
+                    self._source.address, f"a batch on {self._pool.path}", self._source.timeout, reason
                 )
             time.sleep(backoff.delay(attempt, first_s=_RETRY_FIRST_S, max_s=_RETRY_MAX_S))
             attempt += 1
@@ -528,15 +527,9 @@ class RemoteSource(Source):
             else:
                 if status < 400:
                     return result
-                error = _error_body(status, bytes(content))
-                if error.code is not proto.ErrorCode.NOT_READY:
-                    raise _ERRORS.get(error.code, StreamError)(error.message)
-                reason = error.message
+                reason = _retry_reason(_error_body(status, bytes(content)))
             if deadline.passed():
-                raise SidecarUnavailable(
-                    f"the sidecar at {self.address} did not answer {what} within "
-                    f"{self._timeout:.0f}s ({reason}); is the sidecar container running?"
-                )
+                raise _gave_up(self.address, what, self._timeout, reason)
             await asyncio.sleep(backoff.delay(attempt, first_s=_RETRY_FIRST_S, max_s=_RETRY_MAX_S))
             attempt += 1
 
@@ -605,6 +598,20 @@ class RemoteSource(Source):
         live, self._live = self._live, None
         if live is not None:
             live.close()
+
+
+def _retry_reason(error: proto.ErrorBody) -> str:
+    """Why to try again: the sidecar is not ready yet. Any other error answer is raised as its exception."""
+    if error.code is not proto.ErrorCode.NOT_READY:
+        raise _ERRORS.get(error.code, StreamError)(error.message)
+    return error.message
+
+
+def _gave_up(address: str, what: str, timeout_s: float, reason: str) -> SidecarUnavailable:
+    return SidecarUnavailable(
+        f"the sidecar at {address} did not answer {what} within {timeout_s:.0f}s ({reason}); "
+        "is the sidecar container running?"
+    )
 
 
 def _error_body(status: int, content: bytes) -> proto.ErrorBody:
