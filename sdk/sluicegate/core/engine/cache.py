@@ -16,7 +16,14 @@ __all__ = ["DiskCache", "MemoryCache"]
 
 
 class MemoryCache:
-    """Blobs in memory under a byte budget; consumed blobs are evicted first, then least recently used."""
+    """Blobs in memory under a byte budget. Blobs not yet served (read-ahead) are kept; of the served
+    ones, the most recently served is evicted first, and a hit does not move a blob.
+
+    A stream over a shard larger than the budget is a scan: least-recently-used eviction would throw out
+    each blob just before its next epoch reaches it, and no epoch would ever hit. Evicting the newest
+    served blob instead keeps the first part of the shard resident from epoch to epoch, so every epoch
+    after the first serves (budget - read-ahead) / shard of its items from memory, in any order.
+    Fresh blobs go least recently used first, and only when nothing served is left."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -40,10 +47,7 @@ class MemoryCache:
         if data is not None:
             self._fresh.move_to_end(sha)
             return data
-        data = self._consumed.get(sha)
-        if data is not None:
-            self._consumed.move_to_end(sha)
-        return data
+        return self._consumed.get(sha)
 
     def consume(self, sha: str) -> None:
         data = self._fresh.pop(sha, None)
@@ -60,7 +64,7 @@ class MemoryCache:
         evicted = []
         while self.nbytes + len(data) > self.budget:
             if self._consumed:
-                old, old_data = self._consumed.popitem(last=False)
+                old, old_data = self._consumed.popitem(last=True)
                 self.consumed_bytes -= len(old_data)
             else:
                 old, old_data = self._fresh.popitem(last=False)
