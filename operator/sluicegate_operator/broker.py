@@ -260,10 +260,6 @@ class Broker:
                 f"pod {who.namespace}/{who.pod_name} was admitted for world size {sealed.world_size}, but "
                 f"DatasetStream {stream_name} now says {fixed}: recreate the job's pods",
             )
-        if not is_ready(stream.status.conditions) or stream.status.resolved_version is None:
-            raise Refused(
-                409, "stream_not_ready", f"DatasetStream {who.namespace}/{stream_name} is not Ready yet"
-            )
         ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
         allowed, why = await self._kube.may_stream(
             user=who.username, groups=who.groups, uid=who.uid, extra=who.extra, namespace=ds_ns, name=ds_name
@@ -281,6 +277,11 @@ class Broker:
             ) from exc
         except ConfigError as exc:
             raise Refused(503, "credentials", f"Dataset {ds_ns}/{ds_name} cannot be read: {exc}") from exc
+        # After the source checks: a stream made not Ready by a revoked source says so, not "not Ready yet".
+        if not is_ready(stream.status.conditions) or stream.status.resolved_version is None:
+            raise Refused(
+                409, "stream_not_ready", f"DatasetStream {who.namespace}/{stream_name} is not Ready yet"
+            )
         policies = access.applicable_policies(dataset.spec.policies, who.username, who.groups)
         blank = [p.name for p in policies if not p.query.strip()]
         if blank:  # a blank filter would select everything: fail closed
