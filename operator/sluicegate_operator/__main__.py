@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 from pydantic import ValidationError
+from sluicegate.core.daemon import problems
 
 from . import handlers, server
 from .broker import Broker, BrokerLimits
@@ -31,11 +32,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     try:
         settings = Settings(_cli_parse_args=list(sys.argv[1:] if argv is None else argv))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors()
-        )
-        print(f"sluicegate-operator: invalid settings: {problems}", file=sys.stderr)
+        print(f"sluicegate-operator: invalid settings: {problems(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -20,13 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource
 from sluicegate import ConfigError
 from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv, env_var
-from sluicegate.core.daemon import settings_config
+from sluicegate.core.daemon import problems, settings_config
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.env import detect
 from sluicegate.core.partition import ShardSpec
 from sluicegate.core.quantity import parse_bytes
 
 __all__ = ["Listen", "SidecarConfig", "parse_args", "quantity"]
+
+_ENGINE = EngineConfig.model_fields  # the engine's defaults are the sidecar's
 
 
 def quantity(value: str | int) -> int:
@@ -101,15 +103,21 @@ class SidecarConfig(BaseSettings, ShardSpec):
         description="comma-separated: 127.0.0.1:PORT, http://127.0.0.1:PORT, unix:///PATH",
     )
     cache_memory: int = Field(
-        default=EngineConfig.model_fields["memory_bytes"].default,
+        default=_ENGINE["memory_bytes"].default,
         ge=0,
         description="memory cache budget: bytes or a quantity like 512Mi",
     )
     cache_dir: Path | None = Field(default=None, description="disk cache directory")
     cache_disk: int = Field(default=0, ge=0, description="disk tier budget; 0: no disk tier")
-    concurrency: int = Field(default=16, ge=1, description="upstream fetches in flight")
-    attempts: int = Field(default=5, ge=1, description="tries per blob on transient upstream faults")
-    timeout_s: float = Field(default=30.0, gt=0, description="limit on one upstream fetch, seconds")
+    concurrency: int = Field(
+        default=_ENGINE["concurrency"].default, ge=1, description="upstream fetches in flight"
+    )
+    attempts: int = Field(
+        default=_ENGINE["attempts"].default, ge=1, description="tries per blob on transient upstream faults"
+    )
+    timeout_s: float = Field(
+        default=_ENGINE["timeout_s"].default, gt=0, description="limit on one upstream fetch, seconds"
+    )
     readahead: int = Field(
         default=256, ge=0, description="items the sidecar prefetches past a stream request"
     )
@@ -206,9 +214,4 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     try:
         return SidecarConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: " if err["loc"] else "")
-            + err["msg"].removeprefix("Value error, ")
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid sidecar configuration: {problems}") from None
+        raise ConfigError(f"invalid sidecar configuration: {problems(exc)}") from None

@@ -7,11 +7,12 @@ imports this module.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from sluicegate.core.broker_protocol import ENV_PREFIX
 
-__all__ = ["settings_config"]
+__all__ = ["problems", "settings_config"]
 
 
 def settings_config(prog: str) -> SettingsConfigDict:
@@ -24,4 +25,13 @@ def settings_config(prog: str) -> SettingsConfigDict:
         cli_kebab_case=True,
         cli_hide_none_type=True,
         cli_avoid_json=True,
+    )
+
+
+def problems(exc: ValidationError) -> str:
+    """A bad configuration in one line, each problem under its flag (``--cache-disk: ...``)."""
+    return "; ".join(
+        (f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: " if err["loc"] else "")
+        + err["msg"].removeprefix("Value error, ")
+        for err in exc.errors()
     )
