@@ -14,6 +14,7 @@ BENCHMARKS = {
     "stream_sidecar": "bench.stream_sidecar",
     "import_speed": "bench.import_speed",
     "admission_flood": "bench.admission_flood",
+    "ledger": "bench.ledger",
 }
 
 

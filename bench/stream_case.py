@@ -60,6 +60,8 @@ class Spec(BaseModel):
     # sluicegate only: "loader" (a torch DataLoader over to_pytorch(), as users train) or "items" (a
     # plain ``for item in ds`` loop, counted in groups of ``batch``: the data path without torch).
     loop: str = "loader"
+    # sluicegate embedded only: record what it hands out in the store's ledger, sluicegate.Ledger(**ledger).
+    ledger: dict[str, Any] | None = None
     # Steady epochs follow the first: at least ``steady_epochs`` and ``steady_min_s`` seconds of them,
     # but no more once ``steady_max_s`` seconds are measured (one at least). 0: the first epoch only.
     steady_epochs: int = 2
@@ -238,6 +240,8 @@ def build(spec: Spec, stack: contextlib.ExitStack) -> tuple[Any, Callable[[int],
                 options["disk_cache"] = spec.disk_cache
             if spec.concurrency is not None:
                 options["concurrency"] = spec.concurrency
+            if spec.ledger is not None:
+                options["ledger"] = sluicegate.Ledger(**spec.ledger)
             ds = sluicegate.open(spec.source, **options)
         else:
             sidecar = _Sidecar(spec, stack)

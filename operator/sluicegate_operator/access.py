@@ -25,7 +25,7 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.message = message
-        self.who: str | None = None  # the pod, once the token has been identified
+        self.pod: Identity | None = None  # the pod, once the token has been identified
         self.retry_after: float | None = None  # seconds, for 429
 
 

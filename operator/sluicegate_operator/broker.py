@@ -27,6 +27,7 @@ from sluicegate.core.store import blob_key
 from . import access, grants
 from .access import Identity, Refused
 from .catalog import Catalog, Handle, Shard
+from .events import Announcer, pod_ref
 from .inject import STREAM_LABEL
 from .kube import Kube
 from .metrics import BROKER_DECISIONS, BROKER_ITEMS, BROKER_SECONDS, BROKER_URLS
@@ -113,6 +114,7 @@ class Broker:
         )
         self._reviews: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._review_slots = asyncio.Semaphore(self.limits.concurrent_reviews)
+        self._events = Announcer(kube, clock=clock)
 
     async def plan(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
         """The JSON of the caller's :class:`PlanResponse`; ``body`` is read only once the caller is known."""
@@ -139,14 +141,23 @@ class Broker:
             result = await then(grant)
         except Refused as exc:
             BROKER_DECISIONS.labels(endpoint, "denied", exc.reason).inc()
+            pod = exc.pod
             log.warning(
                 "broker %s for %s: denied %s (%s): %s",
                 endpoint,
-                exc.who or who,
+                f"{pod.namespace}/{pod.pod_name}" if pod else who,
                 exc.status,
                 exc.reason,
                 exc.message,
             )
+            if pod is not None and exc.status != 429:  # a throttled pod is told when to come back
+                self._events.warn(
+                    pod_ref(pod.namespace, pod.pod_name, pod.pod_uid),
+                    "BrokerRefused",
+                    f"the sluicegate broker refused this pod's {endpoint} request ({exc.reason}): "
+                    + exc.message,
+                    about=exc.reason,
+                )
             raise
         except Exception:
             BROKER_DECISIONS.labels(endpoint, "error", "internal").inc()
@@ -216,7 +227,7 @@ class Broker:
                 )
             return await self._grant_pod(who)
         except Refused as exc:
-            exc.who = f"{who.namespace}/{who.pod_name}"
+            exc.pod = who
             raise
 
     async def _grant_pod(self, who: Identity) -> Grant:

@@ -81,6 +81,10 @@ class TLSState:
         )
         return cls(data[CA_CERT], data[CA_KEY], data[TLS_CERT], data[TLS_KEY], *nxt)
 
+    def expires(self) -> datetime:
+        """When the serving certificate expires."""
+        return x509.load_pem_x509_certificate(self.cert).not_valid_after_utc
+
     def secret_data(self) -> dict[str, bytes]:
         data = {CA_CERT: self.ca_cert, CA_KEY: self.ca_key, TLS_CERT: self.cert, TLS_KEY: self.key}
         if self.next_ca_cert:

@@ -12,6 +12,7 @@ Dataset). Pods are watched only through a server-side label selector on injected
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from . import status as st
 from .catalog import Catalog, ManifestTooLarge
 from .inject import INJECTED_LABEL, STREAM_LABEL, WORLD_SIZE_ANNOTATION
 from .kube import Kube
-from .metrics import RECONCILES
+from .metrics import RECONCILES, STREAM_READY
 from .models import GROUP, ConditionStatus, Dataset, DatasetStatus, DatasetStream, DatasetStreamStatus
 from .pods import PodCounter
 from .resolve import Sources, load_dataset, open_store
@@ -70,6 +71,8 @@ async def _write(
     old, new = st.ready_condition(before.conditions), st.ready_condition(after.conditions)
     assert new is not None
     RECONCILES.labels(plural, new.reason).inc()
+    if plural == "datasetstreams":
+        STREAM_READY.labels(meta["namespace"], meta["name"]).set(new.status is ConditionStatus.TRUE)
     if patch is None:
         return
     await ctx.kube.patch_status(plural, meta["namespace"], meta["name"], patch)
@@ -238,6 +241,10 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
             if type == "DELETED":
                 ctx.locks.pop(uid, None)
                 ctx.announced.pop(uid, None)
+                if fn is reconcile_stream:
+                    meta = body.get("metadata", {})
+                    with contextlib.suppress(KeyError):
+                        STREAM_READY.remove(meta.get("namespace", ""), meta.get("name", ""))
                 return
             async with ctx.lock(uid):
                 await fn(ctx, dict(body))

@@ -22,7 +22,7 @@ from sluicegate.core.broker_protocol import (
 from sluicegate.core.quantity import parse_bytes
 
 from .grants import GRANT_ANNOTATION
-from .models import DatasetStream, RankSource
+from .models import DatasetStream, RankSource, SidecarOverrides
 
 STREAM_LABEL = "sluicegate.io/stream"
 INJECTED_LABEL = "sluicegate.io/injected"
@@ -31,6 +31,7 @@ WORLD_SIZE_ANNOTATION = "sluicegate.io/world-size"
 RANK_SOURCE_ANNOTATION = "sluicegate.io/rank-source"
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+METRICS_PORT_NAME = "sg-metrics"  # the chart's PodMonitor scrapes the port of this name
 
 SIDECAR_NAME = "sluicegate-sidecar"
 SOCKET_VOLUME = "sluicegate-socket"
@@ -55,6 +56,8 @@ class SidecarTemplate:
     broker_url: str
     broker_ca_pem: str
     image_pull_policy: str = "IfNotPresent"
+    # sha256 of the chart's scrape token; None: the sidecars get no metrics listener (nobody could scrape it)
+    metrics_token_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,12 @@ def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarTemp
     }
     if cache.disk != "0":
         env[SidecarEnv.CACHE_DIR] = CACHE_DIR
+    metrics_port = (overrides or SidecarOverrides()).metrics_port
+    if not config.metrics_token_sha256:
+        metrics_port = 0
+    if metrics_port:
+        env[SidecarEnv.METRICS_LISTEN] = f"0.0.0.0:{metrics_port}"
+        env[SidecarEnv.METRICS_TOKEN_SHA256] = config.metrics_token_sha256 or ""
     container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": (overrides.image if overrides and overrides.image else None) or config.image,
@@ -213,6 +222,8 @@ def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarTemp
         },
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
     }
+    if metrics_port:
+        container["ports"] = [{"name": METRICS_PORT_NAME, "containerPort": metrics_port, "protocol": "TCP"}]
     if overrides and overrides.resources:
         container["resources"] = overrides.resources.wire()
     if cache.disk != "0":

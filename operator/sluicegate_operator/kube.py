@@ -52,6 +52,7 @@ class Kube:
         self._authn = client.AuthenticationV1Api(api)
         self._authz = client.AuthorizationV1Api(api)
         self._admission = client.AdmissionregistrationV1Api(api)
+        self._coordination = client.CoordinationV1Api(api)
         # API calls get threads of their own: nothing else the operator runs (store reads, query work)
         # can hold the threads that admission reviews and broker checks need.
         self._pool = ThreadPoolExecutor(API_THREADS, thread_name_prefix="sluicegate-kube")
@@ -329,6 +330,26 @@ class Kube:
                 partial(self._core.replace_namespaced_config_map, name, namespace, body),
                 f"replace ConfigMap {name}",
             )
+
+    # -- leader election (see leader.py) -----------------------------------------------------------
+
+    async def get_lease(self, namespace: str, name: str) -> Json | None:
+        return await self._call(self._coordination.read_namespaced_lease, name, namespace)
+
+    async def create_lease(self, namespace: str, body: Json) -> bool:
+        """Create a Lease; ``False`` when one of that name exists already (another replica was first)."""
+        return await self._write_unless_conflict(
+            partial(self._coordination.create_namespaced_lease, namespace, body),
+            f"create Lease {namespace}/{body['metadata']['name']}",
+        )
+
+    async def replace_lease(self, namespace: str, name: str, body: Json) -> bool:
+        """Replace a Lease at the resourceVersion ``body`` carries; ``False`` when someone else wrote it
+        since (the election's compare-and-swap)."""
+        return await self._write_unless_conflict(
+            partial(self._coordination.replace_namespaced_lease, name, namespace, body),
+            f"replace Lease {namespace}/{name}",
+        )
 
     async def get_webhook_configuration(self, name: str) -> Json | None:
         return await self._call(self._admission.read_mutating_webhook_configuration, name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -43,5 +43,21 @@ RECONCILES = Counter(
 CERT_ROTATIONS = Counter(
     "sluicegate_certificate_rotations_total",
     "Serving certificates issued by this process.",
+    registry=REGISTRY,
+)
+CERT_EXPIRY = Gauge(
+    "sluicegate_certificate_expiry_timestamp_seconds",
+    "When the serving certificate this process presents expires (Unix time).",
+    registry=REGISTRY,
+)
+STREAM_READY = Gauge(
+    "sluicegate_stream_ready",
+    "1 when the DatasetStream is Ready, 0 when not (exported by the replica that reconciles).",
+    ["stream_namespace", "stream"],
+    registry=REGISTRY,
+)
+LEADER = Gauge(
+    "sluicegate_leader",
+    "1 on the replica that holds the leader Lease and reconciles, 0 on the standbys.",
     registry=REGISTRY,
 )

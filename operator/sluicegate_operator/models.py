@@ -302,6 +302,13 @@ class SidecarOverrides(_Model):
         default=None, description="Sidecar image; defaults to the operator's.", max_length=MAX_URI
     )
     resources: Resources | None = Field(default=None, description="Sidecar container resources.")
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="Port of the sidecar's /metrics listener (the chart's PodMonitor scrapes it with its "
+        "scrape token); 0: none. Pods with hostNetwork share the node's ports: give each stream its own.",
+    )
 
 
 VersionSpec = Annotated[

@@ -30,7 +30,7 @@ from .access import Refused
 from .broker import Broker
 from .certs import TLSState
 from .kube import Kube
-from .metrics import CERT_ROTATIONS, REGISTRY
+from .metrics import CERT_EXPIRY, CERT_ROTATIONS, REGISTRY
 from .settings import Settings
 
 log = logging.getLogger("sluicegate.server")
@@ -129,6 +129,7 @@ class TLS:
         if current != self.state:
             self._load(current)
             self.state = current
+            CERT_EXPIRY.set(current.expires().timestamp())
         return current
 
     def _load(self, state: TLSState) -> None:
@@ -330,6 +331,12 @@ async def keep_tls_fresh(
 async def start(app: web.Application, settings: Settings, tls: TLS) -> web.AppRunner:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=tls.context)
+    site = web.TCPSite(
+        runner,
+        settings.listen_host,
+        settings.listen_port,
+        ssl_context=tls.context,
+        reuse_port=settings.reuse_port,
+    )
     await site.start()
     return runner

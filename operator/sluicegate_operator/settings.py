@@ -7,9 +7,13 @@ their defaults.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag
 from sluicegate import __version__
 from sluicegate.core.daemon import settings_config
@@ -51,8 +55,29 @@ class Settings(BaseSettings):
         default="sluicegate-sources",
         description="ConfigMap (in the operator's namespace) holding the platform's source policy",
     )
-    serve_only: CliImplicitFlag[bool] = Field(
-        default=False, description="serve webhook and broker only, no reconciler (the webhook replicas)"
+    identity: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        description="this replica's name in the leader election (the chart: the pod's name); default "
+        "HOST-PID",
+    )
+    leader_lease: str = Field(
+        default="sluicegate-operator",
+        description="Lease (in the operator's namespace) whose holder is the one replica that reconciles",
+    )
+    leader_lease_s: float = Field(
+        default=15, ge=2, description="seconds a leader's Lease lasts unrenewed before another takes over"
+    )
+    leader_renew_s: float = Field(
+        default=5,
+        gt=0,
+        description="seconds between the leader's renewals; it stops reconciling when it has not renewed "
+        "for --leader-lease-s less this",
+    )
+    reuse_port: CliImplicitFlag[bool] = Field(
+        default=False,
+        description="share the port with the other replicas on this node (SO_REUSEPORT, for hostNetwork): "
+        "the kernel spreads connections among them",
     )
     manifest_max_bytes: int = Field(
         default=Limits.manifest_bytes, ge=1024, description="bytes of one manifest"
@@ -78,6 +103,11 @@ class Settings(BaseSettings):
     broker_rate: float = Field(default=50.0, gt=0, description="broker requests per second per pod")
     extra_san: tuple[str, ...] = Field(default=(), description="extra DNS name or IP for the certificate")
     sidecar_image: str = Field(default=DEFAULT_IMAGE, description="image of the injected sidecar")
+    scrape_token_file: Path | None = Field(
+        default=None,
+        description="file holding the token Prometheus sends to sidecars' /metrics; without it, injected "
+        "sidecars serve no metrics listener",
+    )
     presign_ttl_s: int = Field(
         default=300, ge=1, le=7 * 24 * 3600, description="seconds a presigned URL stays valid"
     )
@@ -91,6 +121,17 @@ class Settings(BaseSettings):
         description="kubeconfig (default: in-cluster credentials)",
     )
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
+
+    @field_validator("leader_renew_s")
+    @classmethod
+    def _renew_within_lease(cls, renew_s: float, info: ValidationInfo) -> float:
+        # The leader must stop (at lease - renew) no earlier than its next renewal is due.
+        lease_s = info.data.get("leader_lease_s")
+        if lease_s is not None and renew_s > lease_s / 2:
+            raise ValueError(
+                f"at most half of --leader-lease-s ({lease_s:g}), so a missed renewal is retried"
+            )
+        return renew_s
 
     @property
     def listen_host(self) -> str:
@@ -114,6 +155,15 @@ class Settings(BaseSettings):
     def grant_secret(self) -> str:
         """The Secret holding the key that seals rank grants."""
         return f"{self.tls_secret}-grants"
+
+    def scrape_token_sha256(self) -> str | None:
+        """The digest injected sidecars check scrapers' tokens against (they never see the token)."""
+        if self.scrape_token_file is None:
+            return None
+        token = self.scrape_token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"{self.scrape_token_file} is empty: it must hold the scrape token")
+        return hashlib.sha256(token.encode()).hexdigest()
 
     @property
     def url(self) -> str:

@@ -15,10 +15,11 @@ from pydantic import ValidationError
 from sluicegate.core.flights import Flights
 
 from . import access, grants, inject, sources
+from .events import Announcer, object_ref
 from .inject import AdmissionDenied, SidecarTemplate
 from .kube import Kube, KubeError
 from .metrics import ADMISSION_SECONDS, ADMISSIONS
-from .models import GROUP, STREAM_VERB, Dataset, DatasetStream
+from .models import API_VERSION, GROUP, STREAM_VERB, Dataset, DatasetStream
 from .resolve import Sources, load_stream
 from .sources import SourceRefused
 
@@ -193,6 +194,7 @@ class Webhook:
         self.sidecar = sidecar
         self.grant_key = grant_key
         self._policies = policies
+        self._events = Announcer(kube)
         self._streams: Recent[tuple[str, str], DatasetStream | None] = Recent(
             decision_ttl_s, lambda found: found is not None
         )
@@ -249,8 +251,26 @@ class Webhook:
                 f"DatasetStream {namespace}/{stream_name} (from label {inject.STREAM_LABEL}) does not exist: "
                 "create it first, or fix the label"
             )
-        inject.refuse_preinjected(pod)
         sa = pod.get("spec", {}).get("serviceAccountName") or "default"
+        try:
+            return await self._admit(pod, stream, namespace, sa)
+        except AdmissionDenied as exc:
+            meta = pod.get("metadata") or {}
+            name = meta.get("name") or f"{meta.get('generateName', '')}*"
+            self._events.warn(
+                object_ref(
+                    API_VERSION, "DatasetStream", namespace, stream.metadata.name, stream.metadata.uid
+                ),
+                "PodRefused",
+                f"pod {name} (ServiceAccount {sa}) was refused at admission: {exc}",
+                about=sa,
+            )
+            raise
+
+    async def _admit(
+        self, pod: Mapping[str, Any], stream: DatasetStream, namespace: str, sa: str
+    ) -> tuple[dict[str, Any], str, str]:
+        inject.refuse_preinjected(pod)
         user = f"system:serviceaccount:{namespace}:{sa}"
         ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
         allowed, why = await self._access.get(

@@ -6,7 +6,7 @@ build on (internal, see its docstring); every other module is private.
 
 from importlib.metadata import version as _version
 
-from sluicegate._dataset import Dataset, Item, connect, open
+from sluicegate._dataset import Dataset, Item, Ledger, connect, data_wait, open
 from sluicegate._exceptions import (
     ConfigError,
     ConflictError,
@@ -26,6 +26,7 @@ from sluicegate.core.partition import Remainder
 from sluicegate.core.query import Query
 from sluicegate.core.query import parse as parse_query
 from sluicegate.core.store import S3Options, Store
+from sluicegate.core.wait import DataWait
 
 __version__ = _version("sluicegate")  # pyproject.toml states it once
 
@@ -33,6 +34,7 @@ __all__ = [
     "Annotation",
     "ConfigError",
     "ConflictError",
+    "DataWait",
     "Dataset",
     "ImportError_",
     "ImportResult",
@@ -40,6 +42,7 @@ __all__ = [
     "Item",
     "ItemNotInShard",
     "ItemRecord",
+    "Ledger",
     "NotFoundError",
     "Query",
     "QueryError",
@@ -52,6 +55,7 @@ __all__ = [
     "StreamError",
     "VersionInfo",
     "connect",
+    "data_wait",
     "import_dataset",
     "open",
     "parse_query",

@@ -21,18 +21,22 @@ from typing import Any, Self, SupportsIndex
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from sluicegate import _ledger
 from sluicegate._exceptions import ConfigError
+from sluicegate._ledger import Ledger
 from sluicegate._local import LocalSource
 from sluicegate._remote import BATCH_TIMEOUT_S, RemoteSource
 from sluicegate._source import Item, Pending, Source
 from sluicegate.core import partition as _partition
 from sluicegate.core.alloc import keep_freed_memory
 from sluicegate.core.engine import EngineConfig, engine_store
+from sluicegate.core.ledger import Order, Reading, View
 from sluicegate.core.partition import Positions, Remainder, ShardSpec
 from sluicegate.core.query import Query
 from sluicegate.core.store import S3Options
+from sluicegate.core.wait import METER, DataWait
 
-__all__ = ["Dataset", "Item", "Source", "connect", "open"]
+__all__ = ["Dataset", "Item", "Ledger", "Source", "connect", "data_wait", "open"]
 
 _FIRST_BATCH = 8  # a small first request keeps the time to the first item low
 _MAX_BATCH = 512
@@ -61,7 +65,7 @@ class Dataset:
     """A view of a dataset version: ``len(ds)``, ``ds[i]``, ``for item in ds``; see the module docstring.
 
     ``prefetch`` is the read-ahead budget in bytes: iteration keeps that much requested ahead of the item
-    it hands out.
+    it hands out. ``ledger``: record what this view hands out in the store's ledger (see :class:`Ledger`).
     """
 
     def __init__(
@@ -72,12 +76,14 @@ class Dataset:
         shard: ShardSpec | None = None,
         seed: int | None = None,
         prefetch: int = 64 * 2**20,
+        ledger: Ledger | None = None,
     ) -> None:
         self._source = source
         self._queries = queries
         self._shard = shard
         self._seed = seed
         self._prefetch = prefetch
+        self._ledger = ledger
         self._epoch = 0
         self._position = 0
         self._view: Positions | None = None
@@ -88,6 +94,7 @@ class Dataset:
             "shard": self._shard,
             "seed": self._seed,
             "prefetch": self._prefetch,
+            "ledger": self._ledger,
         }
         spec.update(changes)
         ds = Dataset(self._source, **spec)
@@ -143,6 +150,15 @@ class Dataset:
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def ledger(self) -> Ledger | None:
+        """Where this view records what it hands out (``ds.ledger.run``), or None: not recorded."""
+        return self._ledger
+
+    def _spec(self) -> ShardSpec | None:
+        """The shard with this view's seed applied: what cuts the selection."""
+        return None if self._shard is None else self._shard.seeded(self._seed)
+
     def _positions(self) -> Positions:
         """Source positions of this view, in assignment order."""
         if self._view is None:
@@ -150,37 +166,74 @@ class Dataset:
                 view = self._source.select(self._queries)
             else:
                 view = np.arange(len(self._source), dtype=np.int64)
-            if self._shard is not None:
-                spec = self._shard.model_copy(
-                    update={"seed": self._seed or 0, "shuffle": self._seed is not None}
-                )
-                view = view[spec.positions(len(view))]
-            self._view = view
+            self._view = _partition.assign(view, self._spec())
         return self._view
 
     def __len__(self) -> int:
         return len(self._positions())
 
+    def _order_rank(self) -> int:
+        return self._shard.rank if self._shard is not None else self._source.rank
+
     def epoch_positions(self, worker: int = 0, num_workers: int = 1) -> Positions:
         """This epoch's order as indexes into the dataset; worker ``worker``'s part of it if split."""
-        order = _partition.epoch_order(
+        return _partition.visit_order(
             len(self),
-            seed=self._seed or 0,
+            seed=self._seed,
             epoch=self._epoch,
-            rank=self._shard.rank if self._shard is not None else self._source.rank,
-            shuffle=self._seed is not None,
+            rank=self._order_rank(),
+            worker=worker,
+            num_workers=num_workers,
         )
-        return _partition.worker_split(order, worker, num_workers)
+
+    # -- the ledger ----------------------------------------------------------------------------
+
+    def _reading(self, order: Order, worker: int = 0, num_workers: int = 1) -> Reading:
+        """How this view walks its source, as the ledger states it (the source adds its own cut)."""
+        view = View(queries=tuple(q.text for q in self._queries), shard=self._spec())
+        return Reading(
+            views=(view,),
+            seed=self._seed,
+            rank=self._order_rank(),
+            epoch=self._epoch,
+            order=order,
+            worker=worker,
+            num_workers=num_workers,
+        )
+
+    def _recorder(self) -> _ledger.Recorder | None:
+        if self._ledger is None:
+            return None
+        run, source = self._ledger.run, self._source
+        return _ledger.recorder(source, run, lambda: source.ledger_sink(run))
+
+    def _iter_epoch(
+        self, worker: int = 0, num_workers: int = 1, start: int = 0, order: Positions | None = None
+    ) -> Iterator[Item]:
+        """This epoch's items (worker ``worker``'s part of the order, ``order`` if already computed) from
+        ``start`` on: what iteration and the adapters hand out, recorded when the ledger is on."""
+        if order is None:
+            order = self.epoch_positions(worker, num_workers)
+        items = self.iter_positions(order[start:])
+        recorder = self._recorder()
+        if recorder is None or self._ledger is None:
+            return items
+        reading = self._reading(Order.EPOCH, worker, num_workers)
+        return _recorded(items, recorder, recorder.begin(reading, start, self._ledger))
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _resolve(self, indexes: Sequence[SupportsIndex] | Positions) -> Positions:
+    def _indexes(self, indexes: Sequence[SupportsIndex] | Positions) -> Positions:
+        """``indexes`` checked and made non-negative."""
         idx = np.asarray(indexes, dtype=np.int64).reshape(-1)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             bad = int(idx[(idx < -n) | (idx >= n)][0])
             raise IndexError(f"index {bad} is out of range for a dataset of {n} items")
-        return self._positions()[np.where(idx < 0, idx + n, idx)]
+        return np.where(idx < 0, idx + n, idx)
+
+    def _resolve(self, indexes: Sequence[SupportsIndex] | Positions) -> Positions:
+        return self._positions()[self._indexes(indexes)]
 
     def __getitem__(self, index: SupportsIndex) -> Item:
         if isinstance(index, slice | str | bytes):
@@ -191,7 +244,14 @@ class Dataset:
 
     def get_many(self, indexes: Sequence[SupportsIndex] | Positions) -> list[Item]:
         """Items at ``indexes`` (negative allowed), fetched together."""
-        return self._source.fetch(self._resolve(indexes), np.empty(0, np.int64)).result()
+        idx = self._indexes(indexes)
+        pending = self._source.fetch(self._positions()[idx], np.empty(0, np.int64))
+        with METER.blocked():
+            items = pending.result()
+        recorder = self._recorder()
+        if recorder is not None and self._ledger is not None:
+            recorder.picked(self._reading(Order.INDEX), idx, self._ledger)
+        return items
 
     def iter_positions(self, indexes: Sequence[SupportsIndex] | Positions) -> Iterator[Item]:
         """Items at ``indexes`` in that order, with batches requested ahead of the consumer."""
@@ -209,7 +269,8 @@ class Dataset:
                     pending.append((self._source.fetch(chunk, ahead), len(chunk)))
                     sent += len(chunk)
                 head, count = pending.popleft()
-                items = head.result()
+                with METER.blocked():
+                    items = head.result()
                 total = sum(len(it.data) for it in items)
                 item_bytes = total / count if not item_bytes else 0.8 * item_bytes + 0.2 * total / count
                 if item_bytes >= _LARGE_ITEM:
@@ -223,8 +284,7 @@ class Dataset:
 
     def __iter__(self) -> Iterator[Item]:
         """This epoch's items from the saved position on; a complete pass moves to the next epoch."""
-        order = self.epoch_positions()
-        for item in self.iter_positions(order[self._position :]):
+        for item in self._iter_epoch(start=self._position):
             self._position += 1
             yield item
         self._epoch, self._position = self._epoch + 1, 0
@@ -274,7 +334,12 @@ class Dataset:
         return _adapter("tensorflow").to_tensorflow(self, **kwargs)
 
     def close(self) -> None:
-        """Stop the data path's background work (threads, connections); the dataset reopens on use."""
+        """Stop the data path's background work (threads, connections); the dataset reopens on use.
+
+        With the ledger on, what this process handed out is written first (waiting up to 10 s)."""
+        recorder = self._recorder()
+        if recorder is not None:
+            recorder.flush()
         self._source.close()
 
     def __enter__(self) -> Self:
@@ -292,6 +357,19 @@ class Dataset:
         if self._seed is not None:
             parts.append(f"shuffled (seed {self._seed})")
         return f"<sluicegate.Dataset {', '.join(parts)}, epoch {self._epoch}>"
+
+
+def _recorded(items: Iterator[Item], recorder: _ledger.Recorder, counted: _ledger.Pass) -> Iterator[Item]:
+    """``items``, each counted as handed out; the count is cut every ``flush_items`` and when the pass ends
+    (exhausted, or closed by a consumer that stopped early)."""
+    try:
+        for item in items:
+            counted.pos += 1
+            if counted.pos >= counted.due:
+                recorder.cut(counted)
+            yield item
+    finally:
+        recorder.end(counted)
 
 
 def _adapter(name: str) -> Any:
@@ -315,13 +393,17 @@ def open(
     s3: S3Options | None = None,
     prefetch: int = 64 * 2**20,
     concurrency: int = _ENGINE["concurrency"].default,
+    ledger: Ledger | str | bool | None = None,
 ) -> Dataset:
     """Open a dataset store in this process (no sidecar), pinned to ``version`` (default: latest).
 
     Resolving the version is the only I/O done here (so the dataset and every pickled copy of it read
     the same version); the manifest is read on first use. ``cache_bytes`` bounds the memory cache,
     ``disk_cache`` adds a disk tier in that directory, ``prefetch`` is the read-ahead in bytes.
+    ``ledger``: a run id (or ``True`` for the default one, or a :class:`Ledger`) records what this
+    dataset and every view and copy of it hand out in the store's ledger (``sluicegate ledger --help``).
     """
+    recording = _ledger.ledger_of(ledger)
     store = engine_store(uri, s3)
     pinned = store.resolve(version)
     config = EngineConfig(
@@ -332,7 +414,7 @@ def open(
     )
     source = LocalSource(store.uri, s3, pinned, config)
     source._store = store  # reuse the client that resolved the version
-    ds = Dataset(source, prefetch=prefetch)
+    ds = Dataset(source, prefetch=prefetch, ledger=recording)
     return ds.slice(query) if query else ds
 
 
@@ -342,14 +424,17 @@ def connect(
     timeout: float = 60.0,
     batch_timeout: float = BATCH_TIMEOUT_S,
     prefetch: int = 64 * 2**20,
+    ledger: Ledger | str | bool | None = None,
 ) -> Dataset:
     """The pod's shard, served by its sidecar at ``address`` (default: ``$SLUICEGATE_ADDRESS``).
 
     Waits up to ``timeout`` seconds for the sidecar to be ready (and for one that restarts); a batch that
     takes longer than ``batch_timeout`` seconds to arrive raises :class:`SidecarUnavailable` instead of
     hanging the trainer. When several trainer processes share the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1),
-    each gets its ``LOCAL_RANK``'s part of the shard.
+    each gets its ``LOCAL_RANK``'s part of the shard. ``ledger``: as for :func:`open`; the sidecar writes
+    the records (a sidecar in store mode; in broker mode it refuses, and recording stops with an error).
     """
+    recording = _ledger.ledger_of(ledger)
     from sluicegate.core.env import detect
 
     env = detect()
@@ -361,7 +446,14 @@ def connect(
         )
     source = RemoteSource(target, timeout=timeout, batch_timeout=batch_timeout)
     source.wait_ready()
-    ds = Dataset(source, seed=source.seed, prefetch=prefetch)
+    METER.report_to(source.report_wait)
+    ds = Dataset(source, seed=source.seed, prefetch=prefetch, ledger=recording)
     if env.local_world_size > 1:
         ds = ds.shard(env.local_rank, env.local_world_size)
     return ds
+
+
+def data_wait() -> DataWait:
+    """How long this process's trainer has waited for sluicegate data, and for how long it has been
+    reading: ``data_wait().ratio`` near 1 means training is starved (see :mod:`sluicegate.core.wait`)."""
+    return METER.read()

@@ -6,6 +6,7 @@ import concurrent.futures
 from collections.abc import Sequence
 from typing import Any
 
+from sluicegate._ledger import Sink, StoreSink
 from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
 from sluicegate.core.engine import (
     BlobRef,
@@ -113,6 +114,9 @@ class LocalSource(Source):
 
     def describe(self) -> str:
         return f"{self._uri} version {self._version}"
+
+    def ledger_sink(self, run: str) -> Sink:
+        return StoreSink(lambda: self.store, run, self._version, lambda: self.plan.manifest.digest)
 
     def close(self) -> None:
         live, self._live = self._live, None

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from sluicegate._exceptions import (
+    ConfigError,
     IntegrityError,
     ItemNotInShard,
     QueryError,
@@ -33,9 +34,11 @@ from sluicegate._exceptions import (
     StoreError,
     StreamError,
 )
+from sluicegate._ledger import Sink, chain_name
 from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
 from sluicegate.core import backoff
 from sluicegate.core import protocol as proto
+from sluicegate.core.ledger import Consumed, Writer
 from sluicegate.core.partition import Positions
 from sluicegate.core.query import Query
 
@@ -447,6 +450,9 @@ def _fd_path(address: str) -> str | None:
     return (parsed.path or parsed.netloc) + proto.FD_SOCKET_SUFFIX
 
 
+_REPORT_TIMEOUT_S = 5.0
+
+
 class RemoteSource(Source):
     """A sidecar's shard as a Dataset source. Pickles as its address and info; reconnects on use."""
 
@@ -589,6 +595,18 @@ class RemoteSource(Source):
             return _FdPending(self, fds, body.encode())
         return _RemotePending(live.loop.submit(self._post_batch(body.encode())), self)
 
+    def report_wait(self, waited_s: float) -> None:
+        """Tell the sidecar how long the trainer waited (see :mod:`sluicegate.core.wait`); fire and forget:
+        a lost report must never slow or fail the trainer."""
+        live = self._running()
+        body = proto.WaitReport(waited_s=waited_s).model_dump_json()
+        # Not retried: the next report carries on, and a sidecar that is away has no metrics to serve.
+        send = live.resource.client().post(proto.Paths.WAIT, content=body, timeout=_REPORT_TIMEOUT_S)
+        live.loop.submit(send).add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def ledger_sink(self, run: str) -> Sink:
+        return _SidecarSink(self.address, run)
+
     def describe(self) -> str:
         info = self._info
         where = f"sidecar {self.address}"
@@ -598,6 +616,50 @@ class RemoteSource(Source):
         live, self._live = self._live, None
         if live is not None:
             live.close()
+
+
+class _SidecarSink(Sink):
+    """Reports consumed stretches to the sidecar, which records them (see ``sluicegate_sidecar.ledger``).
+
+    Its own blocking client, not the source's loop thread: the recorder's thread waits for each answer,
+    and at exit the loops may already be stopped when the last stretches go out.
+    """
+
+    def __init__(self, address: str, run: str) -> None:
+        self._address, self._run = address, run
+        parsed = urlparse(address)  # checked when the source was made (see _transport)
+        if parsed.scheme == "unix":
+            base, transport = "http://sidecar", httpx.HTTPTransport(uds=parsed.path or parsed.netloc)
+        else:
+            base, transport = address.rstrip("/"), None
+        self._client = httpx.Client(
+            base_url=base, transport=transport, timeout=_REPORT_TIMEOUT_S, trust_env=False
+        )
+        self._chain: str | None = None
+        self._number = 0
+
+    def write(self, consumed: Consumed, writer: Writer) -> None:
+        if self._chain is None:
+            self._chain = chain_name(writer)
+        body = proto.LedgerReport(
+            run=self._run, chain=self._chain, number=self._number, consumed=consumed, writer=writer
+        ).model_dump_json()
+        try:
+            response = self._client.post(
+                proto.Paths.LEDGER, content=body, headers={"content-type": "application/json"}
+            )
+        except httpx.HTTPError as exc:
+            raise StreamError(f"cannot reach the sidecar at {self._address}: {exc!r}") from exc
+        if response.status_code == 204:
+            self._number += 1
+            return
+        error = _error_body(response.status_code, response.content)
+        if response.status_code in (400, 404, 405):  # this sidecar cannot record: retrying will not help
+            raise ConfigError(f"the sidecar at {self._address} does not record the ledger: {error.message}")
+        raise StreamError(f"the sidecar at {self._address} could not record: {error.message}")
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def _retry_reason(error: proto.ErrorBody) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from sluicegate._exceptions import ConfigError
+from sluicegate._ledger import Sink
 from sluicegate.core.engine import LoopThread, close_on_collect
 from sluicegate.core.manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
 from sluicegate.core.partition import Positions
@@ -176,6 +177,11 @@ class Source(ABC):
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    def ledger_sink(self, run: str) -> Sink:
+        """Where this source's ledger records of ``run`` go (see :mod:`._ledger`); made in the process that
+        writes them."""
+        raise ConfigError(f"{self.describe()} cannot record a ledger")
 
     def close(self) -> None:
         return None

@@ -63,7 +63,7 @@ class _Chunks:
         epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
         self._ds.set_epoch(epoch)
         order = self._ds.epoch_positions()
-        items = self._ds.iter_positions(order)
+        items = self._ds._iter_epoch(order=order)  # recorded when the ledger is on
         for start in range(0, len(order), self._chunk):
             batch = list(islice(items, self._chunk))
             yield self._element(batch, order[start : start + len(batch)])

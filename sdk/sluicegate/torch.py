@@ -35,9 +35,11 @@ from torchvision.transforms.functional import pil_to_tensor
 from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
 from sluicegate._dataset import Dataset, Item
 from sluicegate._exceptions import ConfigError
+from sluicegate.core.wait import METER
 
 __all__ = [
     "ITEM_FIELDS",
+    "DataLoader",
     "DetectionCollate",
     "IterDataset",
     "MapDataset",
@@ -127,17 +129,55 @@ class _SampleMaker:
 # -- datasets ----------------------------------------------------------------------------------------
 
 
+class DataLoader(tud.DataLoader[Any]):
+    """torch's DataLoader that also counts how long the trainer waits for each batch
+    (:func:`sluicegate.data_wait`, and the sidecar's ``sluicegate_trainer_data_wait_seconds_total``).
+
+    With workers, this is where the trainer blocks; a plain DataLoader works as well but, with workers,
+    its waits go uncounted.
+    """
+
+    def __iter__(self) -> Any:
+        return _MeteredIter(super().__iter__())
+
+
+class _MeteredIter:
+    """A DataLoader iterator whose ``next`` counts as waiting for data; anything else is the iterator's."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __iter__(self) -> _MeteredIter:
+        return self
+
+    def __next__(self) -> Any:
+        with METER.blocked():
+            return next(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _count_waits_here() -> None:
+    """A DataLoader worker's waits are read-ahead, not the trainer waiting: stop counting them."""
+    if tud.get_worker_info() is not None:
+        METER.disable()
+
+
 class _Loadable:
     """The ``loader()`` shortcut both dataset forms share."""
 
-    def loader(self, batch_size: int | None = 1, **kwargs: Any) -> tud.DataLoader[Any]:
-        """A DataLoader over this dataset with :func:`collate` as the default ``collate_fn``.
+    def loader(self, batch_size: int | None = 1, **kwargs: Any) -> DataLoader:
+        """A :class:`DataLoader` over this dataset with :func:`collate` as the default ``collate_fn``.
 
         Samples carry ragged fields (the file's bytes, annotations), which torch's default collate
         cannot stack; :func:`collate` keeps them as lists and packs bytes into one shared buffer.
         """
         kwargs.setdefault("collate_fn", collate)
-        return tud.DataLoader(self, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
+        return DataLoader(self, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
 
 
 class MapDataset(_Loadable, tud.Dataset[Any]):
@@ -158,6 +198,7 @@ class MapDataset(_Loadable, tud.Dataset[Any]):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indexes: Sequence[int]) -> list[Any]:
+        _count_waits_here()
         n = len(self.source)
         positions = [int(i) + n if int(i) < 0 else int(i) for i in indexes]
         for given, pos in zip(indexes, positions, strict=True):
@@ -196,12 +237,13 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
     def __iter__(self) -> Iterator[Any]:
         info = tud.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        _count_waits_here()
         source = self.source  # this process's copy: a worker's own, or the trainer's with no workers
         if source.epoch != self.epoch:
             source.set_epoch(self.epoch)
         mine = source.epoch_positions(worker, workers)
-        # iter_positions fetches in batches and keeps the next ones requested ahead of this loop.
-        for item, pos in zip(source.iter_positions(mine), mine.tolist(), strict=True):
+        # Fetched in batches with the next ones requested ahead of this loop; recorded when the ledger is on.
+        for item, pos in zip(source._iter_epoch(worker, workers, order=mine), mine.tolist(), strict=True):
             yield self._make(item, pos)
 
 

@@ -26,7 +26,7 @@ from sluicegate.core.env import detect
 from sluicegate.core.partition import ShardSpec
 from sluicegate.core.quantity import parse_bytes
 
-__all__ = ["Listen", "SidecarConfig", "parse_args", "quantity"]
+__all__ = ["Listen", "MetricsListen", "SidecarConfig", "parse_args", "quantity"]
 
 _ENGINE = EngineConfig.model_fields  # the engine's defaults are the sidecar's
 
@@ -66,6 +66,33 @@ class Listen(BaseModel):
                     f"the sidecar serves only on loopback; {host!r} is not a loopback address (use 127.0.0.1)"
                 )
         return cls(host=host, port=parsed.port)
+
+
+class MetricsListen(BaseModel):
+    """Where the metrics-only listener binds: any address (Prometheus scrapes it from outside the pod)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int = Field(ge=0, le=65535, description="0: any free port (tests)")
+
+    @classmethod
+    def parse(cls, text: str) -> MetricsListen:
+        parsed = urlparse(f"http://{text}")
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.hostname is None or port is None:
+            raise ValueError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:9464)")
+        return cls(host=parsed.hostname, port=port)
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
 
 
 class SidecarConfig(BaseSettings, ShardSpec):
@@ -128,6 +155,14 @@ class SidecarConfig(BaseSettings, ShardSpec):
         description="broker mode: blob URLs asked for at once, ahead of the read position",
     )
     shutdown_timeout_s: float = Field(default=10.0, ge=0, description="grace period for requests on SIGTERM")
+    metrics_listen: MetricsListen | None = Field(
+        default=None, description="HOST:PORT of a listener that serves /metrics only, for Prometheus"
+    )
+    metrics_token_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 (hex) of the bearer token a scraper must send to the metrics listener",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -149,6 +184,11 @@ class SidecarConfig(BaseSettings, ShardSpec):
         if isinstance(v, list) and all(isinstance(part, str) for part in v):
             return [Listen.parse(part.strip()) for part in v if part.strip()]
         return v
+
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _metrics_listen(cls, v: object) -> object:
+        return MetricsListen.parse(v) if isinstance(v, str) else v
 
     @field_validator("cache_memory", "cache_disk", mode="before")
     @classmethod
@@ -180,6 +220,13 @@ class SidecarConfig(BaseSettings, ShardSpec):
     def _consistent(self) -> SidecarConfig:
         if self.cache_disk and self.cache_dir is None:
             raise ValueError("cache-disk is set but cache-dir is not: give the disk tier a directory")
+        listen = self.metrics_listen
+        if listen is not None and not listen.loopback and self.metrics_token_sha256 is None:
+            # Other pods reach that port: the metrics name the dataset and count its items.
+            raise ValueError(
+                f"metrics-listen {listen.host}:{listen.port} is reachable from other pods: give "
+                "metrics-token-sha256 (the digest of the token the scraper sends), or listen on 127.0.0.1"
+            )
         return self
 
     def engine(self) -> EngineConfig:

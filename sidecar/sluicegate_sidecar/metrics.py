@@ -37,11 +37,13 @@ class SidecarCollector(Collector):
         self,
         engine: Engine,
         info: Callable[[], Info | None],
+        trainer_waited_s: Callable[[], float],
         requests: Counter[tuple[str, int]],
         renewals: Counter[str] | None = None,
     ) -> None:
         self._engine = engine
         self._info = info
+        self._trainer_waited_s = trainer_waited_s
         self._requests = requests
         self._renewals = renewals  # broker mode: URL window requests by reason
 
@@ -49,6 +51,12 @@ class SidecarCollector(Collector):
         stats = self._engine.stats
         for name, attr, text in _COUNTERS:
             yield CounterMetricFamily(name, text, value=getattr(stats, attr))
+        yield CounterMetricFamily(
+            "sluicegate_trainer_data_wait_seconds",
+            "Time the trainer spent blocked waiting for data, as its SDK reports it; rate() of it is the "
+            "fraction of wall time the trainer waited",
+            value=self._trainer_waited_s(),
+        )
         cache = GaugeMetricFamily("sluicegate_cache_bytes", "Bytes held by a cache tier", labels=["tier"])
         cache.add_metric(["memory"], self._engine.memory.nbytes)
         if self._engine.disk is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -45,6 +47,7 @@ from sluicegate.core.store import Store
 from .broker import BrokerClient, BrokerRefused, BrokerUpstream, plan_of
 from .config import SidecarConfig
 from .fdsocket import FdServer, memory_file
+from .ledger import LedgerWriter
 from .metrics import SidecarCollector
 
 __all__ = ["Sidecar"]
@@ -120,20 +123,27 @@ class Sidecar:
                 cached=lambda sha: sha in self.engine.memory,
             )
         self.engine = Engine(upstream, config.engine())
+        # Store mode records what its trainers report consuming; broker mode has no store to write to.
+        self.ledger = (
+            None if self.store is None else LedgerWriter(self.store, config.namespace, config.stream)
+        )
         self.plan: Plan | None = None
         self.info: proto.Info | None = None
         self.requests: Counter[tuple[str, int]] = Counter()
+        self.trainer_waited_s = 0.0  # what the trainer reports (POST /v1/wait)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(
             SidecarCollector(
                 self.engine,
                 lambda: self.info,
+                lambda: self.trainer_waited_s,
                 self.requests,
                 self.broker.renewals if self.broker is not None else None,
             )
         )
         self._orders: OrderedDict[tuple[int, int, int], _partition.Positions] = OrderedDict()
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._fd_servers: list[FdServer] = []
         self._loading: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
@@ -221,10 +231,36 @@ class Sidecar:
         app.router.add_post(proto.Paths.BATCH, self._batch)
         app.router.add_get(proto.Paths.STREAM, self._stream)
         app.router.add_post(proto.Paths.SELECT, self._select)
+        app.router.add_post(proto.Paths.WAIT, self._wait)
+        app.router.add_post(proto.Paths.LEDGER, self._ledger)
         app.router.add_get(proto.Paths.METRICS, self._metrics)
         app.router.add_get(proto.Paths.HEALTHZ, self._healthz)
         app.router.add_get(proto.Paths.READYZ, self._readyz)
         return app
+
+    def metrics_app(self) -> web.Application:
+        """What the metrics listener serves: ``/metrics`` alone, to a bearer of the scrape token."""
+        app = web.Application(middlewares=[self._scrape_token], client_max_size=4096)
+        app.router.add_get(proto.Paths.METRICS, self._metrics)
+        return app
+
+    @web.middleware
+    async def _scrape_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        digest = self.config.metrics_token_sha256
+        if digest is not None:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            sent = hashlib.sha256(token.encode()).hexdigest() if scheme.lower() == "bearer" else ""
+            if not hmac.compare_digest(sent, digest):
+                return _error(
+                    401,
+                    proto.ErrorCode.UNAUTHENTICATED,
+                    "send the scrape token as Authorization: Bearer TOKEN (the chart's PodMonitor does)",
+                )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            what = f"{request.method} {request.path}: {exc.reason}"
+            return _error(exc.status, proto.ErrorCode.BAD_REQUEST, what)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -383,6 +419,23 @@ class Sidecar:
     async def _memory_file(self, blobs: Sequence[bytes], fd: int | None) -> int:
         return await self.engine.workers.run(memory_file, blobs, fd)
 
+    async def _ledger(self, request: web.Request) -> web.Response:
+        report = proto.LedgerReport.model_validate_json(await request.read())
+        if self.ledger is None:
+            raise ConfigError(
+                "this sidecar runs in broker mode and holds no store credentials, so it cannot record the "
+                "ledger; record it with sluicegate.open() or a sidecar in store mode (--store)"
+            )
+        plan, info = self._ready()
+        # The store write blocks (obstore, or files): off the loop, like every other blocking step.
+        await asyncio.to_thread(self.ledger.write, report, info, plan.manifest.digest)
+        return web.Response(status=204)
+
+    async def _wait(self, request: web.Request) -> web.Response:
+        report = proto.WaitReport.model_validate_json(await request.read())
+        self.trainer_waited_s += report.waited_s
+        return web.Response(status=204)
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -424,6 +477,14 @@ class Sidecar:
                 site = web.TCPSite(self._runner, listen.host, listen.port)
                 await site.start()
                 addresses.extend(f"http://{_host(s)}" for s in self._sockets(site))
+        if cfg.metrics_listen is not None:
+            self._metrics_runner = web.AppRunner(
+                self.metrics_app(), handle_signals=False, shutdown_timeout=1.0, access_log=None
+            )
+            await self._metrics_runner.setup()
+            metrics = web.TCPSite(self._metrics_runner, cfg.metrics_listen.host, cfg.metrics_listen.port)
+            await metrics.start()
+            addresses.extend(f"metrics=http://{_host(s)}" for s in self._sockets(metrics))
         self._loading = asyncio.get_running_loop().create_task(self.load())
         return addresses
 
@@ -437,9 +498,10 @@ class Sidecar:
         for fds in self._fd_servers:
             await fds.stop()
         self._fd_servers.clear()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in (self._runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._metrics_runner = None
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.engine.aclose()

@@ -209,11 +209,26 @@ def test_pod_refused_without_role_binding(cp: ControlPlane) -> None:
         in stderr
     )
     assert "--verb=stream" in stderr
+    # `kubectl describe datasetstream` says who was refused and what is missing (once, however often).
+    with pytest.raises(CommandError):
+        cp.kubectl("create", "-f", "-", input=json.dumps(pod))
+    (event,) = wait_for(
+        lambda: _events(cp, "DatasetStream", "train", "PodRefused") or None, what="a PodRefused Event"
+    )
+    assert event["type"] == "Warning"
+    assert "pod intruder (ServiceAccount intruder) was refused at admission" in event["message"]
+    assert "is not allowed to stream datasets.sluicegate.io/coco" in event["message"]
     missing = {**pod, "metadata": {**pod["metadata"], "labels": {"sluicegate.io/stream": "no-such-stream"}}}
     with pytest.raises(
         CommandError, match=r"no-such-stream \(from label sluicegate.io/stream\) does not exist"
     ):
         cp.kubectl("create", "-f", "-", input=json.dumps(missing))
+
+
+def _events(cp: ControlPlane, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
+    selector = f"involvedObject.kind={kind},involvedObject.name={name},reason={reason}"
+    found: list[dict[str, Any]] = cp.get("events", "-n", cp.team_ns, "--field-selector", selector)["items"]
+    return found
 
 
 # -- broker ----------------------------------------------------------------------------------------
@@ -305,6 +320,15 @@ def test_broker_refusals(cp: ControlPlane, job_pods: list[dict[str, Any]]) -> No
     _, code, message = wait_for(revoked, what="403 after revoke")
     assert code == "forbidden"
     assert "not allowed to stream" in message
+    # The pod's own Events say so (once a minute, however often its sidecar asks).
+    for _ in range(3):
+        refused(temp_token)
+    (event,) = wait_for(
+        lambda: _events(cp, "Pod", "temp", "BrokerRefused") or None, what="a BrokerRefused Event"
+    )
+    assert event["involvedObject"]["uid"] == temp["metadata"]["uid"]
+    assert "refused this pod's plan request (rbac)" in event["message"]
+    assert "--verb=stream" in event["message"] or "not allowed to stream" in event["message"]
 
     # A token of a deleted pod is dead even before it expires.
     cp.kubectl("delete", "pod", "temp", "-n", cp.team_ns, "--wait=true")

@@ -183,6 +183,8 @@ def published(cluster: Cluster) -> Cluster:
                 "dataset": {"namespace": c.data_ns, "name": "coco"},
                 "query": QUERY,
                 "sharding": {"seed": 7},
+                # Its 4 pods share the node's network, so they cannot all bind one metrics port.
+                "sidecar": {"metricsPort": 0},
             },
         },
         timeout_s=60,

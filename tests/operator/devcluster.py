@@ -22,7 +22,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,9 +166,17 @@ def apply_admitted(testbed: Testbed, obj: dict[str, Any], timeout_s: float = 30)
 
 
 def dataset_with_keys(
-    testbed: Testbed, namespace: str, uri: str, s3: S3Server, name: str = "coco", *, timeout_s: float = 30
+    testbed: Testbed,
+    namespace: str,
+    uri: str,
+    s3: S3Server,
+    name: str = "coco",
+    *,
+    timeout_s: float = 30,
+    endpoint: str | None = None,
 ) -> None:
-    """The Dataset ``name`` in ``namespace`` on ``s3``, its keys in an opted-in Secret beside it."""
+    """The Dataset ``name`` in ``namespace`` on ``s3`` (reached at ``endpoint``, e.g. a fault proxy in
+    front of it), its keys in an opted-in Secret beside it."""
     credentials_secret(testbed, namespace, f"{name}-keys", s3)
     apply_admitted(
         testbed,
@@ -177,7 +185,7 @@ def dataset_with_keys(
             "kind": "Dataset",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {
-                "source": {"uri": uri, "endpoint": s3.endpoint, "region": s3.region},
+                "source": {"uri": uri, "endpoint": endpoint or s3.endpoint, "region": s3.region},
                 "credentials": {"secretRef": {"name": f"{name}-keys"}},
             },
         },
@@ -257,8 +265,6 @@ def start(
         "--set",
         "replicaCount=0",
         "--set",
-        "webhook.replicas=0",
-        "--set",
         f"webhook.url={url}/mutate",
         "--set-json",
         f"webhook.authentication={json.dumps(ADMISSION_CALLER)}",
@@ -278,6 +284,7 @@ def start(
                 f"--webhook-configuration={name}",
                 f"--tls-secret={name}-tls",
                 f"--sources-configmap={name}-sources",
+                f"--leader-lease={name}",
                 "--metrics-auth=false",  # the benchmarks scrape it directly; tests/security turns it on
                 "--admission-auth=true",
                 *extra_args,
@@ -407,14 +414,15 @@ def install_in_cluster(
     *,
     port: int,
     rules: Sequence[dict[str, Any]] = (),
+    values: Mapping[str, Any] | None = None,
 ) -> InCluster:
     """``helm install`` of the chart with ``image`` on the real node, with what a platform team on a
     cluster without a pod network or kube-proxy sets, and no more privilege than the chart grants."""
     values = {
         "image": {"repository": image.name.rpartition(":")[0], "pullPolicy": "Never"},
+        # More (values={"replicaCount": 2}) share the one node and its port (hostNetwork, SO_REUSEPORT).
         "replicaCount": 1,
-        # One node, and two hostNetwork pods serving one port cannot share it.
-        "webhook": {"replicas": 0, "authentication": ADMISSION_CALLER},
+        "webhook": {"authentication": ADMISSION_CALLER},
         "hostNetwork": True,
         "port": port,
         "publicURL": f"https://127.0.0.1:{port}",
@@ -427,6 +435,7 @@ def install_in_cluster(
         "datasetResyncSeconds": 5,
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         **REAL_NODE_PLACEMENT,
+        **(values or {}),
     }
     # CRDs applied earlier with kubectl (by `start`) are adopted, as a platform team moving them under Helm
     # would; `crds.keep` leaves them in place on uninstall either way.

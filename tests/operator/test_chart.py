@@ -29,8 +29,11 @@ def helm() -> Path:
         pytest.skip(f"helm unavailable: {error}")
 
 
-def render(helm: Path, *sets: str, set_json: bool = False) -> list[dict[str, Any]]:
+def render(
+    helm: Path, *sets: str, set_json: bool = False, api_versions: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     args = [str(helm), "template", "sg", str(CHART), "-n", "sluicegate-system", "--kube-version", "1.36.0"]
+    args += [f"--api-versions={v}" for v in api_versions]
     for value in sets:
         args += ["--set-json" if set_json else "--set", value]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -88,25 +91,45 @@ def test_webhook_matches_the_operators_definition(helm: Path) -> None:
     assert dev["webhooks"][0]["clientConfig"] == {"url": "https://127.0.0.1:1/validate"}
 
 
-def test_webhook_survives_one_pod_and_a_rollout(helm: Path) -> None:
+def test_every_replica_serves_and_they_elect_one_reconciler(helm: Path) -> None:
     docs = render(helm)
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    hooks = deployments["sg-sluicegate-webhook"]
-    assert hooks["spec"]["replicas"] == 2
-    assert hooks["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    (container,) = hooks["spec"]["template"]["spec"]["containers"]
-    assert "--serve-only" in container["args"]
-    assert deployments["sg-sluicegate"]["spec"]["strategy"] == {"type": "Recreate"}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = parse_args(container["args"])
+    assert settings.leader_lease == "sg-sluicegate"
+    assert settings.identity == "$(POD_ID)", "the pod's name, expanded by the kubelet"
+    assert "POD_ID" in {e["name"] for e in container["env"]}
+    assert not settings.reuse_port
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
     (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     assert pdb["spec"]["minAvailable"] == 1
-    assert pdb["spec"]["selector"]["matchLabels"] == hooks["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     (service,) = [d for d in docs if d["kind"] == "Service"]
-    for d in deployments.values():
-        labels = d["spec"]["template"]["metadata"]["labels"]
-        assert service["spec"]["selector"].items() <= labels.items(), "both serve behind the Service"
-    dev = render(helm, "replicaCount=0", "webhook.replicas=0")
-    assert [d["metadata"]["name"] for d in dev if d["kind"] == "Deployment"] == ["sg-sluicegate"]
-    assert "PodDisruptionBudget" not in kinds(dev)
+    assert service["spec"]["selector"].items() <= labels.items(), "leader and standbys serve alike"
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "sg-sluicegate")
+    leases = [r for r in role["rules"] if r["apiGroups"] == ["coordination.k8s.io"]]
+    assert {v: r.get("resourceNames") for r in leases for v in r["verbs"]} == {
+        "create": None,
+        "get": ["sg-sluicegate"],
+        "update": ["sg-sluicegate"],
+    }, "its own Lease, in its own namespace only"
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert "coordination.k8s.io" not in json.dumps([r["rules"] for r in cluster_roles])
+    # On the node's network the replicas share the port: no hostPort for the scheduler to keep apart.
+    (on_host,) = [d for d in render(helm, "hostNetwork=true") if d["kind"] == "Deployment"]
+    (container,) = on_host["spec"]["template"]["spec"]["containers"]
+    assert "ports" not in container
+    assert parse_args(container["args"]).reuse_port
+    assert container["readinessProbe"]["httpGet"]["port"] == 8443
+    one = render(helm, "replicaCount=1")
+    assert "PodDisruptionBudget" not in kinds(one), "a budget of 1 of 1 would block every drain"
+    dev = render(helm, "replicaCount=0")
+    assert [d["spec"]["replicas"] for d in dev if d["kind"] == "Deployment"] == [0]
 
 
 def test_source_policy_and_credential_access_follow_the_rules(helm: Path) -> None:
@@ -183,7 +206,7 @@ def test_optional_objects_are_gated(helm: Path) -> None:
 
 
 def test_every_flag_the_chart_passes_is_one_the_operator_takes(helm: Path) -> None:
-    for docs in (render(helm), render(helm, "webhook.replicas=2")):
+    for docs in (render(helm), render(helm, "hostNetwork=true")):
         for d in docs:
             if d["kind"] == "Deployment":
                 container = d["spec"]["template"]["spec"]["containers"][0]
@@ -225,7 +248,8 @@ def test_admission_authentication_binds_only_the_named_caller(helm: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    "value", ["bogus=1", "webhook.failurePolicy=Sometimes", "replicaCount=3", "image.foo=x"]
+    "value",
+    ["bogus=1", "webhook.failurePolicy=Sometimes", "replicaCount=11", "image.foo=x", "webhook.replicas=2"],
 )
 def test_values_schema_is_closed(helm: Path, value: str) -> None:
     with pytest.raises(subprocess.CalledProcessError) as info:

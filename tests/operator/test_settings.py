@@ -15,7 +15,9 @@ def test_flags_win_over_the_environment_which_wins_over_defaults(monkeypatch: py
     assert settings.kubeconfig == "/env/kubeconfig"
     assert settings.extra_san == ("a.example", "10.0.0.1")
     assert settings.hosts[-2:] == ("a.example", "10.0.0.1")
-    assert parse_args(["--serve-only", "--listen=127.0.0.1:9443"]).serve_only
+    assert parse_args(["--reuse-port", "--listen=127.0.0.1:9443"]).reuse_port
+    monkeypatch.setenv("SLUICEGATE_IDENTITY", "sg-sluicegate-abc12")
+    assert parse_args([]).identity == "sg-sluicegate-abc12"
     assert parse_args(["--listen=127.0.0.1:9443"]).listen_port == 9443
 
 
@@ -25,6 +27,7 @@ def test_flags_win_over_the_environment_which_wins_over_defaults(monkeypatch: py
         (["--listen=8443"], "--listen: String should match pattern"),
         (["--presign-ttl-s=0"], "--presign-ttl-s: Input should be greater than or equal to 1"),
         (["--public-url=http://x"], "--public-url: String should match pattern"),
+        (["--leader-lease-s=8", "--leader-renew-s=5"], "--leader-renew-s: at most half of --leader-lease-s"),
     ],
 )
 def test_a_bad_setting_stops_the_operator_with_one_line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -211,3 +212,86 @@ def test_sigterm_stops_gracefully_and_removes_the_socket(
         assert proc.terminate() == 0
         assert not sock.exists()
         ds.close()
+
+
+def test_trainer_wait_reported_by_the_sdk_is_exported(
+    dataset: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    uri, _ = dataset
+    with InProcessSidecar(_args(uri, tmp_path)) as sc, httpx.Client(base_url=sc.tcp) as client:
+        for waited in (0.25, 1.5):
+            assert client.post(proto.Paths.WAIT, json={"waited_s": waited}).status_code == 204
+        for bad in ({"waited_s": -1}, {"waited_s": "x"}, {"seconds": 1}):
+            answer = client.post(proto.Paths.WAIT, json=bad)
+            assert answer.status_code == 400
+            assert answer.json()["code"] == "bad_request"
+        assert metrics(client.get("/metrics").text)["sluicegate_trainer_data_wait_seconds_total"] == 1.75
+
+
+def test_a_trainer_reading_through_the_sdk_reports_its_waits(
+    dataset: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    from sluicegate.core.wait import METER
+
+    uri, _ = dataset
+    with InProcessSidecar(_args(uri, tmp_path)) as sc:
+        before = sluicegate.data_wait()
+        ds = sluicegate.connect(sc.tcp)
+        try:
+            assert len(list(ds)) == N
+            after = sluicegate.data_wait()
+            assert after.waits > before.waits
+            assert after.waited_s > before.waited_s
+            assert 0 < after.ratio <= 1
+            METER._reported_at = 0.0  # the next wait is due for a report at once
+            ds[0]
+
+            def exported() -> float:
+                with httpx.Client(base_url=sc.tcp) as client:
+                    return metrics(client.get("/metrics").text)["sluicegate_trainer_data_wait_seconds_total"]
+
+            deadline = time.monotonic() + 5  # the report is sent in the background
+            while exported() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert 0 < exported() <= sluicegate.data_wait().waited_s
+        finally:
+            ds.close()
+            METER.report_to(None)
+
+
+def test_metrics_listener_answers_only_the_scrape_token(
+    dataset: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    import hashlib
+
+    uri, _ = dataset
+    token = "scrape-" + "x" * 40
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    args = _args(uri, tmp_path, 0, 1, "--metrics-listen", "0.0.0.0:0", "--metrics-token-sha256", digest)
+    with InProcessSidecar(args) as sc:
+        (listener,) = [a.removeprefix("metrics=") for a in sc.addresses if a.startswith("metrics=")]
+        port = listener.rpartition(":")[2]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {digest}"},
+                            {"Authorization": f"Basic {token}"}):  # fmt: skip
+                refused = client.get("/metrics", headers=headers)
+                assert refused.status_code == 401, headers
+                assert "scrape token" in refused.json()["message"]
+                assert "sluicegate_" not in refused.text
+            good = {"Authorization": f"Bearer {token}"}
+            assert "sluicegate_trainer_data_wait_seconds_total" in client.get("/metrics", headers=good).text
+            # Nothing but /metrics: the data stays on loopback and the pod's socket.
+            for path in (proto.Paths.INFO, "/v1/items/0", proto.Paths.HEALTHZ):
+                assert client.get(path, headers=good).status_code == 404
+            assert client.post(proto.Paths.BATCH, headers=good, json={"indexes": [0]}).status_code == 404
+
+
+def test_a_metrics_listener_off_loopback_needs_a_token(tmp_path: Path) -> None:
+    base = ["--store", str(tmp_path), "--rank", "0", "--world-size", "1"]
+    with pytest.raises(ConfigError, match="metrics-token-sha256"):
+        parse_args([*base, "--metrics-listen", "0.0.0.0:9464"], {})
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse_args([*base, "--metrics-listen", "nonsense"], {})
+    with pytest.raises(ConfigError, match="--metrics-token-sha256: String should match"):
+        parse_args([*base, "--metrics-listen", "0.0.0.0:9464", "--metrics-token-sha256", "abc"], {})
+    assert parse_args([*base, "--metrics-listen", "127.0.0.1:9464"], {}).metrics_listen is not None

@@ -44,6 +44,8 @@ class GoModule:
     # Go variables stamped with the pinned version as the projects' release builds do; a plain `go build`
     # leaves placeholders such as "v0.0.0-master", which breaks clients' version checks (helm's kubeVersion).
     version_vars: tuple[str, ...] = ()
+    # Go build tags, e.g. to leave out code the tests never run (and its build time).
+    tags: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -64,7 +66,8 @@ class GoModule:
         stamps = [
             f"-X {var.format(version=self.version, major=major, minor=minor)}" for var in self.version_vars
         ]
-        return ["-trimpath", f"-ldflags={' '.join(['-s', '-w', *stamps])}"]
+        tags = [f"-tags={','.join(self.tags)}"] if self.tags else []
+        return ["-trimpath", *tags, f"-ldflags={' '.join(['-s', '-w', *stamps])}"]
 
 
 MODULES = (
@@ -107,6 +110,17 @@ MODULES = (
         "helm.sh/helm/v3",
         {"helm": "helm.sh/helm/v3/cmd/helm"},
         ("helm.sh/helm/v3/internal/version.version={version}",),
+    ),
+    # Prometheus scrapes the operator and the sidecars and evaluates the chart's rules; promtool tests them.
+    # Of the service discoveries only Kubernetes' is built (the scrape configs mirror the chart's monitors).
+    GoModule(
+        "prometheus",
+        "github.com/prometheus/prometheus",
+        {
+            "prometheus": "github.com/prometheus/prometheus/cmd/prometheus",
+            "promtool": "github.com/prometheus/prometheus/cmd/promtool",
+        },
+        tags=("remove_all_sd", "enable_kubernetes_sd"),
     ),
 )
 

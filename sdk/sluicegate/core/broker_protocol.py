@@ -79,6 +79,8 @@ class SidecarEnv:
     CACHE_MEMORY = env_var("cache_memory")  # Kubernetes quantity, e.g. 512Mi
     CACHE_DISK = env_var("cache_disk")  # Kubernetes quantity, 0 for none
     CACHE_DIR = env_var("cache_dir")  # set when CACHE_DISK is not 0
+    METRICS_LISTEN = env_var("metrics_listen")  # 0.0.0.0:PORT, set when the stream's metrics port is not 0
+    METRICS_TOKEN_SHA256 = env_var("metrics_token_sha256")  # digest of the scrape token the chart keeps
 
 
 class TrainerEnv:

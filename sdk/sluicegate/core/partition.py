@@ -64,6 +64,10 @@ class ShardSpec(BaseModel):
             n, self.rank, self.world_size, seed=self.seed, shuffle=self.shuffle, remainder=self.remainder
         )
 
+    def seeded(self, seed: int | None) -> ShardSpec:
+        """This spec shuffled with ``seed`` (``None``: not shuffled), as a dataset view applies its seed."""
+        return self.model_copy(update={"seed": seed or 0, "shuffle": seed is not None})
+
 
 def _check(rank: int, world_size: int) -> None:
     if world_size < 1:
@@ -113,6 +117,22 @@ def epoch_order(count: int, *, seed: int, epoch: int, rank: int = 0, shuffle: bo
     if epoch < 0:
         raise ConfigError(f"epoch must be >= 0, got {epoch}")
     return permutation(count, seed, epoch, rank) if shuffle else np.arange(count, dtype=np.int64)
+
+
+def assign(selected: Positions, spec: ShardSpec | None) -> Positions:
+    """``selected`` (positions in query order) cut to ``spec``'s shard, in assignment order; all of it when
+    not sharded. A dataset view and the ledger's reader both go through here."""
+    return selected if spec is None else selected[spec.positions(len(selected))]
+
+
+def visit_order(
+    count: int, *, seed: int | None, epoch: int, rank: int = 0, worker: int = 0, num_workers: int = 1
+) -> Positions:
+    """Indexes ``0..count-1`` of a view in the order it visits them in ``epoch`` (shuffled by ``seed``, in
+    order when ``None``), worker ``worker``'s part of it. A dataset view and the ledger's reader both go
+    through here."""
+    order = epoch_order(count, seed=seed or 0, epoch=epoch, rank=rank, shuffle=seed is not None)
+    return worker_split(order, worker, num_workers)
 
 
 def worker_split(order: Positions, worker: int, num_workers: int) -> Positions:

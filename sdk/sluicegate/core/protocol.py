@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluicegate.core.ledger import NAME_PATTERN, Consumed, Writer
 from sluicegate.core.partition import ShardSpec
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "ErrorCode",
     "FdAnswer",
     "Info",
+    "LedgerReport",
     "Paths",
     "SelectRequest",
     "SelectResponse",
@@ -72,6 +74,8 @@ class Paths:
     BATCH = "/v1/batch"  # POST BatchRequest -> batch body
     STREAM = "/v1/stream"  # GET StreamParams -> batch body: a stretch of the shard's epoch order
     SELECT = "/v1/select"  # POST SelectRequest -> SelectResponse
+    WAIT = "/v1/wait"  # POST WaitReport -> 204: seconds the trainer waited for data (see core.wait)
+    LEDGER = "/v1/ledger"  # POST LedgerReport -> 204: what the trainer consumed, for the ledger (core.ledger)
     METRICS = "/metrics"
     HEALTHZ = "/healthz"
     READYZ = "/readyz"
@@ -84,6 +88,7 @@ class ErrorCode(StrEnum):
     INTEGRITY = "integrity_error"
     UPSTREAM = "upstream_error"
     NOT_READY = "not_ready"
+    UNAUTHENTICATED = "unauthenticated"  # the metrics listener: no or a wrong scrape token
     INTERNAL = "internal_error"
 
 
@@ -134,6 +139,27 @@ class SelectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[str] = Field(min_length=1)
+
+
+class WaitReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    waited_s: float = Field(ge=0, le=86_400, description="seconds waited since the previous report")
+
+
+class LedgerReport(BaseModel):
+    """One stretch a trainer consumed, for the sidecar to record in the ledger (store mode). The reading's
+    views are the trainer's, over the sidecar's shard; the sidecar adds its own cut in front of them, and
+    the dataset, version and manifest it serves. ``number`` counts the trainer chain's reports from 0: a
+    report sent again (its answer lost) is recognised and not recorded twice."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str = Field(pattern=NAME_PATTERN)
+    chain: str = Field(pattern=NAME_PATTERN, max_length=96)
+    number: int = Field(ge=0)
+    consumed: Consumed
+    writer: Writer
 
 
 class SelectResponse(BaseModel):

@@ -5,6 +5,7 @@ Layout under a dataset's root (a local directory or an object-store prefix)::
     blobs/<sha256>          the files, addressed by the sha256 of their bytes
     versions/<n>.parquet    manifest of version n (1, 2, 3, ...), written once, never replaced
     refs/latest             the newest version number, a hint for readers
+    ledger/<run>/...        what training runs consumed (see :mod:`sluicegate.core.ledger`)
     staging/                local stores only: files being copied in (stray ones are safe to delete)
 
 Commits are linearised by creating ``versions/<n>.parquet`` with a create-only conditional write
@@ -26,9 +27,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
+import httpx
 import obstore
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,6 +58,17 @@ _COMMIT_ATTEMPTS = 20
 # Linux's unnamed files (O_TMPFILE); the errors that say a filesystem or kernel lacks them.
 _UNNAMED_FILES = hasattr(os, "O_TMPFILE")
 _NO_UNNAMED_FILES = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+_IMPORT_PID = os.getpid()
+_OBJECT_TIMEOUT_S = 30.0
+_SIGNED_LIFETIME = timedelta(minutes=5)
+
+
+def forked() -> bool:
+    """True in a process forked after sluicegate (and so obstore) was imported, e.g. a DataLoader worker.
+
+    obstore's tokio runtime does not survive ``fork()``: its threads are gone and calls that need I/O hang.
+    """
+    return os.getpid() != _IMPORT_PID
 
 
 @dataclass(frozen=True)
@@ -317,6 +330,79 @@ class Store:
             f"{self.uri}: {_COMMIT_ATTEMPTS} concurrent commits won before this one; try again"
         )
 
+    # -- small objects beside the versions (the ledger) ----------------------------------------
+
+    def create_object(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if absent; ``False`` when an object is there already.
+
+        Works in a forked process too (a DataLoader worker): a local store writes a file and links it into
+        place (never a partial object, never a replaced one); an object store there takes a presigned PUT
+        with ``If-None-Match: *``, since obstore's client cannot run after ``fork()``.
+        """
+        self._writable()
+        if self._root is not None:
+            return _create_file(self._root / key, data, self.uri)
+        if not forked():
+            return self._create(key, data)
+        response = self._signed("PUT", key, data)
+        if response.status_code in (409, 412):
+            return False
+        if response.status_code >= 300:
+            raise StoreError(f"cannot write {key} to {self.uri}: HTTP {response.status_code}")
+        return True
+
+    def read_object(self, key: str) -> bytes:
+        """The bytes of ``key``; :class:`NotFoundError` when there is none. Works in a forked process too."""
+        if self._root is not None:
+            try:
+                return (self._root / key).read_bytes()
+            except FileNotFoundError as exc:
+                raise NotFoundError(f"{self.uri} has no {key}") from exc
+            except OSError as exc:
+                raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror or exc}") from exc
+        if forked():
+            response = self._signed("GET", key)
+            if response.status_code == 404:
+                raise NotFoundError(f"{self.uri} has no {key}")
+            if response.status_code != 200:
+                raise StoreError(f"cannot read {key} from {self.uri}: HTTP {response.status_code}")
+            return response.content
+        try:
+            return obstore.get(self._backend, key).bytes().to_bytes()
+        except _NOT_FOUND as exc:
+            raise NotFoundError(f"{self.uri} has no {key}") from exc
+        except BaseError as exc:
+            raise StoreError(f"cannot read {key} from {self.uri}: {exc}") from exc
+
+    def _signed(self, method: Literal["GET", "PUT"], key: str, data: bytes | None = None) -> httpx.Response:
+        """``method`` on ``key`` through a presigned URL (PUT create-only): how a forked process reaches an
+        object store, since signing with static credentials is computation, which still works there."""
+        if not isinstance(self._backend, S3Store):
+            raise ConfigError(f"{self.uri} is not an object store; presigned URLs need one")
+        try:
+            url = obstore.sign(self._backend, method, key, _SIGNED_LIFETIME)
+        except BaseError as exc:
+            raise StoreError(f"cannot presign {key} on {self.uri}: {exc}") from exc
+        headers = {"If-None-Match": "*"} if method == "PUT" else {}
+        try:
+            return httpx.request(
+                method, url, content=data, headers=headers, timeout=_OBJECT_TIMEOUT_S, trust_env=False
+            )
+        except httpx.HTTPError as exc:
+            raise StoreError(f"cannot {method} {key} on {self.uri}: {exc!r}") from exc
+
+    def list_objects(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (a folder, ending in ``/``), sorted; none when there is no such one."""
+        keys: list[str] = []
+        try:
+            for chunk in obstore.list(self._backend, prefix, chunk_size=10_000):
+                keys.extend(str(meta["path"]) for meta in chunk)
+        except _NOT_FOUND:
+            return []
+        except BaseError as exc:
+            raise StoreError(f"cannot list {prefix} of {self.uri}: {exc}") from exc
+        return sorted(keys)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _create(self, key: str, data: bytes) -> bool:
@@ -499,6 +585,28 @@ def _link_staged(tmp: str, target: str, source: Path | bytes) -> None:
         pass  # content-addressed: the bytes there are these bytes
     finally:
         os.unlink(tmp)
+
+
+def _create_file(path: Path, data: bytes, uri: str) -> bool:
+    """Create ``path`` holding ``data`` unless it exists: written beside it, then linked (create-only and
+    atomic), so a reader never sees a partial file and a crash leaves at most a stray ``.tmp`` file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path} in {uri}: {exc.strerror or exc}") from exc
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

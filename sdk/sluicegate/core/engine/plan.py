@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,6 +74,9 @@ class Manifest:
         self._lock = threading.Lock()
         self._columns: dict[str, pa.Array] = {}
         self._groups: dict[int, pa.Table] = {}
+        # The Parquet reader holds these bytes anyway; kept here so the digest can be taken when asked.
+        self._raw = None if isinstance(source, pa.Table) else source
+        self._digest: str | None = None
         if isinstance(source, pa.Table):
             self._file = None
             self._table: pa.Table | None = source
@@ -95,6 +99,14 @@ class Manifest:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    @property
+    def digest(self) -> str | None:
+        """The sha256 of the Parquet bytes this manifest was read from (None when built from a table);
+        hashed on first use, so only what asks (the ledger) pays for it."""
+        if self._digest is None and self._raw is not None:
+            self._digest = hashlib.sha256(self._raw).hexdigest()
+        return self._digest
 
     def column(self, name: str) -> pa.Array:
         """One column, decoded once and kept contiguous (take() on chunks concatenates them every call)."""

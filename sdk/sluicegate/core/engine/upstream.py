@@ -24,7 +24,7 @@ import httpx
 from sluicegate._exceptions import IntegrityError, NotFoundError, StoreError
 from sluicegate.core.engine.loop import Workers
 from sluicegate.core.manifest import blake3_hex
-from sluicegate.core.store import S3Options, Store, blob_key
+from sluicegate.core.store import S3Options, Store, blob_key, forked
 
 __all__ = [
     "BlobRef",
@@ -115,16 +115,7 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, StoreError | TimeoutError | OSError)
 
 
-_IMPORT_PID = os.getpid()
 URL_LIFETIME = timedelta(minutes=15)
-
-
-def forked() -> bool:
-    """True in a process forked after sluicegate (and so obstore) was imported, e.g. a DataLoader worker.
-
-    obstore's tokio runtime does not survive ``fork()``: its threads are gone and calls that need I/O hang.
-    """
-    return os.getpid() != _IMPORT_PID
 
 
 def engine_store(uri: str | os.PathLike[str], s3: S3Options | None) -> Store:
