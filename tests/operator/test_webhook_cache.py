@@ -8,6 +8,8 @@ from functools import partial
 import pytest
 from sluicegate_operator.webhook import Recent
 
+from tests.clock import Clock
+
 
 class Lookup:
     """An async lookup that counts its calls and answers what ``answers`` holds for the key."""
@@ -23,14 +25,6 @@ class Lookup:
         if key == "boom":
             raise RuntimeError("API down")
         return self.answers[key]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_yes_is_reused_until_it_expires_and_no_is_never_kept() -> None:

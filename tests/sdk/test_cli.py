@@ -8,31 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sluicegate._cli import app
-from typer.testing import CliRunner
 
 from ..conftest import PngWriter, S3Server
-
-runner = CliRunner()
-
-
-def _run(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _ok(*args: str) -> str:
-    code, out, err = _run(*args)
-    assert code == 0, err
-    return out
+from .cli import fails, ok, run
 
 
 def _fails(*args: str) -> str:
-    """Runs a command that must fail; returns its one-line message."""
-    code, out, err = _run(*args)
-    assert code == 1, (out, err)
-    assert err.startswith("error: ")
-    return err
+    """Runs a command that must fail; returns its message."""
+    return fails(*args, one_line=False)[1]
 
 
 def _row(table: str, key: str) -> list[str]:
@@ -74,7 +57,7 @@ def _dataset(tmp_path: Path, write_png: PngWriter) -> tuple[Path, Path]:
     [[], ["dataset"], ["dataset", "import"], ["dataset", "log"], ["dataset", "show"], ["dataset", "query"]],
 )
 def test_every_command_has_help(command: list[str]) -> None:
-    out = _ok(*command, "--help")
+    out = ok(*command, "--help")
     assert "Usage" in out
     assert "--help" in out
 
@@ -82,48 +65,48 @@ def test_every_command_has_help(command: list[str]) -> None:
 def test_import_log_show_query(tmp_path: Path, write_png: PngWriter) -> None:
     ann, images = _dataset(tmp_path, write_png)
     store = str(tmp_path / "store")
-    out = _ok("dataset", "import", "-f", "coco", "--annotations", str(ann), "--images", str(images), store)
+    out = ok("dataset", "import", "-f", "coco", "--annotations", str(ann), "--images", str(images), store)
     assert out.strip() == "1"
-    code, out, err = _run(
+    code, out, err = run(
         "dataset", "import", "-f", "coco", "--annotations", str(ann), "--images", str(images), store
     )
     assert (code, out.strip()) == (0, "1")
     assert "no new version" in err
-    out = _ok(
+    out = ok(
         "dataset", "import", "--format", "jsonl", "-m", "add splits", str(tmp_path / "meta.jsonl"), store
     )
     assert out.strip() == "2"
 
-    log = _ok("dataset", "log", store)
+    log = ok("dataset", "log", store)
     lines = [line.split() for line in log.strip().splitlines()]
     assert lines[0][:3] == ["version", "items", "created"]
     assert [row[:2] for row in lines[1:]] == [["2", "2"], ["1", "2"]]
     assert "add splits" in log
 
-    show = _ok("dataset", "show", store)
+    show = ok("dataset", "show", store)
     assert "version 2" in show
     assert "2 items" in show
     assert _row(show, "labels.car") == ["1", "1"]
     assert _row(show, "meta.score") == ["float", "1"]
     assert _row(show, 'labels."traffic light"') == ["0", "0"]  # v2 replaced b.png, which had it
     assert _row(show, "meta.split") == ["string", "2"]
-    show_v1 = _ok("dataset", "show", store, "--version", "1")
+    show_v1 = ok("dataset", "show", store, "--version", "1")
     assert _row(show_v1, 'labels."traffic light"') == ["1", "2"]  # one item, two instances
     assert "meta.coco_id" in show_v1
 
-    assert _ok("dataset", "query", store, 'meta.split = "val"', "--count").strip() == "1"
-    assert _ok("dataset", "query", store, "labels.car >= 1", "--ids").split() == ["a.png"]
-    assert _ok("dataset", "query", store, 'labels."traffic light" >= 2', "-v", "1", "--ids").split() == [
+    assert ok("dataset", "query", store, 'meta.split = "val"', "--count").strip() == "1"
+    assert ok("dataset", "query", store, "labels.car >= 1", "--ids").split() == ["a.png"]
+    assert ok("dataset", "query", store, 'labels."traffic light" >= 2', "-v", "1", "--ids").split() == [
         "b.png"
     ]
-    summary = _ok("dataset", "query", store, "file.width >= 10", "--limit", "1")
+    summary = ok("dataset", "query", store, "file.width >= 10", "--limit", "1")
     assert "2 of 2 items match in version 2" in summary
     assert "and 1 more" in summary
 
 
 def test_imagefolder_import_with_progress(tmp_path: Path, write_png: PngWriter) -> None:
     write_png(tmp_path / "pets" / "cat" / "x.png")
-    code, out, err = _run(
+    code, out, err = run(
         "dataset", "import", "-f", "imagefolder", str(tmp_path / "pets"), str(tmp_path / "s")
     )
     assert (code, out.strip()) == (0, "1")
@@ -136,7 +119,7 @@ def test_errors_are_one_line_and_exit_1(tmp_path: Path, write_png: PngWriter) ->
     store = str(tmp_path / "store")
     assert "has no versions yet" in _fails("dataset", "log", store)
     assert "has no versions yet" in _fails("dataset", "show", store)
-    _ok("dataset", "import", "-f", "coco", "--annotations", str(ann), "--images", str(images), store)
+    ok("dataset", "import", "-f", "coco", "--annotations", str(ann), "--images", str(images), store)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"path": "images/a.png"}\n{"path": \n')
     for err in [
@@ -153,7 +136,7 @@ def test_errors_are_one_line_and_exit_1(tmp_path: Path, write_png: PngWriter) ->
     first, text, caret = query_err.rstrip("\n").splitlines()
     assert "did you mean 'labels.car'" in first
     assert caret.index("^") == text.index("labels.cra")
-    assert _run("dataset", "import", "-f", "parquet", store)[0] == 2  # usage errors are click's (exit 2)
+    assert run("dataset", "import", "-f", "parquet", store)[0] == 2  # usage errors are click's (exit 2)
 
 
 @pytest.mark.integration
@@ -164,11 +147,11 @@ def test_s3_store_via_endpoint_option(s3_env: S3Server, tmp_path: Path, write_pn
     endpoint = os.environ.pop("AWS_ENDPOINT_URL")  # must come from --endpoint, keys from the environment
     args = ["--endpoint", endpoint, "--region", "us-east-1"]
     assert (
-        _ok("dataset", "import", "-f", "imagefolder", "--no-progress", *args, str(tmp_path / "pets"), uri)
+        ok("dataset", "import", "-f", "imagefolder", "--no-progress", *args, str(tmp_path / "pets"), uri)
         == "1\n"
     )
-    assert _ok("dataset", "query", *args, uri, "labels.dog >= 1", "--ids").split() == ["dog/y.png"]
-    assert "2 items" in _ok("dataset", "show", *args, uri)
+    assert ok("dataset", "query", *args, uri, "labels.dog >= 1", "--ids").split() == ["dog/y.png"]
+    assert "2 items" in ok("dataset", "show", *args, uri)
 
 
 def test_real_subprocess(tmp_path: Path, write_png: PngWriter, venv_bin: Path) -> None:

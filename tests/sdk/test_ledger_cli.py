@@ -8,33 +8,12 @@ import pyarrow.compute as pc
 import pytest
 import sluicegate
 from sluicegate import Store
-from sluicegate._cli import app
-from typer.testing import CliRunner
 
+from tests.sdk.cli import fails, ok, run
 from tests.sidecar.helpers import make_dataset
 
-runner = CliRunner()
 N = 12
 GONE = "item000004"
-
-
-def _run(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _ok(*args: str) -> str:
-    code, out, err = _run(*args)
-    assert code == 0, err
-    return out
-
-
-def _fails(*args: str) -> tuple[str, str]:
-    code, out, err = _run(*args)
-    assert code == 1, (out, err)
-    assert err.startswith("error: ")
-    assert len(err.strip().splitlines()) == 1  # one line, no traceback
-    return out, err
 
 
 def _train(uri: str, run: str, epochs: int, world: int = 2) -> dict[tuple[int, int], list[str]]:
@@ -59,7 +38,7 @@ def store(tmp_path: Path) -> str:
 
 def test_every_ledger_command_has_help() -> None:
     for command in (["ledger"], ["ledger", "runs"], ["ledger", "items"]):
-        assert "Usage" in _ok(*command, "--help")
+        assert "Usage" in ok(*command, "--help")
 
 
 def test_runs_items_and_an_item_deleted_later(store: str) -> None:
@@ -67,7 +46,7 @@ def test_runs_items_and_an_item_deleted_later(store: str) -> None:
     Store(store).commit(lambda base: base.filter(pc.not_equal(base["id"], GONE)), message=f"remove {GONE}")
     _train(store, "run-b", epochs=1)
 
-    lines = _ok("ledger", "runs", store).splitlines()
+    lines = ok("ledger", "runs", store).splitlines()
     assert lines[0].split() == [
         "run",
         "ranks",
@@ -84,15 +63,15 @@ def test_runs_items_and_an_item_deleted_later(store: str) -> None:
     assert run_a[-1] == "ok"
     assert run_b[:6] == ["run-b", "0,1", "2", "0", str(N - 1 + 1), "2"]  # 11 items over 2 ranks: one pad
 
-    out = _ok("ledger", "items", store, "run-a", "--rank", "1", "--epoch", "1")
+    out = ok("ledger", "items", store, "run-a", "--rank", "1", "--epoch", "1")
     assert out.splitlines() == seen[1, 1]
-    everything = _ok("ledger", "items", store, "run-a").splitlines()
+    everything = ok("ledger", "items", store, "run-a").splitlines()
     assert everything == [i for key in sorted(seen) for i in seen[key]]
-    long = _ok("ledger", "items", store, "run-a", "--epoch", "0", "--long").splitlines()
+    long = ok("ledger", "items", store, "run-a", "--epoch", "0", "--long").splitlines()
     assert long[0].split("\t") == ["rank", "epoch", "version", "place", "id"]
     assert long[1].split("\t") == ["0", "0", "1", "0", seen[0, 0][0]]
 
-    code, out, err = _run("ledger", "runs", store, "--item", GONE)
+    code, out, err = run("ledger", "runs", store, "--item", GONE)
     assert code == 0, err
     rows = [line.split()[:5] for line in out.splitlines()[1:]]
     owner = next(rank for rank in (0, 1) if GONE in seen[rank, 0])
@@ -100,13 +79,13 @@ def test_runs_items_and_an_item_deleted_later(store: str) -> None:
     assert "not in version 2, the latest" in err  # deleted since: the runs that trained on it remain
 
     kept = next(i for i in seen[0, 0] if i != GONE)
-    runs_of_kept = {line.split()[0] for line in _ok("ledger", "runs", store, "--item", kept).splitlines()[1:]}
+    runs_of_kept = {line.split()[0] for line in ok("ledger", "runs", store, "--item", kept).splitlines()[1:]}
     assert runs_of_kept == {"run-a", "run-b"}
 
 
 def test_chains_list_their_heads(store: str) -> None:
     _train(store, "run-a", epochs=1, world=1)
-    out = _ok("ledger", "runs", store, "--chains").splitlines()
+    out = ok("ledger", "runs", store, "--chains").splitlines()
     assert out[0].split()[:4] == ["run", "chain", "records", "items"]
     cells = out[1].split()
     assert (cells[0], cells[2], cells[3], cells[-1]) == ("run-a", "1", str(N), "ok")
@@ -114,16 +93,16 @@ def test_chains_list_their_heads(store: str) -> None:
 
 
 def test_bad_input_is_one_line_and_exit_1(store: str, tmp_path: Path) -> None:
-    assert "no runs recorded" in _run("ledger", "runs", store)[2]
+    assert "no runs recorded" in run("ledger", "runs", store)[2]
     _train(store, "run-a", epochs=1, world=1)
-    assert "has no run 'nope' in its ledger; it has run-a" in _fails("ledger", "items", store, "nope")[1]
-    assert "letters, digits" in _fails("ledger", "items", store, "../x")[1]
+    assert "has no run 'nope' in its ledger; it has run-a" in fails("ledger", "items", store, "nope")[1]
+    assert "letters, digits" in fails("ledger", "items", store, "../x")[1]
     assert (
         "no records of rank 3; it has ranks 0 and epochs 0"
-        in _fails("ledger", "items", store, "run-a", "--rank", "3")[1]
+        in fails("ledger", "items", store, "run-a", "--rank", "3")[1]
     )
-    assert "has an item 'nothing-like-it'" in _fails("ledger", "runs", store, "--item", "nothing-like-it")[1]
-    assert "has no versions yet" in _fails("ledger", "runs", str(tmp_path / "elsewhere"))[1]
+    assert "has an item 'nothing-like-it'" in fails("ledger", "runs", store, "--item", "nothing-like-it")[1]
+    assert "has no versions yet" in fails("ledger", "runs", str(tmp_path / "elsewhere"))[1]
 
 
 def test_a_broken_chain_is_reported_never_skipped(store: str) -> None:
@@ -134,15 +113,15 @@ def test_a_broken_chain_is_reported_never_skipped(store: str) -> None:
     record = chain / "0000000001.json"
     record.write_bytes(record.read_bytes().replace(b'"epoch":0', b'"epoch":1'))
 
-    out, err = _fails("ledger", "runs", store)
+    out, err = fails("ledger", "runs", store)
     assert out.splitlines()[1].split()[-1] == "BROKEN"  # printed, then the error
     assert "record 1 was changed" in err
-    assert "record 1 was changed" in _fails("ledger", "items", store, "run-a")[1]
-    out, err = _fails("ledger", "runs", store, "--item", ids[0])
+    assert "record 1 was changed" in fails("ledger", "items", store, "run-a")[1]
+    out, err = fails("ledger", "runs", store, "--item", ids[0])
     assert "record 1 was changed" in err
     assert out.splitlines()[1].split()[:3] == ["run-a", "0", "0"]  # found in the records before the break
 
     record.write_text("{not json")
-    assert "record 1 is not a ledger record" in _fails("ledger", "items", store, "run-a")[1]
+    assert "record 1 is not a ledger record" in fails("ledger", "items", store, "run-a")[1]
     record.unlink()
-    assert "record 1 is missing (the next one is 2)" in _fails("ledger", "items", store, "run-a")[1]
+    assert "record 1 is missing (the next one is 2)" in fails("ledger", "items", store, "run-a")[1]

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from sluicegate import Store
-from sluicegate._cli import app
 from sluicegate._preview import BACKGROUND, MAT, PALETTE, class_color, render_grid
 from sluicegate.core.manifest import Annotation, ItemRecord, records_to_table
-from typer.testing import CliRunner
 
-runner = CliRunner()
+from tests.sdk.cli import fails, run
 
 Box = tuple[int, int, int, int]  # x, y, width, height in image pixels (COCO order)
 
@@ -32,19 +30,9 @@ IMAGES: dict[str, tuple[int, int, tuple[int, int, int], list[tuple[str, Box]]]] 
 CLASSES = ["car", "dog", "person"]
 
 
-def _run(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
 def _fails(*args: str) -> str:
     """Runs a command that must fail with a one-line cause and no traceback; returns that line."""
-    code, out, err = _run(*args)
-    assert code == 1, (out, err)
-    assert err.startswith("error: ")
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
+    return fails(*args)[1]
 
 
 @pytest.fixture
@@ -72,7 +60,7 @@ def store(tmp_path: Path) -> str:
     ann = tmp_path / "instances.json"
     ann.write_text(json.dumps(coco))
     uri = str(tmp_path / "store")
-    code, _, err = _run(
+    code, _, err = run(
         "dataset",
         "import",
         "-f",
@@ -159,17 +147,17 @@ def _check_boxes(pixels: np.ndarray, name: str) -> None:
 
 
 def test_help() -> None:
-    code, out, _ = _run("dataset", "preview", "--help")
+    code, out, _ = run("dataset", "preview", "--help")
     assert code == 0
     for option in ("--output", "--limit", "--columns", "--size", "--version"):
         assert option in out
-    assert "--chart" in _run("dataset", "show", "--help")[1]
+    assert "--chart" in run("dataset", "show", "--help")[1]
 
 
 @pytest.mark.parametrize("size", [160, 240])
 def test_boxes_are_drawn_where_the_annotations_say(store: str, tmp_path: Path, size: int) -> None:
     out = tmp_path / "grid.png"
-    code, stdout, err = _run("dataset", "preview", store, "-o", str(out), "--size", str(size))
+    code, stdout, err = run("dataset", "preview", store, "-o", str(out), "--size", str(size))
     assert code == 0, err
     assert stdout.strip() == str(out)
     assert "drew 3 of 3 matching items of version 1" in err
@@ -199,7 +187,7 @@ def test_boxes_are_drawn_where_the_annotations_say(store: str, tmp_path: Path, s
 
 def test_query_limit_and_columns(store: str, tmp_path: Path) -> None:
     out = tmp_path / "cars.png"
-    code, _, err = _run(
+    code, _, err = run(
         "dataset", "preview", store, "labels.car >= 1", "-o", str(out), "--columns", "3", "--size", "160"
     )
     assert code == 0, err
@@ -211,21 +199,21 @@ def test_query_limit_and_columns(store: str, tmp_path: Path) -> None:
     _check_boxes(pixels, "a.png")
     _check_boxes(pixels, "b.png")
 
-    code, _, err = _run("dataset", "preview", store, "-o", str(out), "--limit", "2", "--columns", "1")
+    code, _, err = run("dataset", "preview", store, "-o", str(out), "--limit", "2", "--columns", "1")
     assert code == 0, err
     assert "drew 2 of 3" in err
     assert "raise --limit" in err
     columns, rows = _tile_grid(_picture(out))
     assert (len(columns), len(rows)) == (1, 2)
 
-    code, _, err = _run("dataset", "preview", store, "-o", str(out), "--columns", "3", "--size", "64")
+    code, _, err = run("dataset", "preview", store, "-o", str(out), "--columns", "3", "--size", "64")
     assert code == 0, err
     columns, rows = _tile_grid(_picture(out))
     assert (len(columns), len(rows)) == (3, 1)
     assert all(end - start == 64 for start, end in columns)
 
     jpeg = tmp_path / "grid.jpg"  # the extension picks the format
-    assert _run("dataset", "preview", store, "-o", str(jpeg))[0] == 0
+    assert run("dataset", "preview", store, "-o", str(jpeg))[0] == 0
     with Image.open(jpeg) as img:
         assert img.format == "JPEG"
 
@@ -233,10 +221,10 @@ def test_query_limit_and_columns(store: str, tmp_path: Path) -> None:
 def test_preview_reads_the_version_asked_for(store: str, tmp_path: Path) -> None:
     Store(store).commit(lambda base: base.slice(0, 1) if base is not None else base, "only a.png")
     out = tmp_path / "v.png"
-    assert _run("dataset", "preview", store, "-o", str(out))[0] == 0
+    assert run("dataset", "preview", store, "-o", str(out))[0] == 0
     columns, rows = _tile_grid(_picture(out))
     assert (len(columns), len(rows)) == (1, 1)
-    assert _run("dataset", "preview", store, "-o", str(out), "-v", "1")[0] == 0
+    assert run("dataset", "preview", store, "-o", str(out), "-v", "1")[0] == 0
     columns, rows = _tile_grid(_picture(out))
     assert (len(columns), len(rows)) == (2, 2)
 
@@ -246,12 +234,12 @@ def test_colours_are_stable(store: str, tmp_path: Path) -> None:
     assert all(class_color(c) in PALETTE for c in CLASSES)
     first, second = tmp_path / "1.png", tmp_path / "2.png"
     for out in (first, second):
-        assert _run("dataset", "preview", store, "-o", str(out))[0] == 0
+        assert run("dataset", "preview", store, "-o", str(out))[0] == 0
     assert np.array_equal(_picture(first), _picture(second))
 
 
 def test_show_chart_names_each_label_with_its_counts(store: str) -> None:
-    code, out, err = _run("dataset", "show", store, "--chart")
+    code, out, err = run("dataset", "show", store, "--chart")
     assert code == 0, err
     chart = out[out.index("labels: items carrying each") :].splitlines()[1:]
     expected = {"car": (2, 2), "dog": (1, 1), "person": (1, 1)}
@@ -268,7 +256,7 @@ def test_show_chart_names_each_label_with_its_counts(store: str) -> None:
     # The table above is unchanged: one line per label, greppable.
     [row] = [line for line in out.splitlines() if line.startswith("labels.car ")]
     assert row.split()[1:] == ["2", "2"]
-    assert "labels: items" not in _run("dataset", "show", store)[1]  # the chart only when asked
+    assert "labels: items" not in run("dataset", "show", store)[1]  # the chart only when asked
 
 
 def test_render_grid_is_pure() -> None:
@@ -311,7 +299,7 @@ def _mixed_store(tmp_path: Path) -> str:
 def test_bad_input_says_what_to_do(store: str, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
     assert (
-        "did you mean 'labels.car'" in _run("dataset", "preview", store, "labels.cra > 0", "-o", str(out))[2]
+        "did you mean 'labels.car'" in run("dataset", "preview", store, "labels.cra > 0", "-o", str(out))[2]
     )
     assert "has no versions yet; import data into it first" in _fails(
         "dataset", "preview", str(tmp_path / "not-a-store"), "-o", str(out)
@@ -342,9 +330,9 @@ def test_bad_input_says_what_to_do(store: str, tmp_path: Path) -> None:
     assert not out.exists()
 
     # Usage errors (a limit of 0, a tiny tile) are click's, exit 2, before anything is read.
-    assert _run("dataset", "preview", store, "-o", str(out), "--limit", "0")[0] == 2
-    assert _run("dataset", "preview", store, "-o", str(out), "--size", "8")[0] == 2
-    assert _run("dataset", "preview", store)[0] == 2  # -o is required
+    assert run("dataset", "preview", store, "-o", str(out), "--limit", "0")[0] == 2
+    assert run("dataset", "preview", store, "-o", str(out), "--size", "8")[0] == 2
+    assert run("dataset", "preview", store)[0] == 2  # -o is required
 
 
 def test_real_subprocess(store: str, tmp_path: Path, venv_bin: Path) -> None:
@@ -358,7 +346,7 @@ def test_real_subprocess(store: str, tmp_path: Path, venv_bin: Path) -> None:
         timeout=120,
     )
     assert (done.returncode, done.stdout) == (0, f"{out}\n"), done.stderr
-    assert _run("dataset", "preview", store, "labels.car >= 1", "-o", str(here))[0] == 0
+    assert run("dataset", "preview", store, "labels.car >= 1", "-o", str(here))[0] == 0
     assert np.array_equal(_picture(out), _picture(here))
     done = subprocess.run(
         [exe, "dataset", "preview", store, "labels.dog >= 'x'", "-o", str(out)],

@@ -569,16 +569,21 @@ def _link_unnamed(dir_fd: int, name: str, data: bytes) -> bool:
     return True
 
 
-def _link_staged(tmp: str, target: str, source: Path | bytes) -> None:
-    """Copy ``source`` to the staging file ``tmp``, then link it as ``target`` (kept when present)."""
+def _stage(tmp: str | Path, source: Path | bytes) -> None:
+    """Write ``source`` (a file to copy, or bytes) to the staging file ``tmp``."""
     if isinstance(source, Path):
         shutil.copyfile(source, tmp)
-    else:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            _write_all(fd, source)
-        finally:
-            os.close(fd)
+        return
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_all(fd, source)
+    finally:
+        os.close(fd)
+
+
+def _link_staged(tmp: str, target: str, source: Path | bytes) -> None:
+    """Copy ``source`` to the staging file ``tmp``, then link it as ``target`` (kept when present)."""
+    _stage(tmp, source)
     try:
         os.link(tmp, target)
     except FileExistsError:
@@ -593,11 +598,7 @@ def _create_file(path: Path, data: bytes, uri: str) -> bool:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
+        _stage(tmp, data)
         try:
             os.link(tmp, path)
         except FileExistsError:

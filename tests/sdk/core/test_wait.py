@@ -6,13 +6,7 @@ import threading
 
 from sluicegate.core.wait import REPORT_EVERY_S, DataWait, Meter
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_nested_waits_count_once_and_the_ratio_is_of_wall_time() -> None:
