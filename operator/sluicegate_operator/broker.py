@@ -20,18 +20,27 @@ from typing import Any, TypeVar
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 from sluicegate import ConfigError, NotFoundError, QueryError, StoreError
-from sluicegate.core.broker_protocol import AUDIENCE, PlanRequest, PlanResponse, UrlsRequest, UrlsResponse
-from sluicegate.core.partition import ShardSpec
+from sluicegate.core.broker_protocol import (
+    AUDIENCE,
+    PlanRequest,
+    PlanResponse,
+    ProgressReport,
+    UrlsRequest,
+    UrlsResponse,
+)
+from sluicegate.core.partition import Progress, ShardSpec, per_rank
+from sluicegate.core.protocol import Resume
 from sluicegate.core.store import blob_key
 
 from . import access, grants
+from . import progress as progress_rules
 from .access import Identity, Refused
 from .catalog import Catalog, Handle, Shard
 from .events import Announcer, pod_ref
 from .inject import STREAM_LABEL
 from .kube import Kube
 from .metrics import BROKER_DECISIONS, BROKER_ITEMS, BROKER_SECONDS, BROKER_URLS
-from .models import Dataset, DatasetStream, Policy
+from .models import Dataset, DatasetStream, Policy, StreamProgress
 from .resolve import Sources, load_dataset, load_stream, open_store
 from .sources import SourceRefused
 from .status import is_ready
@@ -39,6 +48,8 @@ from .status import is_ready
 log = logging.getLogger("sluicegate.broker")
 T = TypeVar("T", bytes, UrlsResponse)
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
+_WRITE_TRIES = 5
 MAX_TOKEN_BYTES = 16 * 1024
 _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
@@ -49,6 +60,15 @@ def _parse(raw: bytes, model: type[M]) -> M:
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)[:5]
         raise Refused(400, "bad_request", f"malformed {model.__name__}: {errors}") from exc
+
+
+def _join_arrays(first: bytes, second: bytes) -> bytes:
+    """Two JSON arrays as one (the shard's rows, then a re-cut's)."""
+    if second == b"[]":
+        return first
+    if first == b"[]":
+        return second
+    return first[:-1] + b"," + second[1:]
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,17 @@ class Grant:
             shuffle=sharding.shuffle,
             remainder=sharding.remainder,
         )
+
+    @property
+    def queries(self) -> tuple[str, ...]:
+        """The stream's query and the pod's row-level policies: what its selection is."""
+        return (self.stream.spec.query, *(p.query for p in self.policies))
+
+    def basis(self) -> str:
+        """What the stream's progress is of (see progress.basis)."""
+        version = self.stream.status.resolved_version
+        assert version is not None  # checked in _grant
+        return progress_rules.basis(version, self.queries, self.spec())
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,14 @@ class Broker:
             return await self._plan(grant, _parse(await body(), PlanRequest))
 
         return await self._decide("plan", token, remote, then)
+
+    async def progress(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
+        """Take a pod's :class:`ProgressReport` into its stream's progress; ``{}`` when taken."""
+
+        async def then(grant: Grant) -> bytes:
+            return await self._progress(grant, _parse(await body(), ProgressReport))
+
+        return await self._decide("progress", token, remote, then)
 
     async def urls(self, token: str | None, body: BodyReader, remote: str = "?") -> UrlsResponse:
         async def then(grant: Grant) -> UrlsResponse:
@@ -306,13 +345,16 @@ class Broker:
 
     def _shard(self, grant: Grant) -> Shard:
         """The rank's shard (cached per stream, rank and policies); runs in a thread."""
-        stream = grant.stream
-        version = stream.status.resolved_version
+        return self._read(
+            grant, lambda version: self._catalog.shard(grant.store, version, grant.queries, grant.spec())
+        )
+
+    def _read(self, grant: Grant, read: Callable[[int], R]) -> R:
+        """``read(version)`` of the stream's store, its faults as refusals; runs in a thread."""
+        version = grant.stream.status.resolved_version
         assert version is not None  # checked in _grant
         try:
-            return self._catalog.shard(
-                grant.store, version, (stream.spec.query, *(p.query for p in grant.policies)), grant.spec()
-            )
+            return read(version)
         except QueryError as exc:
             raise Refused(
                 409,
@@ -321,6 +363,100 @@ class Broker:
             ) from exc
         except (NotFoundError, StoreError) as exc:
             raise Refused(503, "store", f"the dataset store cannot be read: {exc}") from exc
+
+    def _recut(self, grant: Grant, progress: Progress | None) -> Shard | None:
+        """The rank's assignment in a re-cut epoch's current segment (None: the epoch was not re-cut)."""
+        if progress is None or not progress.segment or progress.current.world_size != grant.world_size:
+            return None
+        spec = grant.spec()
+        return self._read(
+            grant, lambda version: self._catalog.segment(grant.store, version, grant.queries, spec, progress)
+        )
+
+    def _stored(self, grant: Grant) -> Progress | None:
+        """The stream's epoch in progress as the last read of the stream has it, if of this pod's cut."""
+        stored = grant.stream.status.progress
+        if stored is None or stored.basis != grant.basis():
+            return None
+        return stored.core()
+
+    async def _write_progress(
+        self, grant: Grant, decide: Callable[[DatasetStream], Awaitable[StreamProgress | None]]
+    ) -> DatasetStream:
+        """Write what ``decide`` makes of the stream's progress, compare-and-swap on the stream's
+        resourceVersion (the broker of every replica and the reconciler write the status): on a conflict
+        the stream is read again and decided again. The stream as last read."""
+        stream = grant.stream
+        ns, name = stream.metadata.namespace, stream.metadata.name
+        for _ in range(_WRITE_TRIES):
+            write = await decide(stream)
+            if write is None:
+                return stream
+            patch = {"progress": write.wire()}
+            if await self._kube.patch_status_at(
+                "datasetstreams", ns, name, stream.metadata.resource_version, patch
+            ):
+                return stream.model_copy(
+                    update={"status": stream.status.model_copy(update={"progress": write})}
+                )
+            fresh = await load_stream(self._kube, ns, name)
+            if fresh is None or fresh.metadata.uid != stream.metadata.uid:
+                raise Refused(404, "stream_not_found", f"DatasetStream {ns}/{name} no longer exists")
+            stream = fresh
+        raise Refused(503, "busy", f"the progress of DatasetStream {ns}/{name} kept changing; retry")
+
+    async def _plan_progress(self, grant: Grant) -> Progress | None:
+        """The stream's progress this pod's plan continues, written first when the plan changes it (a
+        re-cut for the pod's world size, the pod taking over its rank)."""
+        decided: progress_rules.PlanProgress | None = None
+
+        async def decide(stream: DatasetStream) -> StreamProgress | None:
+            nonlocal decided
+            decided = progress_rules.for_plan(
+                stream.status.progress,
+                basis=grant.basis(),
+                rank=grant.rank,
+                world_size=grant.world_size,
+                pod=grant.who.pod_uid,
+            )
+            return decided.write
+
+        await self._write_progress(grant, decide)
+        assert decided is not None
+        return decided.progress
+
+    async def _progress(self, grant: Grant, report: ProgressReport) -> bytes:
+        spec = grant.spec()
+
+        def length(progress: Progress) -> int:
+            # The rank's count in the progress' current segment: every rank's is the same.
+            if not progress.segment:
+                selected = self._read(
+                    grant, lambda version: self._catalog.select(grant.store, version, grant.queries)
+                )
+                return per_rank(len(selected), spec.world_size, spec.remainder)
+            rest = self._read(
+                grant,
+                lambda version: self._catalog.remainder(grant.store, version, grant.queries, spec, progress),
+            )
+            return per_rank(len(rest), spec.world_size, spec.remainder)
+
+        async def decide(stream: DatasetStream) -> StreamProgress | None:
+            def take() -> StreamProgress | None:
+                return progress_rules.take_report(
+                    stream.status.progress,
+                    report,
+                    basis=grant.basis(),
+                    rank=grant.rank,
+                    world_size=grant.world_size,
+                    pod=grant.who.pod_uid,
+                    length=length,
+                )
+
+            return await self._catalog.run(take, store=grant.store)
+
+        await self._write_progress(grant, decide)
+        return b"{}"
 
     def _presign(self, grant: Grant, blobs: Sequence[str]) -> tuple[dict[str, str], datetime]:
         expires = datetime.now(UTC) + self._ttl
@@ -340,10 +476,18 @@ class Broker:
                 400, "stream_mismatch", f"this pod streams {stream.metadata.name}, not {request.stream}"
             )
 
+        progress = await self._plan_progress(grant)
+
         def build() -> bytes:
             shard = self._shard(grant)
-            urls, expires = self._presign(grant, shard.blobs if request.presign else ())
-            BROKER_ITEMS.inc(shard.items)
+            recut = self._recut(grant, progress)
+            blobs = shard.blobs if recut is None else tuple(dict.fromkeys((*shard.blobs, *recut.blobs)))
+            urls, expires = self._presign(grant, blobs if request.presign else ())
+            BROKER_ITEMS.inc(shard.items + (recut.items if recut is not None else 0))
+            resume = None
+            if progress is not None:
+                items = recut.items if recut is not None else 0
+                resume = Resume(progress=progress, first=shard.items, items=items).model_dump(mode="json")
             head = PlanResponse.model_validate(
                 {
                     "namespace": stream.metadata.namespace,
@@ -357,6 +501,7 @@ class Broker:
                     "rows": [],
                     "urls": {},
                     "expires_at": expires,
+                    "resume": resume,
                 }
             ).model_dump_json()
             # The rows are serialised once per shard and the URLs are plain strings: splicing them into the
@@ -366,7 +511,8 @@ class Broker:
             start, rest = head.encode().split(b'"rows":[]', 1)
             middle, end = rest.split(b'"urls":{}', 1)
             urls_json = pydantic_core.to_json(urls)
-            return b"".join((start, b'"rows":', shard.rows_json, middle, b'"urls":', urls_json, end))
+            rows = shard.rows_json if recut is None else _join_arrays(shard.rows_json, recut.rows_json)
+            return b"".join((start, b'"rows":', rows, middle, b'"urls":', urls_json, end))
 
         return await self._catalog.run(build, store=grant.store)
 
@@ -374,6 +520,9 @@ class Broker:
         def build() -> UrlsResponse:
             shard = self._shard(grant)
             foreign = [b for b in request.blobs if b not in shard.blob_set]
+            recut = self._recut(grant, self._stored(grant)) if foreign else None
+            if recut is not None:  # a re-cut epoch's rows are the pod's too
+                foreign = [b for b in foreign if b not in recut.blob_set]
             if foreign:
                 raise Refused(
                     403,

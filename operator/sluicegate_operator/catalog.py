@@ -38,8 +38,9 @@ from obstore.exceptions import BaseError
 from obstore.exceptions import NotFoundError as ObsNotFound
 from obstore.store import LocalStore, ObjectStore, S3Store
 from sluicegate import ConfigError, NotFoundError, StoreError
+from sluicegate.core import partition as _partition
 from sluicegate.core.manifest import info_from_metadata
-from sluicegate.core.partition import ShardSpec
+from sluicegate.core.partition import Progress, ShardSpec
 from sluicegate.core.query import guard_query, select_rows
 from sluicegate.core.store import S3Options, Store
 
@@ -392,6 +393,62 @@ class Catalog:
             return cached
         selected = self.select(handle, version, queries)
         rows = shard_table(manifest.table, selected, spec)
+        blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
+        result = Shard(
+            rows_json=rows_json(rows),
+            blobs=blobs,
+            blob_set=frozenset(blobs),
+            items=rows.num_rows,
+            total=len(selected),
+        )
+        with self._lock:
+            self._cache.put(key, result, len(result.rows_json) + 80 * len(blobs))
+        return result
+
+    def remainder(
+        self, handle: Handle, version: int, queries: tuple[str, ...], spec: ShardSpec, progress: Progress
+    ) -> Positions:
+        """What the closed segments of ``progress`` left of the selection (partition.remainder_after),
+        cached like selections: the same for every rank of the re-cut."""
+        queries = tuple(q for q in queries if q.strip())
+        manifest = self.manifest(handle, version)
+        closed = progress.segments[:-1]
+        cut = spec.model_copy(update={"rank": 0, "world_size": 1})  # what the remainder depends on
+        key = ("remainder", handle.key, version, manifest.tag, queries, cut, progress.epoch, closed)
+        with self._lock:
+            cached: Positions | None = self._cache.get(key)
+        if cached is not None:
+            return cached
+        selected = self.select(handle, version, queries)
+        rest = _partition.remainder_after(len(selected), spec, progress.epoch, closed)
+        with self._lock:
+            self._cache.put(key, rest, rest.nbytes + 256)
+        return rest
+
+    def segment(
+        self, handle: Handle, version: int, queries: tuple[str, ...], spec: ShardSpec, progress: Progress
+    ) -> Shard:
+        """One rank's assignment in the current segment of a re-cut epoch, serialised; cached."""
+        queries = tuple(q for q in queries if q.strip())
+        manifest = self.manifest(handle, version)
+        key = (
+            "segment",
+            handle.key,
+            version,
+            manifest.tag,
+            queries,
+            spec,
+            progress.epoch,
+            progress.segments[:-1],
+        )
+        with self._lock:
+            cached: Shard | None = self._cache.get(key)
+        if cached is not None:
+            return cached
+        selected = self.select(handle, version, queries)
+        rest = self.remainder(handle, version, queries, spec, progress)
+        assignment = _partition.recut_assignment(rest, spec)
+        rows = manifest.table.take(pa.array(selected[assignment], pa.int64()))
         blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
         result = Shard(
             rows_json=rows_json(rows),

@@ -250,6 +250,25 @@ class Kube:
             {"status": patch},
         )
 
+    async def patch_status_at(
+        self, plural: str, namespace: str, name: str, resource_version: str, patch: Json
+    ) -> bool:
+        """Merge ``patch`` into the status if the object is still at ``resource_version``; ``False`` when
+        someone wrote it since (a compare-and-swap: the API server answers 409)."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
+        return await self._write_unless_conflict(
+            partial(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                body,
+            ),
+            f"patch the status of {plural} {namespace}/{name}",
+        )
+
     async def event(self, obj: Json, *, type_: str, reason: str, message: str) -> None:
         """Record an Event on ``obj`` (best effort: an event that cannot be written is not an error)."""
         meta = obj["metadata"]

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from sluicegate.core.engine import EngineConfig
-from sluicegate.core.partition import Remainder
+from sluicegate.core.partition import MAX_PASSES, MAX_SEGMENTS, MAX_WORKERS, Progress, Remainder, Segment
 from sluicegate.core.quantity import QUANTITY_PATTERN
 from sluicegate.core.query import MAX_QUERY_CHARS
 
@@ -360,6 +360,71 @@ class DatasetStreamSpec(_Model):
     sidecar: SidecarOverrides | None = Field(default=None, description="Overrides for the injected sidecar.")
 
 
+MAX_PROGRESS_WORLD = 4096  # ranks whose progress a stream keeps
+
+
+_Count = Annotated[int, Field(ge=0, description="Items one DataLoader worker consumed of its part.")]
+_Pass = Annotated[
+    list[_Count], Field(max_length=MAX_WORKERS, description="One pass: a count per DataLoader worker.")
+]
+_RankPasses = Annotated[
+    list[_Pass], Field(max_length=MAX_PASSES, description="One rank's passes over the stretch, in order.")
+]
+
+
+class SegmentProgress(_Model):
+    """One stretch of the epoch at one world size (sluicegate.core.partition.Segment)."""
+
+    world_size: int = Field(ge=1, le=MAX_PROGRESS_WORLD, description="Ranks the stretch was cut for.")
+    consumed: list[_RankPasses] = Field(
+        max_length=MAX_PROGRESS_WORLD,
+        description="Per rank, its passes over the stretch; per pass, how many items each of its DataLoader "
+        "workers consumed.",
+    )
+
+
+class StreamProgress(_Model):
+    """The epoch in progress, kept by the broker from what the pods' sidecars report, so pods of a Job
+    re-created at another parallelism (or restarted) continue the epoch instead of repeating it."""
+
+    basis: str = Field(
+        max_length=64, description="Digest of what the cut depends on (version, query, policies, sharding)."
+    )
+    epoch: int = Field(ge=0, description="The epoch in progress (the newest any rank reported).")
+    segments: list[SegmentProgress] = Field(
+        min_length=1, max_length=MAX_SEGMENTS, description="Its stretches at one world size, oldest first."
+    )
+    owners: list[
+        Annotated[str, Field(max_length=64, description="A pod's UID, or empty: no reader yet.")]
+    ] = Field(
+        default_factory=list,
+        max_length=MAX_PROGRESS_WORLD,
+        description="UID of the pod reading each rank of the current stretch (the one whose reports count).",
+    )
+
+    def core(self) -> Progress:
+        """As the SDK's arithmetic takes it."""
+        segments = tuple(
+            Segment(
+                world_size=seg.world_size,
+                consumed=tuple(tuple(tuple(counts) for counts in passes) for passes in seg.consumed),
+            )
+            for seg in self.segments
+        )
+        return Progress(epoch=self.epoch, segments=segments)
+
+    @classmethod
+    def of(cls, progress: Progress, basis: str, owners: list[str]) -> StreamProgress:
+        segments = [
+            SegmentProgress(
+                world_size=seg.world_size,
+                consumed=[[list(counts) for counts in passes] for passes in seg.consumed],
+            )
+            for seg in progress.segments
+        ]
+        return cls(basis=basis, epoch=progress.epoch, segments=segments, owners=owners)
+
+
 class DatasetStreamStatus(_Model):
     """What the operator resolved for the stream."""
 
@@ -379,6 +444,9 @@ class DatasetStreamStatus(_Model):
     shards: int | None = Field(default=None, description="Number of shards (the world size), when known.")
     items_per_shard: int | None = Field(default=None, description="Items each rank reads per epoch.")
     injected_pods: int | None = Field(default=None, description="Live pods the sidecar was injected into.")
+    progress: StreamProgress | None = Field(
+        default=None, description="The epoch in progress, as the pods reported it (written by the broker)."
+    )
     conditions: Conditions = Field(default_factory=list)
 
 
@@ -390,6 +458,7 @@ class ObjectMeta(_Model):
     namespace: str = ""
     uid: str = ""
     generation: int = 0
+    resource_version: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 

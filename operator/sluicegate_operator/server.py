@@ -61,6 +61,7 @@ def _bearer(request: web.Request) -> str | None:
 # names at most MAX_URLS_PER_REQUEST hashes.
 PLAN_BODY_BYTES = 4 * 1024
 URLS_BODY_BYTES = MAX_URLS_PER_REQUEST * 80 + 1024
+PROGRESS_BODY_BYTES = 256 * 1024  # a report: a rank's passes, each a count per DataLoader worker
 # An AdmissionReview carries the whole object (and for updates the old one too).
 REVIEW_BODY_BYTES = 8 * 1024 * 1024
 
@@ -281,6 +282,7 @@ def build_app(
             web.post(webhook.VALIDATE_PATH, gated(admission, review_handler(hook.validate))),
             web.post(BrokerPaths.PLAN, brokered(broker.plan, PLAN_BODY_BYTES)),
             web.post(BrokerPaths.URLS, brokered(urls, URLS_BODY_BYTES)),
+            web.post(BrokerPaths.PROGRESS, brokered(broker.progress, PROGRESS_BODY_BYTES)),
             web.get(BrokerPaths.HEALTHZ, healthz),
             web.get(BrokerPaths.METRICS, gated(metrics, scrape)),
         ]

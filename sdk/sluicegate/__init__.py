@@ -21,6 +21,7 @@ from sluicegate._exceptions import (
     StreamError,
 )
 from sluicegate._importers import ImportResult, import_dataset
+from sluicegate._mix import Mix, mix
 from sluicegate.core.manifest import Annotation, ItemRecord, VersionInfo
 from sluicegate.core.partition import Remainder
 from sluicegate.core.query import Query
@@ -43,6 +44,7 @@ __all__ = [
     "ItemNotInShard",
     "ItemRecord",
     "Ledger",
+    "Mix",
     "NotFoundError",
     "Query",
     "QueryError",
@@ -57,6 +59,7 @@ __all__ = [
     "connect",
     "data_wait",
     "import_dataset",
+    "mix",
     "open",
     "parse_query",
 ]

@@ -8,18 +8,26 @@ pickled copy (a DataLoader worker) is a few hundred bytes that reconnects on fir
 Index spaces: ``ds[i]`` and :meth:`Dataset.get_many` take indexes ``0 .. len(ds)-1`` in *assignment*
 order (stable across epochs); :meth:`Dataset.epoch_positions` gives this epoch's visiting order as such
 indexes; iteration walks that order with read-ahead.
+
+Resume: :meth:`Dataset.state_dict` saves the epoch's progress (:class:`~sluicegate.core.partition.Progress`:
+its segments and what this rank consumed of the current one), and :meth:`Dataset.load_state_dict` continues
+it, at the same world size or, for a sharded view, at another one (the epoch's rest re-cut for it, see
+:mod:`sluicegate.core.partition`). An epoch continued at another world size visits its re-cut assignment,
+not ``ds``'s: there :meth:`Dataset.epoch_positions` indexes that assignment.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Self, SupportsIndex
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from sluicegate import _ledger
 from sluicegate._exceptions import ConfigError
@@ -31,7 +39,8 @@ from sluicegate.core import partition as _partition
 from sluicegate.core.alloc import keep_freed_memory
 from sluicegate.core.engine import EngineConfig, engine_store
 from sluicegate.core.ledger import Order, Reading, View
-from sluicegate.core.partition import Positions, Remainder, ShardSpec
+from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, Remainder, ShardSpec
+from sluicegate.core.protocol import ProgressReport
 from sluicegate.core.query import Query
 from sluicegate.core.store import S3Options
 from sluicegate.core.wait import METER, DataWait
@@ -44,21 +53,59 @@ _ENGINE = EngineConfig.model_fields  # the engine's defaults are open()'s
 _BATCH_BYTES = 16 * 2**20  # target bytes per request once item sizes are known
 _MIN_DEPTH = 2
 _LARGE_ITEM = 2**20  # items this big on average: keep freed memory for the next batch (see _alloc)
+_REPORT_S = 1.0  # the least time between two progress reports to a sidecar
 
 
 # -- the dataset -------------------------------------------------------------------------------------
 
 
 class _State(BaseModel):
-    """What :meth:`Dataset.state_dict` saves; checked on load so a resume never silently reorders."""
+    """What :meth:`Dataset.state_dict` saves; checked on load so a resume never silently reorders.
+
+    ``position`` counts what this rank consumed of its epoch's current segment; ``progress`` says which
+    items (None: a prefix of ``position`` items, or nothing, of an epoch never re-cut). Unless ``merged``
+    (:meth:`Dataset.merge_states`), the current segment's every rank is taken to have consumed what rank
+    ``rank`` did: lockstep data-parallel training. States saved before elastic resume existed hold the
+    first five fields only, and load as they always did."""
 
     model_config = ConfigDict(extra="forbid")
 
-    epoch: int
-    position: int
+    epoch: int = Field(ge=0)
+    position: int = Field(ge=0)
     length: int
     seed: int | None
     version: int
+    selected: int | None = Field(default=None, ge=0, description="items the cut divides (before sharding)")
+    rank: int = Field(default=0, ge=0)
+    world_size: int = Field(default=1, ge=1)
+    sharded: bool = Field(default=True, description="False: an unsharded view (cannot be re-cut)")
+    remainder: Remainder = Remainder.PAD
+    progress: Progress | None = None
+    merged: bool = False
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """What an epoch's plan cuts: ``spec`` over a selection of ``n`` items, which the view cuts itself
+    (``selected``: their source positions) or its source cut (a sidecar: ``selected`` None, the plan's
+    rows are the source's); ``whole``: an unsharded view, one rank that cannot be re-cut."""
+
+    spec: ShardSpec
+    n: int
+    selected: Positions | None
+    whole: bool = False
+    order_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """One epoch's plan: ``positions`` are the source positions of ``rank``'s assignment (``rank.order``
+    indexes both); ``progress`` is what the epoch's reading continues (None: a fresh epoch), as the ledger
+    states it."""
+
+    rank: RankPlan
+    positions: Positions
+    progress: Progress | None
 
 
 class Dataset:
@@ -85,8 +132,11 @@ class Dataset:
         self._prefetch = prefetch
         self._ledger = ledger
         self._epoch = 0
-        self._position = 0
+        self._position = 0  # items __iter__ handed out of what the epoch's plan had left
+        self._progress: Progress | None = None  # the epoch resumed (load_state_dict), when it is _epoch's
         self._view: Positions | None = None
+        self._plan: tuple[tuple[Any, ...], _EpochPlan] | None = None
+        self._cuts: _Cut | None = None
 
     def _derive(self, **changes: Any) -> Dataset:
         spec: dict[str, Any] = {
@@ -104,6 +154,7 @@ class Dataset:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_view"] = None  # recomputed on demand: cheaper than shipping a million positions
+        state["_plan"] = state["_cuts"] = None
         return state
 
     # -- views ---------------------------------------------------------------------------------
@@ -144,7 +195,7 @@ class Dataset:
         """Select the epoch whose order iteration follows (from its start)."""
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0, got {epoch}")
-        self._epoch, self._position = int(epoch), 0
+        self._epoch, self._position, self._progress = int(epoch), 0, None
 
     @property
     def epoch(self) -> int:
@@ -176,20 +227,109 @@ class Dataset:
         return self._shard.rank if self._shard is not None else self._source.rank
 
     def epoch_positions(self, worker: int = 0, num_workers: int = 1) -> Positions:
-        """This epoch's order as indexes into the dataset; worker ``worker``'s part of it if split."""
-        return _partition.visit_order(
-            len(self),
-            seed=self._seed,
-            epoch=self._epoch,
-            rank=self._order_rank(),
-            worker=worker,
-            num_workers=num_workers,
-        )
+        """This epoch's order as indexes into the dataset; worker ``worker``'s part of it if split.
+
+        In an epoch resumed by :meth:`load_state_dict` (or a sidecar's stream) it is what the epoch has
+        left; resumed at another world size, its indexes are into the epoch's re-cut assignment, not ``ds``.
+        """
+        return self._epoch_plan().rank.visit(worker, num_workers)
+
+    # -- the epoch's plan ----------------------------------------------------------------------
+
+    def _cut(self) -> _Cut:
+        """What this view's epochs cut (see :class:`_Cut`): its own shard, else the sidecar's when the view
+        reads the sidecar's shard as it is (no slice, the sidecar's seed), else the whole view."""
+        if self._cuts is None:
+            self._cuts = self._make_cut()
+        return self._cuts
+
+    def _make_cut(self) -> _Cut:
+        spec = self._spec()
+        if spec is not None:
+            selected = self._source.select(self._queries) if self._queries else None
+            if selected is None:
+                selected = np.arange(len(self._source), dtype=np.int64)
+            return _Cut(spec, len(selected), selected)
+        source = self._source.shard_spec
+        # The sidecar's own cut, when this view visits it as the sidecar would (its shuffle, its seed).
+        same_order = (self._seed is None) == (not source.shuffle) if source is not None else False
+        if source is not None and same_order and self._seed in (None, source.seed) and not self._queries:
+            return _Cut(source, self._source.total, None)
+        whole = ShardSpec(seed=self._seed or 0, shuffle=self._seed is not None)
+        return _Cut(whole, len(self), None, whole=True, order_rank=self._order_rank())
+
+    def _progress_now(self) -> Progress | None:
+        """The progress this epoch's plan continues: what load_state_dict gave, else the sidecar's."""
+        if self._progress is not None and self._progress.epoch == self._epoch:
+            return self._progress
+        resume = self._source.resume
+        if resume is not None and resume.progress.epoch == self._epoch:
+            cut = self._cut()
+            if cut.selected is None and not cut.whole:
+                return resume.progress
+        return None
+
+    def _epoch_plan(self) -> _EpochPlan:
+        """This epoch's plan (cached until the epoch or its progress changes)."""
+        progress = self._progress_now()
+        key = (self._epoch, progress)
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        cut = self._cut()
+        if cut.whole:
+            plan = _partition.rank_plan(
+                cut.n, cut.spec, epoch=self._epoch, progress=progress, whole=True, order_rank=cut.order_rank
+            )
+            positions = self._positions()
+        elif cut.selected is not None:
+            plan = _partition.rank_plan(cut.n, cut.spec, epoch=self._epoch, progress=progress)
+            positions = cut.selected[plan.assignment]
+        else:
+            plan, positions = self._source_plan(cut.spec, progress)
+        planned = _EpochPlan(plan, positions, progress)
+        self._plan = (key, planned)
+        return planned
+
+    def _source_plan(self, spec: ShardSpec, progress: Progress | None) -> tuple[RankPlan, Positions]:
+        """The plan over a sidecar's rows: its shard (indexes ``0..items-1``, in assignment order) and,
+        in an epoch its stream re-cut, the rows of this rank's re-cut assignment that follow them."""
+        items = len(self._source)
+        if progress is None or progress.segment == 0:
+            order = _partition.epoch_order(
+                items, seed=spec.seed, epoch=self._epoch, rank=spec.rank, shuffle=spec.shuffle
+            )
+            assignment = np.arange(items, dtype=np.int64)
+            segment = 0
+        else:
+            resume = self._source.resume
+            if resume is None or resume.progress.segments[:-1] != progress.segments[:-1]:
+                raise ConfigError(
+                    f"epoch {progress.epoch} was re-cut for world size {progress.current.world_size}, but "
+                    f"{self._source.describe()} does not serve that re-cut: give the sidecar the epoch's "
+                    "progress (store mode: --progress, see Dataset.progress_of), or let its DatasetStream "
+                    "keep it (broker mode)"
+                )
+            assignment = resume.first + np.arange(resume.items, dtype=np.int64)
+            segment = progress.segment
+            order = _partition.segment_order(
+                resume.items,
+                seed=spec.seed,
+                shuffle=spec.shuffle,
+                epoch=self._epoch,
+                rank=spec.rank,
+                segment=segment,
+            )
+        passes = () if progress is None else progress.current.consumed[spec.rank]
+        plan = RankPlan(assignment, order, _partition.remaining(len(order), passes), segment)
+        return plan, assignment
 
     # -- the ledger ----------------------------------------------------------------------------
 
-    def _reading(self, order: Order, worker: int = 0, num_workers: int = 1) -> Reading:
-        """How this view walks its source, as the ledger states it (the source adds its own cut)."""
+    def _reading(
+        self, order: Order, worker: int = 0, num_workers: int = 1, progress: Progress | None = None
+    ) -> Reading:
+        """How this view walks its source, as the ledger states it (the source adds its own cut);
+        ``progress``: what an epoch's pass continues (its sequence is what that left)."""
         view = View(queries=tuple(q.text for q in self._queries), shard=self._spec())
         return Reading(
             views=(view,),
@@ -199,6 +339,7 @@ class Dataset:
             order=order,
             worker=worker,
             num_workers=num_workers,
+            progress=progress,
         )
 
     def _recorder(self) -> _ledger.Recorder | None:
@@ -210,16 +351,26 @@ class Dataset:
     def _iter_epoch(
         self, worker: int = 0, num_workers: int = 1, start: int = 0, order: Positions | None = None
     ) -> Iterator[Item]:
-        """This epoch's items (worker ``worker``'s part of the order, ``order`` if already computed) from
-        ``start`` on: what iteration and the adapters hand out, recorded when the ledger is on."""
+        """This epoch's items (worker ``worker``'s part of the order, ``order`` if already computed by
+        :meth:`epoch_positions`) from ``start`` on: what iteration and the adapters hand out, recorded when
+        the ledger is on."""
+        plan = self._epoch_plan()
         if order is None:
-            order = self.epoch_positions(worker, num_workers)
-        items = self.iter_positions(order[start:])
+            order = plan.rank.visit(worker, num_workers)
+        items = self._iter_source(plan.positions[order[start:]])
         recorder = self._recorder()
         if recorder is None or self._ledger is None:
             return items
-        reading = self._reading(Order.EPOCH, worker, num_workers)
-        return _recorded(items, recorder, recorder.begin(reading, start, self._ledger))
+        # A resumed pass states the progress it continues: its sequence is what that left. One reader
+        # going on after a prefix of an epoch never re-cut reads the fresh order from there: said so, the
+        # ledger joins it to the pass it continues.
+        progress, offset = plan.progress, 0
+        if progress is not None and progress.segment == 0 and num_workers == 1:
+            passes = progress.current.consumed[self._cut().spec.rank]
+            if len(passes) == 1 and len(passes[0]) == 1:
+                progress, offset = None, passes[0][0]
+        reading = self._reading(Order.EPOCH, worker, num_workers, progress)
+        return _recorded(items, recorder, recorder.begin(reading, start + offset, self._ledger))
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -255,7 +406,10 @@ class Dataset:
 
     def iter_positions(self, indexes: Sequence[SupportsIndex] | Positions) -> Iterator[Item]:
         """Items at ``indexes`` in that order, with batches requested ahead of the consumer."""
-        positions = self._resolve(indexes)
+        return self._iter_source(self._resolve(indexes))
+
+    def _iter_source(self, positions: Positions) -> Iterator[Item]:
+        """The source's items at ``positions``, in that order, with batches requested ahead."""
         pending: deque[tuple[Pending, int]] = deque()
         sent = 0
         batch = _FIRST_BATCH
@@ -283,45 +437,195 @@ class Dataset:
                 p.cancel()
 
     def __iter__(self) -> Iterator[Item]:
-        """This epoch's items from the saved position on; a complete pass moves to the next epoch."""
-        for item in self._iter_epoch(start=self._position):
-            self._position += 1
-            yield item
-        self._epoch, self._position = self._epoch + 1, 0
+        """This epoch's items from the saved position on; a complete pass moves to the next epoch.
+
+        Over a sidecar, how far it got is reported to the sidecar (at most every second, and when the
+        pass ends), which keeps its DatasetStream's progress in broker mode."""
+        reports = self._reports()
+        last = time.monotonic()
+        try:
+            for item in self._iter_epoch(start=self._position):
+                self._position += 1
+                if reports and not self._position % 64 and time.monotonic() - last >= _REPORT_S:
+                    self._report()
+                    last = time.monotonic()
+                yield item
+        finally:
+            if reports:
+                self._report()
+        self._epoch, self._position, self._progress = self._epoch + 1, 0, None
 
     # -- resume --------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch and position within it, to resume mid-epoch with nothing lost or repeated."""
+    def _consumed(self, step: Pass | None = None) -> Progress:
+        """The epoch's progress with this rank's consumption so far: what the plan continued, then ``step``
+        (a pass of this plan's reader; default: what :meth:`__iter__` handed out)."""
+        plan, cut = self._epoch_plan(), self._cut()
+        rank = cut.spec.rank
+        base = plan.progress or Progress.start(self._epoch, cut.spec.world_size)
+        if step is None and self._position:
+            step = (self._position,)
+        passes = base.current.consumed[rank] + ((step,) if step is not None else ())
+        return base.consumed_by(rank, _partition.normalize(len(plan.rank.order), passes))
+
+    def _state(self, step: Pass | None = None) -> _State:
+        cut = self._cut()
+        progress = self._consumed(step)
+        rank = cut.spec.rank
+        passes = progress.current.consumed[rank]
+        done = int(_partition.consumed(len(self._epoch_plan().rank.order), passes).sum())
+        simple = progress.segment == 0 and passes in ((), ((done,),))
         return _State(
             epoch=self._epoch,
-            position=self._position,
+            position=done,
             length=len(self),
             seed=self._seed,
             version=self.version,
-        ).model_dump()
+            selected=cut.n,
+            rank=rank,
+            world_size=cut.spec.world_size,
+            sharded=not cut.whole,
+            remainder=cut.spec.remainder,
+            # A prefix of an epoch never re-cut is all ``position`` says; anything else is spelled out.
+            progress=None if simple else progress.lockstep(passes),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and what this rank consumed of it, to resume mid-epoch with nothing lost or repeated,
+        at this world size or (for a sharded view) another: see :meth:`load_state_dict`."""
+        return self._state().model_dump(mode="json")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the epoch ``state`` was saved in (by :meth:`state_dict`, or :meth:`merge_states`).
+
+        The view must be the same dataset version, query and seed (and pad or drop) as the saved one, else
+        :class:`ConfigError`. Saved at this world size, this rank goes on where the saved rank stood; at
+        another, the epoch's rest is re-cut for this world size (:mod:`sluicegate.core.partition`): over the
+        whole epoch nothing is visited twice and nothing left out, but for pad's repeats and drop's
+        omissions. One rank's state stands for every rank (lockstep data-parallel training: every rank
+        consumed the same count); when ranks consumed different amounts, load :meth:`merge_states` of all
+        of theirs instead. An unsharded view resumes at its own world size (one) only."""
         saved = _State.model_validate(dict(state))
-        mismatch = [
-            f"{name} {saved_value} (now {now})"
-            for name, saved_value, now in (
-                ("version", saved.version, self.version),
-                ("length", saved.length, len(self)),
-                ("seed", saved.seed, self._seed),
-            )
-            if saved_value != now
+        cut = self._cut()
+        checks: list[tuple[str, object, object]] = [
+            ("version", saved.version, self.version),
+            ("seed", saved.seed, self._seed),
         ]
+        if saved.selected is None:  # saved before elastic resume: the very same view
+            checks.append(("length", saved.length, len(self)))
+        else:
+            checks += [
+                ("selected items", saved.selected, cut.n),
+                ("remainder", saved.remainder.value, cut.spec.remainder.value),
+            ]
+        mismatch = [f"{name} {was} (now {now})" for name, was, now in checks if was != now]
         if mismatch:
             raise ConfigError(
                 "this state was saved from a different dataset view: "
                 + ", ".join(mismatch)
-                + "; resume with "
-                "the same version, query, shard and seed"
+                + "; resume with the same version, query, shard and seed"
             )
-        if not 0 <= saved.position <= saved.length:
-            raise ConfigError(f"saved position {saved.position} is outside [0, {saved.length}]")
-        self._epoch, self._position = saved.epoch, saved.position
+        world = cut.spec.world_size if saved.selected is None else saved.world_size
+        progress = saved.progress
+        if progress is None and saved.position:
+            progress = Progress.start(saved.epoch, world).lockstep(((saved.position,),))
+        if progress is not None:
+            if progress.epoch != saved.epoch or saved.rank >= progress.current.world_size:
+                raise ConfigError(
+                    f"this state is malformed: its progress is of epoch {progress.epoch} at world size "
+                    f"{progress.current.world_size}, its epoch {saved.epoch} and rank {saved.rank}"
+                )
+            if not saved.merged:
+                progress = progress.lockstep(progress.current.consumed[saved.rank])
+            if progress.current.world_size != cut.spec.world_size:
+                if cut.whole or not saved.sharded:
+                    raise ConfigError(
+                        f"this state was saved at world size {progress.current.world_size} and this view "
+                        f"is at {cut.spec.world_size}; resuming at another world size needs sharded views "
+                        "on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)"
+                    )
+                progress = progress.recut(cut.spec.world_size)
+        before = (self._epoch, self._position, self._progress)
+        self._epoch, self._position, self._progress = saved.epoch, 0, progress
+        try:
+            self._epoch_plan()  # a progress that does not fit this plan fails here, not mid-epoch
+        except ConfigError:
+            self._epoch, self._position, self._progress = before
+            raise
+
+    @staticmethod
+    def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One state out of every rank's (``state_dict()`` of ranks ``0..world_size-1``, saved at one point
+        of one epoch): what each rank really consumed, for ranks that did not move in lockstep."""
+        parsed = [_State.model_validate(dict(s)) for s in states]
+        if not parsed:
+            raise ConfigError("merge_states needs the states of every rank, got none")
+        first = parsed[0]
+        world = first.world_size
+        if sorted(p.rank for p in parsed) != list(range(world)):
+            raise ConfigError(
+                f"merge_states needs one state per rank 0..{world - 1}, got ranks "
+                f"{sorted(p.rank for p in parsed)}"
+            )
+
+        def progress_of(p: _State) -> Progress:
+            if p.progress is not None:
+                return p.progress
+            passes = ((p.position,),) if p.position else ()
+            return Progress.start(p.epoch, p.world_size).lockstep(passes)
+
+        same = ("epoch", "length", "seed", "version", "selected", "world_size", "sharded", "remainder")
+        for p in parsed[1:]:
+            differ = [f for f in same if getattr(p, f) != getattr(first, f)]
+            if differ or progress_of(p).segments[:-1] != progress_of(first).segments[:-1]:
+                raise ConfigError(
+                    f"rank {p.rank}'s state is of another epoch or view than rank {first.rank}'s "
+                    f"({', '.join(differ) or 'segments'} differ): merge states saved at one point"
+                )
+        ranks = sorted(parsed, key=lambda p: p.rank)
+        merged = progress_of(first)
+        for p in ranks:
+            merged = merged.consumed_by(p.rank, progress_of(p).current.consumed[p.rank])
+        state = first.model_copy(update={"rank": 0, "progress": merged, "merged": True})
+        return state.model_dump(mode="json")
+
+    @staticmethod
+    def progress_of(state: Mapping[str, Any]) -> Progress | None:
+        """The epoch progress a state (or :meth:`merge_states`) continues: what a sidecar in store mode
+        takes as ``--progress`` to serve that epoch's rest at its world size. None: a fresh epoch."""
+        saved = _State.model_validate(dict(state))
+        progress = saved.progress
+        if progress is None:
+            if not saved.position:
+                return None
+            progress = Progress.start(saved.epoch, saved.world_size).lockstep(((saved.position,),))
+        if not saved.merged:
+            progress = progress.lockstep(progress.current.consumed[saved.rank])
+        return progress
+
+    # -- progress reports (to a sidecar) ------------------------------------------------------
+
+    def _reports(self) -> bool:
+        """Whether this view reports progress: it reads its sidecar's shard as it is."""
+        cut = self._cut()
+        return cut.selected is None and not cut.whole
+
+    def _report(self, step: Pass | None = None) -> None:
+        """Tell the source how far this rank got (fire and forget: a report never fails the trainer)."""
+        try:
+            progress = self._consumed(step)
+        except ConfigError:
+            return
+        rank = self._cut().spec.rank
+        self._source.report_progress(
+            ProgressReport(
+                epoch=progress.epoch,
+                segment=progress.segment,
+                world_size=progress.current.world_size,
+                rank=rank,
+                consumed=progress.current.consumed[rank],
+            )
+        )
 
     # -- adapters and lifecycle ----------------------------------------------------------------
 
@@ -450,6 +754,9 @@ def connect(
     ds = Dataset(source, seed=source.seed, prefetch=prefetch, ledger=recording)
     if env.local_world_size > 1:
         ds = ds.shard(env.local_rank, env.local_world_size)
+    elif source.resume is not None:
+        # The stream kept its epoch's progress: start where it stands (ds.epoch), nothing repeated.
+        ds._epoch = source.resume.progress.epoch
     return ds
 
 

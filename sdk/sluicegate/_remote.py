@@ -39,7 +39,7 @@ from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
 from sluicegate.core import backoff
 from sluicegate.core import protocol as proto
 from sluicegate.core.ledger import Consumed, Writer
-from sluicegate.core.partition import Positions
+from sluicegate.core.partition import Positions, ShardSpec
 from sluicegate.core.query import Query
 
 __all__ = ["BATCH_TIMEOUT_S", "RemoteSource"]
@@ -463,6 +463,7 @@ class RemoteSource(Source):
         self.batch_timeout = batch_timeout
         self._info: proto.Info | None = None
         self._live: Live[_Connection] | None = None
+        self._reporting: concurrent.futures.Future[Any] | None = None  # the last progress report
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -482,6 +483,7 @@ class RemoteSource(Source):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._live = None
+        self._reporting = None
 
     @property
     def timeout(self) -> float:
@@ -573,6 +575,18 @@ class RemoteSource(Source):
     def version(self) -> int:
         return self.info.version
 
+    @property
+    def shard_spec(self) -> ShardSpec:
+        return self.info.shard_spec()
+
+    @property
+    def total(self) -> int:
+        return self.info.total
+
+    @property
+    def resume(self) -> proto.Resume | None:
+        return self.info.resume
+
     def __len__(self) -> int:
         return self.info.items
 
@@ -604,6 +618,18 @@ class RemoteSource(Source):
         send = live.resource.client().post(proto.Paths.WAIT, content=body, timeout=_REPORT_TIMEOUT_S)
         live.loop.submit(send).add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    def report_progress(self, report: proto.ProgressReport) -> None:
+        """Tell the sidecar how far the trainer got (it passes it on to the broker); fire and forget, like
+        :meth:`report_wait`: each report says it all, so the next one makes up for a lost one."""
+        live = self._running()
+        body = report.model_dump_json()
+        headers = {"content-type": "application/json"}
+        send = live.resource.client().post(
+            proto.Paths.PROGRESS, content=body, headers=headers, timeout=_REPORT_TIMEOUT_S
+        )
+        self._reporting = live.loop.submit(send)
+        self._reporting.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     def ledger_sink(self, run: str) -> Sink:
         return _SidecarSink(self.address, run)
 
@@ -613,6 +639,11 @@ class RemoteSource(Source):
         return where if info is None else f"{where} ({info.dataset} version {info.version}, rank {info.rank})"
 
     def close(self) -> None:
+        reporting, self._reporting = self._reporting, None
+        if reporting is not None:
+            # The last progress report says where the trainer stopped: give it a moment to get there.
+            with contextlib.suppress(Exception):
+                reporting.result(_REPORT_TIMEOUT_S)
         live, self._live = self._live, None
         if live is not None:
             live.close()

@@ -18,7 +18,8 @@ from sluicegate._exceptions import ConfigError
 from sluicegate._ledger import Sink
 from sluicegate.core.engine import LoopThread, close_on_collect
 from sluicegate.core.manifest import LABEL_PREFIX, META_PREFIX, Annotation, ItemRecord, record_from_row
-from sluicegate.core.partition import Positions
+from sluicegate.core.partition import Positions, ShardSpec
+from sluicegate.core.protocol import ProgressReport, Resume
 from sluicegate.core.query import Query
 
 if TYPE_CHECKING:
@@ -48,15 +49,19 @@ class ListRows(Rows):
 
 
 class Item:
-    """One item: its bytes and its manifest row (annotations, labels, metadata) built on first access."""
+    """One item: its bytes and its manifest row (annotations, labels, metadata) built on first access.
 
-    __slots__ = ("_i", "_record", "_rows", "data", "id")
+    ``source`` names the source it came from when it was read through a mix (``sluicegate.mix``), else
+    None."""
 
-    def __init__(self, id: str, data: bytes, rows: Rows, i: int) -> None:
+    __slots__ = ("_i", "_record", "_rows", "data", "id", "source")
+
+    def __init__(self, id: str, data: bytes, rows: Rows, i: int, source: str | None = None) -> None:
         self.id = id
         self.data = data
         self._rows, self._i = rows, i
         self._record: ItemRecord | None = None
+        self.source = source
 
     @property
     def row(self) -> dict[str, Any]:
@@ -122,15 +127,16 @@ class Item:
         return len(self.data)
 
     def __repr__(self) -> str:
-        return f"Item(id={self.id!r}, {len(self.data)} bytes)"
+        source = "" if self.source is None else f", source={self.source!r}"
+        return f"Item(id={self.id!r}{source}, {len(self.data)} bytes)"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Crossing a process boundary takes the row along, not the batch (or the whole manifest) behind it.
-        return (_restore_item, (self.id, self.data, self.row))
+        return (_restore_item, (self.id, self.data, self.row, self.source))
 
 
-def _restore_item(item_id: str, data: bytes, row: dict[str, Any]) -> Item:
-    return Item(item_id, data, ListRows([row]), 0)
+def _restore_item(item_id: str, data: bytes, row: dict[str, Any], source: str | None = None) -> Item:
+    return Item(item_id, data, ListRows([row]), 0, source)
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -160,6 +166,21 @@ class Source(ABC):
         return None
 
     @property
+    def shard_spec(self) -> ShardSpec | None:
+        """The cut the source's items are (a sidecar's shard of its selection); None: the whole store."""
+        return None
+
+    @property
+    def total(self) -> int:
+        """Items of the selection the source's shard was cut from (its own length when not a shard)."""
+        return len(self)
+
+    @property
+    def resume(self) -> Resume | None:
+        """The epoch the source continues from its stream's progress (a sidecar's), if any."""
+        return None
+
+    @property
     @abstractmethod
     def version(self) -> int: ...
 
@@ -177,6 +198,11 @@ class Source(ABC):
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    def report_progress(self, report: ProgressReport) -> None:
+        """Hear how far a trainer got in its epoch (a sidecar keeps its stream's progress); by default
+        nobody keeps it."""
+        return None
 
     def ledger_sink(self, run: str) -> Sink:
         """Where this source's ledger records of ``run`` go (see :mod:`._ledger`); made in the process that

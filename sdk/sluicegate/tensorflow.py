@@ -26,8 +26,9 @@ import numpy as np
 import tensorflow as tf
 
 from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
-from sluicegate._dataset import Dataset, Item
+from sluicegate._dataset import Item
 from sluicegate._exceptions import ConfigError
+from sluicegate._mix import Mix, Readable
 
 __all__ = ["to_tensorflow"]
 
@@ -38,11 +39,12 @@ _CHANNELS = {"RGB": 3, "L": 1}
 class _Chunks:
     """The generator behind the pipeline: one call per pass, one element per chunk of items."""
 
-    def __init__(self, ds: Dataset, chunk: int, labels: LabelMap | None) -> None:
+    def __init__(self, ds: Readable, chunk: int, labels: LabelMap | None) -> None:
         self._ds = ds
         self._chunk = chunk
         self._labels = labels
         self._next_epoch = ds.epoch
+        self._sourced = isinstance(ds, Mix)  # a mix's samples say which source they came from
 
     def signature(self) -> dict[str, tf.TypeSpec]:
         spec: dict[str, tf.TypeSpec] = {
@@ -57,6 +59,8 @@ class _Chunks:
         if self._labels is not None:
             spec["class_ids"] = tf.RaggedTensorSpec([None, None], tf.int64, ragged_rank=1)
             spec["label"] = tf.TensorSpec([None], tf.int64)
+        if self._sourced:
+            spec["source"] = tf.TensorSpec([None], tf.string)
         return spec
 
     def __call__(self) -> Iterator[dict[str, Any]]:
@@ -96,11 +100,13 @@ class _Chunks:
                 [labels[item.annotations[0].label] if item.annotations else -1 for item in items],
                 dtype=np.int64,
             )
+        if self._sourced:
+            element["source"] = np.array([item.source or "" for item in items], dtype=object)
         return element
 
 
 def to_tensorflow(
-    ds: Dataset,
+    ds: Readable,
     *,
     batch_size: int | None = 32,
     decode: Decode = "bytes",
@@ -118,7 +124,8 @@ def to_tensorflow(
     ``decode="image"`` an ``image`` (``uint8 [H, W, C]`` in ``image_mode``, resized to ``image_size``
     when given), ``width``/``height`` (-1 unknown), ``boxes`` (``float32 [N, 4]``, x1 y1 x2 y2) and
     ``classes`` (the boxes' class names). With ``labels`` (class names, index = position, or a mapping)
-    it also has ``class_ids`` per box and ``label``, the item's first annotation's class index.
+    it also has ``class_ids`` per box and ``label``, the item's first annotation's class index. Over a
+    mix (``sluicegate.mix``), ``source`` is the name of the source each sample came from.
 
     ``batch_size`` batches with ``ragged_batch`` (``None``: unbatched samples); images batch densely only
     with a fixed ``image_size``. For ``keras.Model.fit``, ``label_key`` maps samples to

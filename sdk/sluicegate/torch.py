@@ -11,6 +11,8 @@ A sample is a dict::
      "annotations": [{"label", "bbox", "polygon", "iscrowd", "attributes"}, ...],
      "labels": {name: count}, "metadata": {key: value}, "width", "height", "media_type"}
 
+and, read through a mix (``sluicegate.mix``), ``"source"``: the name of the source it came from.
+
 Bytes travel as tensors, not ``bytes``: a DataLoader worker hands tensors to the trainer through shared
 memory, while ``bytes`` would be pickled through a pipe. :func:`collate` keeps that true for batches of
 variable-length byte strings by packing them into one tensor (:class:`Packed`).
@@ -21,6 +23,7 @@ This is the only sluicegate module that imports torch.
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
@@ -35,6 +38,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
 from sluicegate._dataset import Dataset, Item
 from sluicegate._exceptions import ConfigError
+from sluicegate._mix import Readable
+from sluicegate.core.partition import Pass, pass_of
 from sluicegate.core.wait import METER
 
 __all__ = [
@@ -109,6 +114,8 @@ class _SampleMaker:
 
     def __call__(self, item: Item, index: int) -> Any:
         sample: dict[str, Any] = {"id": item.id, "index": index}
+        if item.source is not None:
+            sample["source"] = item.source  # read through a mix: which of its sources
         if self.decode == "bytes":
             sample["data"] = _bytes_tensor(item.data)
         elif self.decode == "image":
@@ -135,24 +142,59 @@ class DataLoader(tud.DataLoader[Any]):
 
     With workers, this is where the trainer blocks; a plain DataLoader works as well but, with workers,
     its waits go uncounted.
+
+    Over an :class:`IterDataset` it also notes which samples it handed to the trainer (by their
+    ``"index"``), so :meth:`state_dict` says exactly what was consumed, whatever each worker had read
+    ahead: ``loader.state_dict()`` and ``loader.load_state_dict(state)`` as with torchdata's
+    ``StatefulDataLoader`` (load before iterating; with ``persistent_workers``, before the first iteration).
     """
 
     def __iter__(self) -> Any:
+        dataset = self.dataset
+        if isinstance(dataset, IterDataset):
+            # Before the workers start: they take what the dataset has left with them.
+            dataset._begin(max(1, self.num_workers))
+            return _MeteredIter(super().__iter__(), dataset)
         return _MeteredIter(super().__iter__())
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer consumed of its epoch (see :meth:`IterDataset.state_dict`)."""
+        return self._iterable().state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._iterable().load_state_dict(state)
+
+    def _iterable(self) -> IterDataset:
+        if not isinstance(self.dataset, IterDataset):
+            raise ConfigError(
+                "only a loader over to_pytorch(iterable=True) keeps its epoch's progress; a map-style "
+                "dataset's position is its sampler's"
+            )
+        return self.dataset
 
 
 class _MeteredIter:
-    """A DataLoader iterator whose ``next`` counts as waiting for data; anything else is the iterator's."""
+    """A DataLoader iterator whose ``next`` counts as waiting for data; anything else is the iterator's.
+    Over an :class:`IterDataset`, each batch handed out is noted there."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, noted: IterDataset | None = None) -> None:
         self._inner = inner
+        self._noted = noted
 
     def __iter__(self) -> _MeteredIter:
         return self
 
     def __next__(self) -> Any:
-        with METER.blocked():
-            return next(self._inner)
+        try:
+            with METER.blocked():
+                batch = next(self._inner)
+        except StopIteration:
+            if self._noted is not None:
+                self._noted._report()
+            raise
+        if self._noted is not None:
+            self._noted._note(batch)
+        return batch
 
     def __len__(self) -> int:
         return len(self._inner)
@@ -185,20 +227,33 @@ class MapDataset(_Loadable, tud.Dataset[Any]):
 
     DataLoader fetches a whole batch of positions in one call (``__getitems__``), so a sampler's batch
     costs one round trip to the data path.
+
+    Over a mix (whose positions hold other items each epoch) call :meth:`set_epoch` before each epoch,
+    beside the sampler's: like the iterable form's, it reaches persistent workers.
     """
 
-    def __init__(self, source: Dataset, make: _SampleMaker) -> None:
+    def __init__(self, source: Readable, make: _SampleMaker) -> None:
         self.source = source
         self._make = make
+        # -1: never set, the source's own epoch stands (a Dataset's positions do not depend on it).
+        self._epoch = torch.full((), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(epoch)
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indexes: Sequence[int]) -> list[Any]:
         _count_waits_here()
+        epoch = int(self._epoch)
+        if epoch >= 0 and self.source.epoch != epoch:
+            self.source.set_epoch(epoch)
         n = len(self.source)
         positions = [int(i) + n if int(i) < 0 else int(i) for i in indexes]
         for given, pos in zip(indexes, positions, strict=True):
@@ -216,11 +271,17 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
     memory, so workers see it even when they persist across epochs.
     """
 
-    def __init__(self, source: Dataset, make: _SampleMaker) -> None:
+    def __init__(self, source: Readable, make: _SampleMaker) -> None:
         self.source = source
         self._make = make
         # Shared memory: set_epoch in the trainer reaches workers forked (or spawned) before it.
         self._epoch = torch.full((), source.epoch, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self._seen: _Seen | None = None  # the trainer's side only: what its loader handed out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_seen"] = None  # a worker hands out; only the trainer's process knows what was consumed
+        return state
 
     def __len__(self) -> int:
         return len(self.source)
@@ -233,6 +294,63 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(epoch)
+
+    # -- resume: what the trainer consumed -------------------------------------------------------
+
+    def _dataset(self) -> Dataset:
+        source = self.source
+        if not isinstance(source, Dataset):
+            raise ConfigError(f"{type(source).__name__} keeps its own state: use its state_dict()")
+        if source.epoch != self.epoch:
+            source.set_epoch(self.epoch)
+        return source
+
+    def _begin(self, num_workers: int) -> None:
+        """A loader starts a pass with ``num_workers`` workers: what an earlier pass over this epoch
+        consumed becomes what this one leaves out (non-persistent workers take it along)."""
+        seen, self._seen = self._seen, None
+        if not isinstance(self.source, Dataset):
+            return
+        if seen is not None and seen.epoch == self.epoch and seen.indexes:
+            source = self._dataset()
+            source._progress = source._consumed(seen.step(source))
+        self._seen = _Seen(self.epoch, num_workers)
+
+    def _note(self, batch: Any) -> None:
+        seen = self._seen
+        if seen is None:
+            return
+        seen.add(batch)
+        if time.monotonic() - seen.reported >= _REPORT_S:
+            self._report()
+
+    def _report(self) -> None:
+        """Tell a sidecar how far the trainer got (every second at most, and at the end of a pass)."""
+        seen = self._seen
+        if seen is None or seen.broken is not None or not isinstance(self.source, Dataset):
+            return
+        seen.reported = time.monotonic()
+        if self.source._reports():
+            source = self._dataset()
+            source._report(seen.step(source))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and exactly what the trainer consumed of it: the samples a :class:`DataLoader` over
+        this dataset handed out, whichever worker read them (a :meth:`Dataset.state_dict`)."""
+        source = self._dataset()
+        seen = self._seen
+        if seen is None or seen.epoch != self.epoch:
+            return source.state_dict()
+        return source._state(seen.step(source)).model_dump(mode="json")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a saved epoch (see :meth:`Dataset.load_state_dict`); before iterating."""
+        source = self.source
+        if not isinstance(source, Dataset):
+            raise ConfigError(f"{type(source).__name__} keeps its own state: use its load_state_dict()")
+        source.load_state_dict(state)
+        self.set_epoch(source.epoch)
+        self._seen = None
 
     def __iter__(self) -> Iterator[Any]:
         info = tud.get_worker_info()
@@ -247,9 +365,69 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
             yield self._make(item, pos)
 
 
+_REPORT_S = 1.0  # the least time between two progress reports to a sidecar
+
+
+class _Seen:
+    """The ``"index"`` of every sample a loader handed the trainer in one pass over one epoch."""
+
+    def __init__(self, epoch: int, num_workers: int) -> None:
+        self.epoch, self.num_workers = epoch, num_workers
+        self.indexes: list[np.ndarray[Any, np.dtype[np.int64]]] = []
+        self.broken: str | None = None
+        self.reported = time.monotonic()
+
+    def add(self, batch: Any) -> None:
+        found = _batch_indexes(batch)
+        if found is None:
+            self.broken = (
+                f"a batch ({type(batch).__name__}) carried no 'index': keep the samples' 'index' through "
+                "transform and collate_fn, which is how the loader knows what the trainer consumed"
+            )
+        else:
+            self.indexes.append(found)
+
+    def step(self, source: Dataset) -> Pass:
+        """This pass as a :data:`~sluicegate.core.partition.Pass` of ``source``'s epoch plan."""
+        if self.broken is not None:
+            raise ConfigError(f"cannot say what was consumed: {self.broken}")
+        plan = source._epoch_plan().rank
+        indexes = np.concatenate(self.indexes) if self.indexes else np.empty(0, np.int64)
+        if indexes.size and (indexes.min() < 0 or indexes.max() >= len(plan.order)):
+            raise ConfigError(
+                "a sample's 'index' is not of this epoch's plan: was the epoch changed mid-pass?"
+            )
+        slot_of = np.empty(len(plan.order), dtype=np.int64)
+        slot_of[plan.order] = np.arange(len(plan.order))
+        slots = slot_of[indexes]
+        places = np.searchsorted(plan.todo, slots)
+        if places.size and not np.array_equal(plan.todo[np.minimum(places, len(plan.todo) - 1)], slots):
+            raise ConfigError("the loader handed out samples this epoch's plan had already consumed")
+        return pass_of(len(plan.todo), places, self.num_workers)
+
+
+def _batch_indexes(batch: Any) -> np.ndarray[Any, np.dtype[np.int64]] | None:
+    """The samples' ``"index"`` in a batch: collated (a dict of tensors), a list of samples, or one."""
+    if isinstance(batch, Mapping):
+        value = batch.get("index")
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy().astype(np.int64).reshape(-1)
+        if isinstance(value, int | np.integer):
+            return np.array([int(value)], dtype=np.int64)
+        if isinstance(value, list | tuple) and all(isinstance(v, int | np.integer) for v in value):
+            return np.asarray(value, dtype=np.int64)
+        return None
+    if isinstance(batch, list | tuple) and batch and all(isinstance(b, Mapping) for b in batch):
+        parts = [_batch_indexes(b) for b in batch]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate([p for p in parts if p is not None])
+    return None
+
+
 @overload
 def to_pytorch(
-    ds: Dataset,
+    ds: Readable,
     *,
     iterable: Literal[False] = False,
     decode: Decode = "bytes",
@@ -259,7 +437,7 @@ def to_pytorch(
 ) -> MapDataset: ...
 @overload
 def to_pytorch(
-    ds: Dataset,
+    ds: Readable,
     *,
     iterable: Literal[True],
     decode: Decode = "bytes",
@@ -268,7 +446,7 @@ def to_pytorch(
     fields: Collection[str] | None = None,
 ) -> IterDataset: ...
 def to_pytorch(
-    ds: Dataset,
+    ds: Readable,
     *,
     iterable: bool = False,
     decode: Decode = "bytes",

@@ -29,6 +29,7 @@ from sluicegate.core.broker_protocol import (
     BrokerPaths,
     PlanRequest,
     PlanResponse,
+    ProgressReport,
     UrlsRequest,
     UrlsResponse,
 )
@@ -127,6 +128,10 @@ class BrokerClient:
         raw = await self._post(BrokerPaths.PLAN, PlanRequest(stream=self._stream, presign=False))
         return _parse(PlanResponse, raw)
 
+    async def progress(self, report: ProgressReport) -> None:
+        """Report how far this pod's rank got; the broker keeps it in the stream's progress."""
+        await self._post(BrokerPaths.PROGRESS, report)
+
     async def urls(self, blobs: Sequence[str]) -> UrlsResponse:
         return _parse(UrlsResponse, await self._post(BrokerPaths.URLS, UrlsRequest(blobs=list(blobs))))
 
@@ -159,13 +164,22 @@ def _table(rows: Sequence[WireRow]) -> pa.Table:
 
 
 def plan_of(response: PlanResponse) -> tuple[Plan, Info]:
-    """The engine plan and the served info of a broker's answer (rows are in assignment order)."""
+    """The engine plan and the served info of a broker's answer (rows are in assignment order: the shard,
+    then the rows of an epoch's re-cut assignment when the stream keeps one)."""
+    resume = response.resume
+    shard = len(response.rows) if resume is None or not resume.items else resume.first
+    if resume is not None and resume.items and resume.first + resume.items != len(response.rows):
+        raise StoreError(
+            f"the broker's plan has {len(response.rows)} rows, but its resume says {resume.first} + "
+            f"{resume.items}"
+        )
     info = Info(
         dataset=response.dataset,
         version=response.version,
         query=response.query or None,
         total=response.total,
-        items=len(response.rows),
+        items=shard,
+        resume=resume,
         **response.shard_spec().model_dump(),
     )
     try:

@@ -23,7 +23,7 @@ from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, Si
 from sluicegate.core.daemon import problems, settings_config
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.env import detect
-from sluicegate.core.partition import ShardSpec
+from sluicegate.core.partition import Progress, ShardSpec
 from sluicegate.core.quantity import parse_bytes
 
 __all__ = ["Listen", "MetricsListen", "SidecarConfig", "parse_args", "quantity"]
@@ -124,6 +124,11 @@ class SidecarConfig(BaseSettings, ShardSpec):
     namespace: str | None = Field(default=None, description="namespace of this pod (broker mode)")
     version: int | None = Field(default=None, ge=1, description="version to pin; latest at start if unset")
     query: str | None = Field(default=None, description="slice query")
+    progress: Progress | None = Field(
+        default=None,
+        description="store mode: an epoch to continue (JSON of sluicegate.Dataset.progress_of(state), or a "
+        "file holding it), re-cut for this world size if it was saved at another",
+    )
     listen: list[Listen] = Field(
         default_factory=lambda: [Listen(host="127.0.0.1", port=7070)],
         min_length=1,
@@ -185,6 +190,21 @@ class SidecarConfig(BaseSettings, ShardSpec):
             return [Listen.parse(part.strip()) for part in v if part.strip()]
         return v
 
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if not text:
+                return None
+            if not text.startswith("{"):
+                try:
+                    text = Path(text).read_text()
+                except OSError as exc:
+                    raise ValueError(f"cannot read the progress file {text}: {exc.strerror or exc}") from exc
+            return Progress.model_validate_json(text)
+        return v
+
     @field_validator("metrics_listen", mode="before")
     @classmethod
     def _metrics_listen(cls, v: object) -> object:
@@ -240,7 +260,7 @@ class SidecarConfig(BaseSettings, ShardSpec):
         )
 
 
-_BROKER_DECIDES = frozenset({"version", "query", *ShardSpec.model_fields})
+_BROKER_DECIDES = frozenset({"version", "query", "progress", *ShardSpec.model_fields})
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> SidecarConfig:

@@ -142,6 +142,10 @@ class Sidecar:
             )
         )
         self._orders: OrderedDict[tuple[int, int, int], _partition.Positions] = OrderedDict()
+        self.progress: proto.ProgressReport | None = None  # the trainer's latest report (POST /v1/progress)
+        self._progress_sent: proto.ProgressReport | None = None
+        self._progress_wake = asyncio.Event()
+        self._forwarding: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._fd_servers: list[FdServer] = []
@@ -164,13 +168,22 @@ class Sidecar:
         )
         spec = cfg.shard_spec()
         mine = spec.positions(len(selected))
-        plan = Plan(version, everything.manifest, index=selected[mine])
+        index, resume = selected[mine], None
+        if cfg.progress is not None:
+            # The epoch's rest, re-cut for this world size: this rank's part follows its shard's rows.
+            progress = cfg.progress.recut(spec.world_size)
+            ranked = _partition.rank_plan(len(selected), spec, epoch=progress.epoch, progress=progress)
+            extra = selected[ranked.assignment] if ranked.segment else selected[:0]
+            index = np.concatenate([index, extra])
+            resume = proto.Resume(progress=progress, first=len(mine), items=len(extra))
+        plan = Plan(version, everything.manifest, index=index)
         info = proto.Info(
             dataset=store.uri,
             version=version,
             query=cfg.query,
             total=len(selected),
-            items=len(plan),
+            items=len(mine),
+            resume=resume,
             **spec.model_dump(),
         )
         return plan, info
@@ -233,6 +246,7 @@ class Sidecar:
         app.router.add_post(proto.Paths.SELECT, self._select)
         app.router.add_post(proto.Paths.WAIT, self._wait)
         app.router.add_post(proto.Paths.LEDGER, self._ledger)
+        app.router.add_post(proto.Paths.PROGRESS, self._progress)
         app.router.add_get(proto.Paths.METRICS, self._metrics)
         app.router.add_get(proto.Paths.HEALTHZ, self._healthz)
         app.router.add_get(proto.Paths.READYZ, self._readyz)
@@ -336,8 +350,9 @@ class Sidecar:
 
     async def _select(self, request: web.Request) -> web.Response:
         body = proto.SelectRequest.model_validate_json(await request.read())
-        plan, _ = self._ready()
+        plan, info = self._ready()
         found = await asyncio.to_thread(plan.select, [Query.parse(q) for q in body.queries])
+        found = found[found < info.items]  # the shard's own rows: a re-cut's rows are read by epoch only
         return web.Response(
             text=proto.SelectResponse(indexes=found.tolist()).model_dump_json(),
             content_type="application/json",
@@ -431,6 +446,42 @@ class Sidecar:
         await asyncio.to_thread(self.ledger.write, report, info, plan.manifest.digest)
         return web.Response(status=204)
 
+    async def _progress(self, request: web.Request) -> web.Response:
+        report = proto.ProgressReport.model_validate_json(await request.read())
+        _, info = self._ready()
+        if (report.rank, report.world_size) != (info.rank, info.world_size):
+            raise ConfigError(
+                f"this sidecar serves rank {info.rank} of {info.world_size}; a report for rank "
+                f"{report.rank} of {report.world_size} is not its to pass on"
+            )
+        self.progress = report
+        self._progress_wake.set()
+        return web.Response(status=204)
+
+    async def _forward_progress(self) -> None:
+        """Broker mode: pass the trainer's latest report on to the broker, at most once a second (each
+        report says it all, so only the latest matters); a refusal is logged and not sent again."""
+        assert self.broker is not None
+        while True:
+            await self._progress_wake.wait()
+            self._progress_wake.clear()
+            await self._send_progress()
+            await asyncio.sleep(_PROGRESS_EVERY_S)
+
+    async def _send_progress(self) -> None:
+        report = self.progress
+        if self.broker is None or report is None or report == self._progress_sent:
+            return
+        try:
+            await self.broker.broker.progress(report)
+            self._progress_sent = report
+        except BrokerRefused as exc:
+            self._progress_sent = report  # the broker will refuse it again: wait for the next one
+            log.warning("the broker did not take this rank's progress: %s", exc.message)
+        except StoreError as exc:
+            log.warning("cannot report progress to the broker yet (will retry): %s", exc)
+            self._progress_wake.set()
+
     async def _wait(self, request: web.Request) -> web.Response:
         report = proto.WaitReport.model_validate_json(await request.read())
         self.trainer_waited_s += report.waited_s
@@ -486,6 +537,8 @@ class Sidecar:
             await metrics.start()
             addresses.extend(f"metrics=http://{_host(s)}" for s in self._sockets(metrics))
         self._loading = asyncio.get_running_loop().create_task(self.load())
+        if self.broker is not None:
+            self._forwarding = asyncio.get_running_loop().create_task(self._forward_progress())
         return addresses
 
     @staticmethod
@@ -504,6 +557,11 @@ class Sidecar:
         self._runner = self._metrics_runner = None
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if self._forwarding is not None:
+            self._forwarding.cancel()
+            # What the trainer got to last reaches the broker, if it answers within a moment.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send_progress(), _PROGRESS_FLUSH_S)
         await self.engine.aclose()
         for listen in self.config.listen:
             if listen.path is not None:
@@ -529,6 +587,8 @@ class Sidecar:
 
 
 _WRITE_SLICE = 1 << 20
+_PROGRESS_EVERY_S = 1.0
+_PROGRESS_FLUSH_S = 3.0
 _SOCKET_MODE = 0o666
 _SOCKET_BUFFER = 4 << 20  # Linux caps it at net.core.wmem_max (4 MiB by default) and doubles it
 

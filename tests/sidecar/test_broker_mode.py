@@ -27,10 +27,12 @@ from sluicegate.core.broker_protocol import (
     BrokerPaths,
     PlanRequest,
     PlanResponse,
+    ProgressReport,
     UrlsRequest,
     UrlsResponse,
 )
-from sluicegate.core.partition import Remainder
+from sluicegate.core.partition import Progress, Remainder, ShardSpec, rank_plan
+from sluicegate.core.protocol import Resume
 from sluicegate.core.store import blob_key
 from sluicegate_sidecar.config import parse_args
 
@@ -59,6 +61,8 @@ class StandInBroker:
         self.first_lives: timedelta | None = None
         self.plan_requests: list[PlanRequest] = []
         self.url_windows: list[list[str]] = []  # the blobs of each /v1/urls request
+        self.progress: Progress | None = None  # the stream's epoch in progress, when it keeps one
+        self.reports: list[ProgressReport] = []  # what the sidecar passed on (POST /v1/progress)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -83,6 +87,13 @@ class StandInBroker:
         self.plan_requests.append(PlanRequest.model_validate_json(await request.read()))
         version = self.store.resolve(None)
         rows: list[dict[str, Any]] = self.store.manifest(version)[0].to_pylist()
+        resume = None
+        if self.progress is not None:
+            # As the broker does: this rank's re-cut assignment follows the shard's rows.
+            plan = rank_plan(len(rows), ShardSpec(), epoch=self.progress.epoch, progress=self.progress)
+            extra = [rows[i] for i in plan.assignment.tolist()] if plan.segment else []
+            resume = Resume(progress=self.progress, first=len(rows), items=len(extra))
+            rows = rows + extra
         plan = PlanResponse.model_validate(
             {
                 "namespace": "team-a",
@@ -102,9 +113,17 @@ class StandInBroker:
                 if self.plan_requests[-1].presign
                 else {},
                 "expires_at": datetime.now(UTC) + self.ttl,
+                "resume": resume,
             }
         )
         return web.Response(text=plan.model_dump_json(), content_type="application/json")
+
+    async def _progress(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        self.reports.append(ProgressReport.model_validate_json(await request.read()))
+        return web.json_response({})
 
     async def _urls(self, request: web.Request) -> web.Response:
         refused = self._refused(request)
@@ -123,6 +142,7 @@ class StandInBroker:
             app = web.Application()
             app.router.add_post(BrokerPaths.PLAN, self._plan)
             app.router.add_post(BrokerPaths.URLS, self._urls)
+            app.router.add_post(BrokerPaths.PROGRESS, self._progress)
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self._pair.cert, self._pair.key)
             self._runner = web.AppRunner(app, access_log=None)
@@ -263,6 +283,32 @@ def test_refused_token_keeps_readiness_false_until_the_rotated_token_is_accepted
         assert "audience is not sluicegate.io" in message
         token.write_text(GOOD)  # the kubelet rotates the projected token in place
         wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="ready with the rotated token")
+
+
+def test_a_stream_recut_epoch_is_served_and_progress_passed_on(
+    broker: tuple[StandInBroker, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """The broker's plan continues an epoch re-cut from 2 ranks to this one: the sidecar serves the
+    re-cut rows, the trainer reads exactly them, and its progress reaches the broker."""
+    stand_in, expected = broker
+    stand_in.progress = Progress.start(3, 2).lockstep(((4,),)).recut(1)
+    token = tmp_path / "token"
+    token.write_text(GOOD)
+    with InProcessSidecar(_argv(stand_in, token, stand_in.ca.pem.decode())) as sc:
+        wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="sidecar ready")
+        ds = sluicegate.connect(sc.tcp)
+        assert ds.epoch == 3
+        assert len(ds) == len(expected), "the shard itself is unchanged"
+        got = [item.id for item in ds]
+        assert len(got) == len(expected) - 8, "what the two ranks left, each item once"
+        assert len(set(got)) == len(got)
+        ds.close()
+
+        def passed_on() -> ProgressReport | None:
+            return next((r for r in stand_in.reports if r.consumed == ((len(got),),)), None)
+
+        report = wait_for(passed_on, timeout_s=20, what="the progress passed on to the broker")
+        assert (report.epoch, report.segment, report.world_size, report.rank) == (3, 1, 1, 0)
 
 
 def test_broker_mode_configuration() -> None:

@@ -9,6 +9,7 @@ change in any release, together with the sidecar and operator of that release.
 - ``store``: the dataset store layout (versions, manifests, blobs) on local disk or S3
 - ``manifest``: the manifest's schema and rows; ``query``: the slice query language
 - ``partition``: sharding and shuffling as pure functions; ``env``: rank and world size of this process
+- ``mix``: weighted mixing of several sources (an epoch's counts, items and interleave) as pure functions
 - ``ledger``: the format of the record of what runs consumed (hash-chained), its chains and their reading
 - ``protocol``: the sidecar's wire protocol; ``broker_protocol``: the operator-sidecar contract
 - ``quantity``: Kubernetes byte quantities; ``alloc``: the allocator settings of long-lived processes

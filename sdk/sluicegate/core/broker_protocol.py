@@ -24,7 +24,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluicegate.core.partition import ShardSpec
-from sluicegate.core.protocol import WireRow
+from sluicegate.core.protocol import ProgressReport, Resume, WireRow
 
 __all__ = [
     "AUDIENCE",
@@ -38,6 +38,7 @@ __all__ = [
     "BrokerPaths",
     "PlanRequest",
     "PlanResponse",
+    "ProgressReport",
     "SidecarEnv",
     "TrainerEnv",
     "UrlsRequest",
@@ -95,6 +96,7 @@ class TrainerEnv:
 class BrokerPaths:
     PLAN = "/v1/plan"  # POST PlanRequest -> PlanResponse
     URLS = "/v1/urls"  # POST UrlsRequest -> UrlsResponse (fresh URLs for blobs of the pod's own shard)
+    PROGRESS = "/v1/progress"  # POST ProgressReport -> {} (what the pod's rank consumed of its epoch)
     HEALTHZ = "/healthz"
     METRICS = "/metrics"
 
@@ -135,7 +137,9 @@ class PlanResponse(ShardSpec):
     """One pod's shard of one pinned dataset version, with short-lived read access to its blobs.
 
     ``rows`` are in *assignment* order (shard index ``i`` is ``rows[i]``; padding may repeat rows);
-    the epoch order is :func:`sluicegate.core.partition.epoch_order` of ``(seed, epoch, rank)``.
+    the epoch order is :func:`sluicegate.core.partition.epoch_order` of ``(seed, epoch, rank)``. When the
+    stream keeps an epoch in progress, ``resume`` says so; re-cut for this pod's world size, this rank's
+    re-cut assignment follows the shard's rows (``resume.items`` rows from index ``resume.first``).
     ``urls`` maps each distinct blob hash in ``rows`` to a presigned GET URL valid until ``expires_at``;
     ask :data:`BrokerPaths.URLS` for fresh ones before then.
     """
@@ -150,6 +154,7 @@ class PlanResponse(ShardSpec):
     rows: list[WireRow]
     urls: dict[str, str]
     expires_at: datetime
+    resume: Resume | None = Field(default=None, description="the stream's epoch in progress, if any")
 
 
 class UrlsRequest(BaseModel):

@@ -40,12 +40,21 @@ from enum import StrEnum
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from sluicegate._exceptions import ConfigError, ConflictError, IntegrityError, NotFoundError, StoreError
 from sluicegate.core import partition as _partition
 from sluicegate.core.engine.plan import Manifest, Plan, read_manifest
-from sluicegate.core.partition import Positions, ShardSpec
+from sluicegate.core.partition import Positions, Progress, RankPlan, ShardSpec
 from sluicegate.core.query import Query
 from sluicegate.core.store import Store
 
@@ -158,12 +167,25 @@ class Reading(BaseModel):
     order: Order
     worker: int = Field(default=0, ge=0, description="DataLoader worker whose part of the order was read")
     num_workers: int = Field(default=1, ge=1)
+    progress: Progress | None = Field(
+        default=None,
+        description="an epoch resumed: the progress its pass continues (partition.rank_plan of the last "
+        "sharded view, or of the whole reading when none); its order is what that progress left",
+    )
 
     @model_validator(mode="after")
     def _worker_in_range(self) -> Reading:
         if self.worker >= self.num_workers:
             raise ValueError(f"worker {self.worker} is outside [0, {self.num_workers})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_progress(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # A fresh epoch's reading is written as it was before resuming existed: old records stay canonical.
+        data: dict[str, object] = handler(self)
+        if data.get("progress") is None:
+            data.pop("progress", None)
+        return data
 
     @property
     def ranks(self) -> str:
@@ -437,6 +459,7 @@ class Resolver:
         self.store = store
         self._manifests: dict[int, Manifest] = {}
         self._views: dict[tuple[int, tuple[View, ...]], Positions] = {}
+        self._plans: dict[tuple[int, Reading], tuple[Positions, RankPlan]] = {}
         self._ids: dict[int, list[str]] = {}
         self._rows: dict[int, dict[str, int]] = {}
 
@@ -472,6 +495,8 @@ class Resolver:
         """The manifest rows the record consumed, in the order consumed, and each one's place: its index in
         the rank's whole epoch order (for ``order`` epoch; across workers), else its index in the view."""
         reading = record.reading
+        if reading.order is Order.EPOCH and reading.progress is not None:
+            return self._resumed(record)
         view = self.view(record.version, reading.views)
         if reading.order is Order.EPOCH:
             sequence = _partition.visit_order(
@@ -495,6 +520,62 @@ class Resolver:
         epoch = reading.order is Order.EPOCH
         places = reading.worker + local * reading.num_workers if epoch else indexes
         return view[indexes], places
+
+    def plan(self, version: int, reading: Reading) -> tuple[Positions, RankPlan]:
+        """A resumed reading's rank plan (partition.rank_plan) and the manifest rows its assignment
+        indexes: the progress applies to the last view with a shard when only plain views follow it (a
+        sidecar's shard read as it is, or the trainer's own), else to the whole reading."""
+        key = (version, reading.model_copy(update={"worker": 0, "num_workers": 1}))
+        if key not in self._plans:
+            views = reading.views
+            cut = None
+            for i in range(len(views) - 1, -1, -1):
+                if views[i].shard is not None:
+                    cut = i
+                    break
+                if views[i].queries:
+                    break
+            if cut is not None:
+                spec = views[cut].shard
+                assert spec is not None
+                base = (*views[:cut], views[cut].model_copy(update={"shard": None}))
+                rows = self.view(version, base)
+                plan = _partition.rank_plan(
+                    len(rows), spec, epoch=reading.epoch, progress=reading.progress, order_rank=reading.rank
+                )
+            else:
+                rows = self.view(version, views)
+                spec = ShardSpec(seed=reading.seed or 0, shuffle=reading.seed is not None)
+                plan = _partition.rank_plan(
+                    len(rows),
+                    spec,
+                    epoch=reading.epoch,
+                    progress=reading.progress,
+                    whole=True,
+                    order_rank=reading.rank,
+                )
+            self._plans[key] = (rows[plan.assignment], plan)
+        return self._plans[key]
+
+    def _resumed(self, record: Record) -> tuple[Positions, Positions]:
+        """:meth:`consumed` of a resumed epoch's record: places are slots of the rank's order."""
+        reading = record.reading
+        try:
+            rows, plan = self.plan(record.version, reading)
+        except ConfigError as exc:
+            raise StoreError(
+                f"record {record.seq} of chain {record.chain} of run {record.run} is malformed: its progress "
+                f"does not fit version {record.version}: {exc}"
+            ) from exc
+        slots = _partition.worker_split(plan.todo, reading.worker, reading.num_workers)
+        local = expand(record.ranges)
+        if local.size and int(local.max()) >= len(slots):
+            raise StoreError(
+                f"record {record.seq} of chain {record.chain} of run {record.run} is malformed: it consumed "
+                f"position {int(local.max())} of a sequence of {len(slots)} (version {record.version})"
+            )
+        places = slots[local]
+        return rows[plan.order[places]], places
 
     def ids(self, version: int) -> list[str]:
         if version not in self._ids:

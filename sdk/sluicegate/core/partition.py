@@ -18,6 +18,7 @@ The plan, for ``n`` items in query order:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -99,6 +100,13 @@ def shard(
     """The positions (into the ``n`` query results) that ``rank`` owns, in assignment order."""
     _check(rank, world_size)
     order = permutation(n, seed) if shuffle else np.arange(n, dtype=np.int64)
+    return _cut(order, rank, world_size, remainder)
+
+
+def _cut(order: Positions, rank: int, world_size: int, remainder: Remainder) -> Positions:
+    """Rank ``rank``'s block of ``order`` cut in ``world_size`` equal blocks (padded or dropped): the
+    assignment of :func:`shard`, and of every later segment of a resumed epoch."""
+    n = len(order)
     count = per_rank(n, world_size, remainder)
     if n == 0 or count == 0:
         return np.empty(0, dtype=np.int64)
@@ -140,3 +148,296 @@ def worker_split(order: Positions, worker: int, num_workers: int) -> Positions:
     if num_workers < 1 or not 0 <= worker < num_workers:
         raise ConfigError(f"worker must be in [0, {num_workers}), got {worker}")
     return order[worker::num_workers]
+
+
+# -- resuming an epoch at another world size ------------------------------------------------------
+#
+# An epoch's *progress* is a list of segments. Segment 0 is the plan above for its world size. A segment
+# records its world size and, per rank, what that rank consumed of its order (:data:`Pass`es). The items
+# left after a segment are, in this order: each rank's unconsumed items in its visiting order, rank after
+# rank, then the items the segment's cut dropped; an item consumed anywhere in the segment (a pad repeat
+# included) is left out, and each item is kept once. The next segment cuts that remainder in its world
+# size's equal blocks (pad or drop, on the remainder), and each rank visits its block in that order (it was
+# shuffled by segment 0 already). So over a whole epoch every selected item is visited exactly once, apart
+# from pad repeats and drop's omissions (see :func:`rank_plan`), deterministically in (seed, epoch, the
+# segments' world sizes and counts).
+
+MAX_SEGMENTS = 32  # re-cuts of one epoch: each is a restart at another world size
+MAX_PASSES = 16  # passes of one rank over one segment that consumed something (restarts at the same size)
+MAX_WORKERS = 1024
+
+Pass = tuple[int, ...]
+"""One reader's pass over what a rank had left of a segment: for each of its DataLoader workers (as many as
+the tuple is long), how many items of its part it consumed. Worker ``w`` of ``k`` reads every ``k``-th
+remaining item from ``w`` (:func:`worker_split`) in order, so what it consumed is a prefix of its part and
+the count says exactly which items: unequal counts (a worker one batch ahead) lose nothing."""
+
+
+class Segment(BaseModel):
+    """One stretch of an epoch at one world size: what each rank consumed of its order in it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    world_size: int = Field(ge=1, description="ranks the segment's remainder was cut for")
+    consumed: tuple[tuple[Pass, ...], ...] = Field(description="per rank, its passes over the segment")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Segment:
+        if len(self.consumed) != self.world_size:
+            raise ValueError(
+                f"consumed names {len(self.consumed)} ranks for a world size of {self.world_size}"
+            )
+        for rank, passes in enumerate(self.consumed):
+            if len(passes) > MAX_PASSES:
+                raise ValueError(f"rank {rank} has {len(passes)} passes; at most {MAX_PASSES} are kept")
+            for counts in passes:
+                if not 1 <= len(counts) <= MAX_WORKERS or min(counts) < 0:
+                    raise ValueError(f"rank {rank}'s pass {list(counts)} is not 1-{MAX_WORKERS} counts >= 0")
+        return self
+
+    @classmethod
+    def fresh(cls, world_size: int) -> Segment:
+        """A segment nobody has read from yet."""
+        return cls(world_size=world_size, consumed=((),) * world_size)
+
+    @property
+    def started(self) -> bool:
+        return any(count for passes in self.consumed for counts in passes for count in counts)
+
+
+class Progress(BaseModel):
+    """How far one epoch got: its segments, oldest first; the last is the one being read now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epoch: int = Field(ge=0)
+    segments: tuple[Segment, ...] = Field(min_length=1, max_length=MAX_SEGMENTS)
+
+    @classmethod
+    def start(cls, epoch: int, world_size: int) -> Progress:
+        return cls(epoch=epoch, segments=(Segment.fresh(world_size),))
+
+    @property
+    def current(self) -> Segment:
+        return self.segments[-1]
+
+    @property
+    def segment(self) -> int:
+        """The index of the segment being read."""
+        return len(self.segments) - 1
+
+    def recut(self, world_size: int) -> Progress:
+        """This progress continued at ``world_size``: the current segment closes (as it stands) and a new
+        one cuts what is left; unchanged at the same world size. A segment nobody read from is replaced
+        rather than closed, so a restart before the first item costs no segment."""
+        if self.current.world_size == world_size:
+            return self
+        if not self.current.started:
+            return self.model_copy(update={"segments": (*self.segments[:-1], Segment.fresh(world_size))})
+        if len(self.segments) >= MAX_SEGMENTS:
+            raise ConfigError(
+                f"epoch {self.epoch} was already re-cut {MAX_SEGMENTS - 1} times; finish it at one world "
+                "size (or start the next epoch) before changing the world size again"
+            )
+        return self.model_copy(update={"segments": (*self.segments, Segment.fresh(world_size))})
+
+    def consumed_by(self, rank: int, passes: tuple[Pass, ...]) -> Progress:
+        """This progress with ``rank``'s passes over the current segment set to ``passes``."""
+        current = self.current
+        if not 0 <= rank < current.world_size:
+            raise ConfigError(f"rank {rank} is outside the current segment's world size {current.world_size}")
+        consumed = tuple(passes if r == rank else p for r, p in enumerate(current.consumed))
+        segment = Segment(world_size=current.world_size, consumed=consumed)
+        return self.model_copy(update={"segments": (*self.segments[:-1], segment)})
+
+    def lockstep(self, passes: tuple[Pass, ...]) -> Progress:
+        """This progress with every rank of the current segment having consumed ``passes``: what one rank's
+        checkpoint says of all ranks in lockstep data-parallel training."""
+        current = self.current
+        segment = Segment(world_size=current.world_size, consumed=(passes,) * current.world_size)
+        return self.model_copy(update={"segments": (*self.segments[:-1], segment)})
+
+
+def _taken(length: int, counts: Pass) -> npt.NDArray[np.bool_]:
+    """Which of ``length`` remaining items a pass with these worker counts consumed."""
+    k = len(counts)
+    place = np.arange(length)
+    parts = [(length - w + k - 1) // k for w in range(k)]  # items in each worker's part
+    over = [w for w in range(k) if counts[w] > parts[w]]
+    if over:
+        w = over[0]
+        raise ConfigError(
+            f"a pass says worker {w} of {k} consumed {counts[w]} items, but its part of the {length} "
+            f"remaining items holds {parts[w]}: this progress is not of this epoch's plan"
+        )
+    taken: npt.NDArray[np.bool_] = place // k < np.asarray(counts, dtype=np.int64)[place % k]
+    return taken
+
+
+def remaining(length: int, passes: tuple[Pass, ...] = ()) -> Positions:
+    """Slots ``0..length-1`` of a rank's order that ``passes`` left unconsumed, in order: what its next
+    reader visits (split among its workers by :func:`worker_split`)."""
+    todo = np.arange(length, dtype=np.int64)
+    for counts in passes:
+        todo = todo[~_taken(len(todo), counts)]
+    return todo
+
+
+def consumed(length: int, passes: tuple[Pass, ...]) -> npt.NDArray[np.bool_]:
+    """A mask over the ``length`` slots of a rank's order: True where ``passes`` consumed it."""
+    mask = np.ones(length, dtype=bool)
+    mask[remaining(length, passes)] = False
+    return mask
+
+
+def covers(length: int, passes: tuple[Pass, ...], earlier: tuple[Pass, ...]) -> bool:
+    """Whether ``passes`` consumed everything ``earlier`` did (a report that only grows)."""
+    return bool(np.all(consumed(length, passes) >= consumed(length, earlier)))
+
+
+def normalize(length: int, passes: tuple[Pass, ...]) -> tuple[Pass, ...]:
+    """``passes`` in their shortest form: passes that consumed nothing go, and a consumed prefix of the
+    order is one single-worker pass (``((n,),)``), which is what a lockstep restart leaves."""
+    mask = consumed(length, passes)
+    done = int(mask.sum())
+    if not done:
+        return ()
+    if bool(mask[:done].all()):
+        return ((done,),)
+    kept = tuple(p for p in passes if any(p))
+    if len(kept) > MAX_PASSES:
+        raise ConfigError(
+            f"a rank restarted {len(kept)} times within one segment of its epoch leaving items behind; "
+            f"at most {MAX_PASSES} such passes are kept"
+        )
+    return kept
+
+
+def pass_of(todo: int, slots: Positions, num_workers: int) -> Pass:
+    """The :data:`Pass` of a reader whose ``num_workers`` workers split ``todo`` remaining items and that
+    consumed the remaining items at places ``slots`` (indexes into the remaining items). Each worker
+    consumes a prefix of its part; a worker whose consumption is not one (a consumer that skipped items)
+    is counted up to its first gap, so nothing it did not consume counts as consumed."""
+    k = max(1, num_workers)
+    places = np.unique(np.asarray(slots, dtype=np.int64))
+    if places.size and (places[0] < 0 or places[-1] >= todo):
+        raise ConfigError(f"consumed places must be in [0, {todo}), got {int(places[0])}..{int(places[-1])}")
+    counts = []
+    for w in range(k):
+        mine = places[places % k == w] // k
+        # A prefix 0..c-1 is exactly the places whose rank among them equals their value.
+        gaps = np.flatnonzero(mine != np.arange(len(mine)))
+        counts.append(int(gaps[0]) if gaps.size else len(mine))
+    return tuple(counts)
+
+
+def segment_order(count: int, *, seed: int, shuffle: bool, epoch: int, rank: int, segment: int) -> Positions:
+    """How a rank visits its ``count`` items of a segment: segment 0 in :func:`epoch_order`, a later one
+    in the order its remainder already has (segment 0 shuffled it)."""
+    if segment == 0:
+        return epoch_order(count, seed=seed, epoch=epoch, rank=rank, shuffle=shuffle)
+    return np.arange(count, dtype=np.int64)
+
+
+def _segment(
+    rest: Positions, spec: ShardSpec, epoch: int, index: int, rank: int, world_size: int
+) -> tuple[Positions, Positions]:
+    """Rank ``rank``'s assignment (positions into the selection) and visiting order in segment ``index``
+    of ``world_size`` ranks, whose remainder is ``rest``."""
+    assignment = _cut(rest, rank, world_size, spec.remainder)
+    order = segment_order(
+        len(assignment), seed=spec.seed, shuffle=spec.shuffle, epoch=epoch, rank=rank, segment=index
+    )
+    return assignment, order
+
+
+def remainder_after(n: int, spec: ShardSpec, epoch: int, segments: tuple[Segment, ...]) -> Positions:
+    """The selection positions (of ``n``) that ``segments`` of ``epoch`` left, in the order the next
+    segment cuts them (see the section's comment)."""
+    rest = permutation(n, spec.seed) if spec.shuffle else np.arange(n, dtype=np.int64)
+    for index, seg in enumerate(segments):
+        taken = np.zeros(n, dtype=bool)
+        assigned = np.zeros(n, dtype=bool)
+        left = []
+        for rank in range(seg.world_size):
+            assignment, order = _segment(rest, spec, epoch, index, rank, seg.world_size)
+            sequence = assignment[order]
+            todo = remaining(len(sequence), seg.consumed[rank])
+            mask = np.ones(len(sequence), dtype=bool)
+            mask[todo] = False
+            taken[sequence[mask]] = True
+            assigned[assignment] = True
+            left.append(sequence[todo])
+        left.append(rest[~assigned[rest]])  # what drop left out goes on to the next segment
+        joined = np.concatenate(left)
+        joined = joined[~taken[joined]]
+        _, first = np.unique(joined, return_index=True)
+        rest = joined[np.sort(first)]
+    return rest
+
+
+def recut_assignment(rest: Positions, spec: ShardSpec) -> Positions:
+    """Rank ``spec.rank``'s assignment in a re-cut segment whose remainder is ``rest``
+    (:func:`remainder_after`): what a broker serves a pod of that segment."""
+    return _cut(rest, spec.rank, spec.world_size, spec.remainder)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads of one epoch: its ``assignment`` (positions into the selection; pad repeats),
+    the ``order`` it visits them in (indexes into the assignment), the slots of that order still to visit
+    (``todo``, indexes into ``order``) and the segment they belong to."""
+
+    assignment: Positions
+    order: Positions
+    todo: Positions
+    segment: int
+
+    def visit(self, worker: int = 0, num_workers: int = 1) -> Positions:
+        """Indexes into the assignment that worker ``worker`` of ``num_workers`` visits, in order."""
+        return self.order[worker_split(self.todo, worker, num_workers)]
+
+
+def rank_plan(
+    n: int,
+    spec: ShardSpec,
+    *,
+    epoch: int,
+    progress: Progress | None = None,
+    whole: bool = False,
+    order_rank: int | None = None,
+) -> RankPlan:
+    """Rank ``spec.rank``'s plan of ``epoch`` over a selection of ``n`` items, continuing ``progress`` when
+    it is of this epoch (its current segment must be of ``spec.world_size``).
+
+    Without progress this is :func:`shard` visited in :func:`epoch_order`. ``whole``: the view is not
+    sharded (one rank, the selection in query order, as :func:`assign` leaves it); its order is drawn for
+    ``order_rank`` (a sidecar's rank), and it cannot be re-cut.
+
+    Guarantees over a whole epoch, its last segment read to the end: every rank gets the same count in
+    each segment; *drop* visits no item twice and leaves out fewer items than the last segment's world
+    size (its cut's remainder); *pad* visits every item, and visits beyond one per item come only from pad
+    slots: at most ``-len(remainder) % world_size`` per segment.
+    """
+    rank = spec.rank if order_rank is None else order_rank
+    if progress is not None and progress.epoch != epoch:
+        progress = None
+    if progress is not None and progress.current.world_size != spec.world_size:
+        raise ConfigError(
+            f"the epoch's progress is at world size {progress.current.world_size}, this view is cut for "
+            f"{spec.world_size}: re-cut it first (Progress.recut)"
+        )
+    segment = 0 if progress is None else progress.segment
+    if whole:
+        if segment:
+            raise ConfigError("an unsharded view cannot continue an epoch re-cut for another world size")
+        assignment = np.arange(n, dtype=np.int64)
+        order = epoch_order(n, seed=spec.seed, epoch=epoch, rank=rank, shuffle=spec.shuffle)
+    elif progress is None or segment == 0:
+        assignment = spec.positions(n)
+        order = epoch_order(len(assignment), seed=spec.seed, epoch=epoch, rank=rank, shuffle=spec.shuffle)
+    else:
+        rest = remainder_after(n, spec, epoch, progress.segments[:-1])
+        assignment, order = _segment(rest, spec, epoch, segment, spec.rank, spec.world_size)
+    passes = () if progress is None else progress.current.consumed[spec.rank]
+    return RankPlan(assignment, order, remaining(len(order), passes), segment)

@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluicegate.core.ledger import NAME_PATTERN, Consumed, Writer
-from sluicegate.core.partition import ShardSpec
+from sluicegate.core.partition import Pass, Progress, ShardSpec
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
@@ -47,6 +47,8 @@ __all__ = [
     "Info",
     "LedgerReport",
     "Paths",
+    "ProgressReport",
+    "Resume",
     "SelectRequest",
     "SelectResponse",
     "StreamParams",
@@ -76,6 +78,7 @@ class Paths:
     SELECT = "/v1/select"  # POST SelectRequest -> SelectResponse
     WAIT = "/v1/wait"  # POST WaitReport -> 204: seconds the trainer waited for data (see core.wait)
     LEDGER = "/v1/ledger"  # POST LedgerReport -> 204: what the trainer consumed, for the ledger (core.ledger)
+    PROGRESS = "/v1/progress"  # POST ProgressReport -> 204: how far the trainer got in its epoch
     METRICS = "/metrics"
     HEALTHZ = "/healthz"
     READYZ = "/readyz"
@@ -97,6 +100,19 @@ class ErrorBody(BaseModel):
     message: str
 
 
+class Resume(BaseModel):
+    """An epoch a sidecar continues from its stream's progress (:class:`~sluicegate.core.partition.Progress`,
+    this rank's consumption of the current segment included). Re-cut for another world size (segment 1
+    or later), this rank's assignment of the current segment is served as ``items`` rows from plan index
+    ``first`` on, after the shard's own rows; in segment 0 the shard itself is the assignment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    progress: Progress
+    first: int = Field(ge=0, description="plan index of the re-cut assignment's first row")
+    items: int = Field(ge=0, description="rows in this rank's re-cut assignment (0 in segment 0)")
+
+
 class Info(ShardSpec):
     """What a sidecar serves: one shard (the spec's fields) of one pinned version of one dataset."""
 
@@ -107,6 +123,7 @@ class Info(ShardSpec):
     query: str | None
     total: int = Field(description="items the query selects, before sharding")
     items: int = Field(description="items in this rank's shard (every rank has the same count)")
+    resume: Resume | None = Field(default=None, description="the epoch continued from the stream's progress")
 
 
 class BatchRequest(BaseModel):
@@ -160,6 +177,21 @@ class LedgerReport(BaseModel):
     number: int = Field(ge=0)
     consumed: Consumed
     writer: Writer
+
+
+class ProgressReport(BaseModel):
+    """How far a trainer got: what its rank consumed of segment ``segment`` of ``epoch`` (cut for
+    ``world_size``), as passes (:data:`~sluicegate.core.partition.Pass`); every report says it all, so a lost
+    one costs nothing. The sidecar passes it on to the broker (broker mode), which keeps the stream's
+    progress."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(ge=0)
+    segment: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    rank: int = Field(ge=0)
+    consumed: tuple[Pass, ...] = Field(max_length=64)
 
 
 class SelectResponse(BaseModel):
