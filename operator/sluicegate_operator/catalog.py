@@ -392,17 +392,9 @@ class Catalog:
         if cached is not None:
             return cached
         selected = self.select(handle, version, queries)
-        rows = shard_table(manifest.table, selected, spec)
-        blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
-        result = Shard(
-            rows_json=rows_json(rows),
-            blobs=blobs,
-            blob_set=frozenset(blobs),
-            items=rows.num_rows,
-            total=len(selected),
-        )
+        result = _serialised(shard_table(manifest.table, selected, spec), len(selected))
         with self._lock:
-            self._cache.put(key, result, len(result.rows_json) + 80 * len(blobs))
+            self._cache.put(key, result, len(result.rows_json) + 80 * len(result.blobs))
         return result
 
     def remainder(
@@ -448,18 +440,18 @@ class Catalog:
         selected = self.select(handle, version, queries)
         rest = self.remainder(handle, version, queries, spec, progress)
         assignment = _partition.recut_assignment(rest, spec)
-        rows = manifest.table.take(pa.array(selected[assignment], pa.int64()))
-        blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
-        result = Shard(
-            rows_json=rows_json(rows),
-            blobs=blobs,
-            blob_set=frozenset(blobs),
-            items=rows.num_rows,
-            total=len(selected),
-        )
+        result = _serialised(manifest.table.take(pa.array(selected[assignment], pa.int64())), len(selected))
         with self._lock:
-            self._cache.put(key, result, len(result.rows_json) + 80 * len(blobs))
+            self._cache.put(key, result, len(result.rows_json) + 80 * len(result.blobs))
         return result
+
+
+def _serialised(rows: pa.Table, total: int) -> Shard:
+    """A rank's rows as the broker sends them, with the set of blobs it may ask URLs for."""
+    blobs = tuple(dict.fromkeys(rows.column("blob").to_pylist()))
+    return Shard(
+        rows_json=rows_json(rows), blobs=blobs, blob_set=frozenset(blobs), items=rows.num_rows, total=total
+    )
 
 
 def decode_manifest(data: bytes, where: str, limits: Limits) -> pa.Table:
