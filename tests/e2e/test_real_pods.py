@@ -267,10 +267,13 @@ def test_indexed_job_streams_disjoint_equal_shards_through_injected_sidecars(pub
     pods = wait_for(finished, timeout_s=240, what=f"{WORLD} pods Succeeded")
     elapsed = time.monotonic() - started
     print(f"[real pods] kubectl apply of the Job to {WORLD} pods Succeeded: {elapsed:.1f}s")
-    job = c.get("job", "train", "-n", c.team_ns)
-    assert any(
-        cond["type"] == "Complete" and cond["status"] == "True" for cond in job["status"]["conditions"]
-    )
+
+    def complete() -> bool:
+        # The Job controller marks the Job a moment after its last pod succeeds.
+        conditions = c.get("job", "train", "-n", c.team_ns)["status"].get("conditions") or []
+        return any(cond["type"] == "Complete" and cond["status"] == "True" for cond in conditions)
+
+    wait_for(complete, timeout_s=30, what="the Job Complete")
 
     assert _sidecar_status(pods[0])["restartCount"] >= 1, "the killed sidecar was restarted by the kubelet"
     shards = dict(_shard(c, pod) for pod in pods)
