@@ -360,14 +360,22 @@ class Catalog:
             guard_query(q)
         manifest = self.manifest(handle, version)
         key = ("select", handle.key, version, manifest.tag, queries)
+        return self._memo(
+            key,
+            lambda: np.asarray(select_rows(manifest.table, list(queries)).to_numpy(), dtype=np.int64),
+            lambda positions: positions.nbytes + 64 + sum(map(len, queries)),
+        )
+
+    def _memo(self, key: tuple[Any, ...], make: Callable[[], V], cost: Callable[[V], int]) -> V:
+        """``make()``, kept in the byte-bounded cache under ``key`` at ``cost(result)`` bytes."""
         with self._lock:
-            cached: Positions | None = self._cache.get(key)
+            cached: V | None = self._cache.get(key)
         if cached is not None:
             return cached
-        positions = np.asarray(select_rows(manifest.table, list(queries)).to_numpy(), dtype=np.int64)
+        result = make()
         with self._lock:
-            self._cache.put(key, positions, positions.nbytes + 64 + sum(map(len, queries)))
-        return positions
+            self._cache.put(key, result, cost(result))
+        return result
 
     def shard(
         self,
@@ -387,15 +395,12 @@ class Catalog:
             queries,
             spec,
         )
-        with self._lock:
-            cached: Shard | None = self._cache.get(key)
-        if cached is not None:
-            return cached
-        selected = self.select(handle, version, queries)
-        result = _serialised(shard_table(manifest.table, selected, spec), len(selected))
-        with self._lock:
-            self._cache.put(key, result, len(result.rows_json) + 80 * len(result.blobs))
-        return result
+
+        def make() -> Shard:
+            selected = self.select(handle, version, queries)
+            return _serialised(shard_table(manifest.table, selected, spec), len(selected))
+
+        return self._memo(key, make, _shard_cost)
 
     def remainder(
         self, handle: Handle, version: int, queries: tuple[str, ...], spec: ShardSpec, progress: Progress
@@ -407,15 +412,12 @@ class Catalog:
         closed = progress.segments[:-1]
         cut = spec.model_copy(update={"rank": 0, "world_size": 1})  # what the remainder depends on
         key = ("remainder", handle.key, version, manifest.tag, queries, cut, progress.epoch, closed)
-        with self._lock:
-            cached: Positions | None = self._cache.get(key)
-        if cached is not None:
-            return cached
-        selected = self.select(handle, version, queries)
-        rest = _partition.remainder_after(len(selected), spec, progress.epoch, closed)
-        with self._lock:
-            self._cache.put(key, rest, rest.nbytes + 256)
-        return rest
+
+        def make() -> Positions:
+            selected = self.select(handle, version, queries)
+            return _partition.remainder_after(len(selected), spec, progress.epoch, closed)
+
+        return self._memo(key, make, lambda rest: rest.nbytes + 256)
 
     def segment(
         self, handle: Handle, version: int, queries: tuple[str, ...], spec: ShardSpec, progress: Progress
@@ -433,17 +435,19 @@ class Catalog:
             progress.epoch,
             progress.segments[:-1],
         )
-        with self._lock:
-            cached: Shard | None = self._cache.get(key)
-        if cached is not None:
-            return cached
-        selected = self.select(handle, version, queries)
-        rest = self.remainder(handle, version, queries, spec, progress)
-        assignment = _partition.recut_assignment(rest, spec)
-        result = _serialised(manifest.table.take(pa.array(selected[assignment], pa.int64())), len(selected))
-        with self._lock:
-            self._cache.put(key, result, len(result.rows_json) + 80 * len(result.blobs))
-        return result
+
+        def make() -> Shard:
+            selected = self.select(handle, version, queries)
+            assignment = _partition.recut_assignment(
+                self.remainder(handle, version, queries, spec, progress), spec
+            )
+            return _serialised(manifest.table.take(pa.array(selected[assignment], pa.int64())), len(selected))
+
+        return self._memo(key, make, _shard_cost)
+
+
+def _shard_cost(shard: Shard) -> int:
+    return len(shard.rows_json) + 80 * len(shard.blobs)
 
 
 def _serialised(rows: pa.Table, total: int) -> Shard:
