@@ -509,12 +509,7 @@ class Resolver:
             )
         else:
             sequence = np.arange(len(view), dtype=np.int64)
-        local = expand(record.ranges)
-        if local.size and int(local.max()) >= len(sequence):
-            raise StoreError(
-                f"record {record.seq} of chain {record.chain} of run {record.run} is malformed: it consumed "
-                f"position {int(local.max())} of a sequence of {len(sequence)} (version {record.version})"
-            )
+        local = _consumed(record, len(sequence))
         indexes = sequence[local]
         # Worker w of k reads every k-th place of the epoch order from w (partition.worker_split).
         epoch = reading.order is Order.EPOCH
@@ -568,13 +563,7 @@ class Resolver:
                 f"does not fit version {record.version}: {exc}"
             ) from exc
         slots = _partition.worker_split(plan.todo, reading.worker, reading.num_workers)
-        local = expand(record.ranges)
-        if local.size and int(local.max()) >= len(slots):
-            raise StoreError(
-                f"record {record.seq} of chain {record.chain} of run {record.run} is malformed: it consumed "
-                f"position {int(local.max())} of a sequence of {len(slots)} (version {record.version})"
-            )
-        places = slots[local]
+        places = slots[_consumed(record, len(slots))]
         return rows[plan.order[places]], places
 
     def ids(self, version: int) -> list[str]:
@@ -733,3 +722,15 @@ def _occurrence(values: Positions) -> Positions:
     occurrence = np.empty(len(values), dtype=np.int64)
     occurrence[order] = np.arange(len(values)) - first
     return occurrence
+
+
+def _consumed(record: Record, length: int) -> Positions:
+    """The places of a sequence of ``length`` that ``record`` says were consumed; a record that names a
+    place past the end is malformed."""
+    local = expand(record.ranges)
+    if local.size and int(local.max()) >= length:
+        raise StoreError(
+            f"record {record.seq} of chain {record.chain} of run {record.run} is malformed: it consumed "
+            f"position {int(local.max())} of a sequence of {length} (version {record.version})"
+        )
+    return local
