@@ -76,12 +76,17 @@ class HA:
         )
 
     def log(self, pod: str) -> str:
-        return str(self.kubectl("logs", "-n", self.system_ns, pod, check=False).stdout)
+        got = self.kubectl("logs", "-n", self.system_ns, pod, check=False)
+        return str(got.stdout if got.returncode == 0 else f"(kubectl logs failed: {got.stderr.strip()})")
 
     def standing_by(self, pod: str) -> None:
         """Until ``pod``'s own process has seen the Lease held by another. Its Ready condition does not
         say so: replicas on one node share the port, so the kubelet's probe may be answered by another."""
-        wait_for(lambda: "standing by" in self.log(pod), timeout_s=60, what=f"{pod} standing by")
+        try:
+            wait_for(lambda: "standing by" in self.log(pod), timeout_s=120, what=f"{pod} standing by")
+        except AssertionError as exc:
+            states = {n: p["status"].get("containerStatuses") for n, p in self.pods().items()}
+            raise AssertionError(f"{exc}; Lease {self.lease()}; pods {states}\n{self.all_logs()}") from exc
 
     def all_logs(self) -> str:
         return "\n".join(f"--- {name}\n{self.log(name)[-3000:]}" for name in self.pods())

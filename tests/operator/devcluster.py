@@ -395,9 +395,26 @@ class InCluster:
         )
 
     def uninstall(self, *, check: bool = True) -> None:
-        self.testbed.helm(
-            "uninstall", self.release, "-n", self.namespace, "--wait", check=check, timeout_s=120
-        )
+        """``helm uninstall``; with ``check=False`` (a fixture's teardown) it also removes the release's
+        webhook configurations itself should helm fail or time out: they are cluster-wide and fail
+        closed, so one left behind would refuse every later test's Datasets and pods."""
+        try:
+            self.testbed.helm(
+                "uninstall", self.release, "-n", self.namespace, "--wait", check=check, timeout_s=180
+            )
+        except subprocess.TimeoutExpired:
+            if check:
+                raise
+        finally:
+            if not check:
+                self.testbed.kubectl(
+                    "delete",
+                    "validatingwebhookconfigurations,mutatingwebhookconfigurations",
+                    "-l",
+                    f"app.kubernetes.io/instance={self.release}",
+                    "--ignore-not-found",
+                    check=False,
+                )
 
     def logs(self, lines: int = 60) -> str:
         got = self.testbed.kubectl(
