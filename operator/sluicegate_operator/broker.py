@@ -19,9 +19,11 @@ from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
-from sluicegate import ConfigError, NotFoundError, QueryError, StoreError
+from sluicegate import ConfigError, ConflictError, IntegrityError, NotFoundError, QueryError, StoreError
+from sluicegate.core import ledger
 from sluicegate.core.broker_protocol import (
     AUDIENCE,
+    LedgerReport,
     PlanRequest,
     PlanResponse,
     ProgressReport,
@@ -162,6 +164,14 @@ class Broker:
             return await self._progress(grant, _parse(await body(), ProgressReport))
 
         return await self._decide("progress", token, remote, then)
+
+    async def ledger(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
+        """Record a pod's :class:`LedgerReport` in its Dataset's ledger; ``{}`` when written."""
+
+        async def then(grant: Grant) -> bytes:
+            return await self._ledger(grant, _parse(await body(), LedgerReport))
+
+        return await self._decide("ledger", token, remote, then)
 
     async def urls(self, token: str | None, body: BodyReader, remote: str = "?") -> UrlsResponse:
         async def then(grant: Grant) -> UrlsResponse:
@@ -456,6 +466,54 @@ class Broker:
             return await self._catalog.run(take, store=grant.store)
 
         await self._write_progress(grant, decide)
+        return b"{}"
+
+    async def _ledger(self, grant: Grant, report: LedgerReport) -> bytes:
+        """Write the report as a record of the pod's own chain: who wrote it (namespace, stream, pod), the
+        cut it was served (the stream's query, the pod's policies, its sealed shard), the dataset and
+        version all come from the grant; only what the trainer did within that cut comes from the body.
+        Any replica may take any report (each record is placed by its number, after the one before it)."""
+        version = grant.stream.status.resolved_version
+        assert version is not None  # checked in _grant
+        mine = ledger.View(queries=tuple(q for q in grant.queries if q.strip()), shard=grant.spec())
+        try:
+            consumed = report.consumed.under(mine)
+        except ConfigError as exc:
+            raise Refused(400, "bad_request", str(exc)) from exc
+        who = report.writer.model_copy(
+            update={
+                "namespace": grant.who.namespace,
+                "stream": grant.stream.metadata.name,
+                "pod": grant.who.pod_name,
+            }
+        )
+        # The pod's UID in the chain's name: no other pod's reports can land in (or squat on) its chain.
+        chain = f"{report.chain}-{grant.who.pod_uid.replace('-', '')[:12]}"
+
+        def write() -> None:
+            digest = self._catalog.manifest(grant.store, version).digest
+            ledger.append_at(
+                grant.store.store,
+                consumed,
+                run=report.run,
+                chain=chain,
+                seq=report.number,
+                writer=who,
+                dataset=grant.store.store.uri,
+                version=version,
+                manifest=digest,
+            )
+
+        try:
+            await self._catalog.run(write, store=grant.store)
+        except ConfigError as exc:
+            raise Refused(400, "ledger_conflict", str(exc)) from exc
+        except ConflictError as exc:
+            raise Refused(409, "ledger_order", str(exc)) from exc
+        except IntegrityError as exc:
+            raise Refused(409, "ledger_integrity", f"the pod's ledger chain is damaged: {exc}") from exc
+        except (NotFoundError, StoreError) as exc:
+            raise Refused(503, "store", f"the dataset store cannot be written: {exc}") from exc
         return b"{}"
 
     def _presign(self, grant: Grant, blobs: Sequence[str]) -> tuple[dict[str, str], datetime]:

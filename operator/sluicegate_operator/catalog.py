@@ -120,6 +120,7 @@ class Manifest:
     table: pa.Table
     tag: str  # the manifest object's identity: ETag, or size and mtime
     nbytes: int
+    digest: str  # sha256 of the object's bytes, as a ledger record names the manifest it read
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,7 @@ class Catalog:
         except BaseError as exc:
             raise StoreError(f"cannot read {path} from {handle.uri}: {_short(exc)}") from exc
         table = decode_manifest(data[: self.limits.manifest_bytes], f"{handle.uri}/{path}", self.limits)
-        found = Manifest(table, tag, table.nbytes)
+        found = Manifest(table, tag, table.nbytes, hashlib.sha256(data).hexdigest())
         with self._lock:
             self._cache.put(key, found, found.nbytes)
         return found

@@ -62,6 +62,7 @@ def _bearer(request: web.Request) -> str | None:
 PLAN_BODY_BYTES = 4 * 1024
 URLS_BODY_BYTES = MAX_URLS_PER_REQUEST * 80 + 1024
 PROGRESS_BODY_BYTES = 256 * 1024  # a report: a rank's passes, each a count per DataLoader worker
+LEDGER_BODY_BYTES = 4 * 1024 * 1024  # a ledger report: up to ledger.MAX_RANGES ranges, a random reader's
 # An AdmissionReview carries the whole object (and for updates the old one too).
 REVIEW_BODY_BYTES = 8 * 1024 * 1024
 
@@ -283,6 +284,7 @@ def build_app(
             web.post(BrokerPaths.PLAN, brokered(broker.plan, PLAN_BODY_BYTES)),
             web.post(BrokerPaths.URLS, brokered(urls, URLS_BODY_BYTES)),
             web.post(BrokerPaths.PROGRESS, brokered(broker.progress, PROGRESS_BODY_BYTES)),
+            web.post(BrokerPaths.LEDGER, brokered(broker.ledger, LEDGER_BODY_BYTES)),
             web.get(BrokerPaths.HEALTHZ, healthz),
             web.get(BrokerPaths.METRICS, gated(metrics, scrape)),
         ]

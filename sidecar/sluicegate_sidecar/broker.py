@@ -27,6 +27,7 @@ from sluicegate.core.broker_protocol import (
     MAX_URLS_PER_REQUEST,
     BrokerError,
     BrokerPaths,
+    LedgerReport,
     PlanRequest,
     PlanResponse,
     ProgressReport,
@@ -131,6 +132,10 @@ class BrokerClient:
     async def progress(self, report: ProgressReport) -> None:
         """Report how far this pod's rank got; the broker keeps it in the stream's progress."""
         await self._post(BrokerPaths.PROGRESS, report)
+
+    async def ledger(self, report: LedgerReport) -> None:
+        """Pass a trainer's report on; the broker records it in the Dataset's ledger for this pod."""
+        await self._post(BrokerPaths.LEDGER, report)
 
     async def urls(self, blobs: Sequence[str]) -> UrlsResponse:
         return _parse(UrlsResponse, await self._post(BrokerPaths.URLS, UrlsRequest(blobs=list(blobs))))

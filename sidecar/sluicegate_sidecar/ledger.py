@@ -6,8 +6,8 @@ reading with the sidecar's own cut (its query and shard) in front, the dataset, 
 it serves, and the pod it runs in. Each trainer chain gets a chain of this sidecar session (a restarted
 sidecar starts new ones, since it no longer knows their heads), and a report sent twice is written once.
 
-In broker mode the sidecar has no store credentials: reports are refused with a clear error (the trainer's
-recorder then stops, loudly); the broker recording them for the pod is not built yet.
+In broker mode the sidecar has no store credentials and passes each report on to the broker, which
+records it for the pod its token names (``sluicegate_operator.broker``), the cut it serves that pod in front.
 """
 
 from __future__ import annotations
@@ -53,10 +53,7 @@ class LedgerWriter:
                     "reports of one chain are recorded in order"
                 )
             mine = View(queries=(info.query,) if info.query else (), shard=info.shard_spec())
-            reading = report.consumed.reading
-            consumed = report.consumed.model_copy(
-                update={"reading": reading.model_copy(update={"views": (mine, *reading.views)})}
-            )
+            consumed = report.consumed.under(mine)
             who = report.writer.model_copy(
                 update={"namespace": self._namespace, "stream": self._stream, "pod": self._pod}
             )

@@ -123,7 +123,7 @@ class Sidecar:
                 cached=lambda sha: sha in self.engine.memory,
             )
         self.engine = Engine(upstream, config.engine())
-        # Store mode records what its trainers report consuming; broker mode has no store to write to.
+        # Store mode records what its trainers report consuming; broker mode passes it on to the broker.
         self.ledger = (
             None if self.store is None else LedgerWriter(self.store, config.namespace, config.stream)
         )
@@ -436,12 +436,16 @@ class Sidecar:
 
     async def _ledger(self, request: web.Request) -> web.Response:
         report = proto.LedgerReport.model_validate_json(await request.read())
-        if self.ledger is None:
-            raise ConfigError(
-                "this sidecar runs in broker mode and holds no store credentials, so it cannot record the "
-                "ledger; record it with sluicegate.open() or a sidecar in store mode (--store)"
-            )
         plan, info = self._ready()
+        if self.broker is not None:
+            try:
+                await self.broker.broker.ledger(report)
+            except BrokerRefused as exc:
+                if exc.status in (400, 403, 404):  # retrying cannot help: the trainer stops recording
+                    raise ConfigError(f"the broker does not record this report: {exc.message}") from exc
+                raise
+            return web.Response(status=204)
+        assert self.ledger is not None  # store mode
         # The store write blocks (obstore, or files): off the loop, like every other blocking step.
         await asyncio.to_thread(self.ledger.write, report, info, plan.manifest.digest)
         return web.Response(status=204)

@@ -26,6 +26,9 @@ from typing import Any
 import httpx
 import pytest
 import sluicegate
+from sluicegate import Store
+from sluicegate.core import ledger
+from sluicegate.core import protocol as proto
 from sluicegate.core.broker_protocol import SOCKET_PATH, BrokerPaths, PlanResponse, SidecarEnv, TrainerEnv
 
 from tests.e2e.conftest import ControlPlane, control_plane
@@ -46,6 +49,11 @@ import hashlib, json, sluicegate
 ds = sluicegate.connect(timeout=45)
 print(json.dumps([[item.id, item.blob, hashlib.sha256(item.data).hexdigest()] for item in ds]))
 """
+# One that records the ledger of run RUN: the sidecar passes its reports on to the broker.
+RUN = "e2e-run"
+LEDGER_TRAINER = TRAINER.replace(
+    "timeout=45)", f"timeout=45, ledger=sluicegate.Ledger(run={RUN!r}, flush_items=3))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +148,10 @@ class LocalPod:
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def train(self) -> subprocess.Popen[str]:
+    def train(self, script: str = TRAINER) -> subprocess.Popen[str]:
         """The trainer script, started (collect it with :func:`_shard`)."""
         return subprocess.Popen(
-            [sys.executable, "-c", TRAINER],
+            [sys.executable, "-c", script],
             env={**_clean_environ(), **self.trainer_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -243,3 +251,77 @@ def test_token_of_another_audience_is_refused_until_a_good_one_arrives(
     # The kubelet rotates the projected token in place: the sidecar re-reads it and recovers on its own.
     (local.root / "token").write_text(cp.pod_token(pods[1]))
     wait_for(local.ready, timeout_s=30, what="the sidecar to recover with a good token")
+
+
+def test_the_broker_records_each_pods_ledger_as_that_pod(
+    cp: ControlPlane, pods: list[dict[str, Any]], local_pods: list[LocalPod]
+) -> None:
+    """Two ranks train with the ledger on; their sidecars hold no store keys and pass the reports on to
+    the broker, which writes them into the Dataset's ledger naming the pod its token is bound to. Then the
+    attacker's moves against the broker's endpoint with a pod's own token."""
+    for rank in (0, 1):
+        local_pods[rank].start(cp.pod_token(pods[rank]))
+    for rank in (0, 1):
+        wait_for(local_pods[rank].ready, timeout_s=40, what=f"sidecar of {local_pods[rank].name} ready")
+    shards = {rank: _shard(local_pods[rank].train(LEDGER_TRAINER), local_pods[rank]) for rank in (0, 1)}
+    store = Store(cp.uri, cp.s3_options)
+    chains = ledger.read_run(store, RUN)
+    assert len(chains) == 2, chains
+    assert all(c.broken is None for c in chains), chains
+    by_pod = {c.records[0].writer.pod: c for c in chains}
+    assert set(by_pod) == {pods[0]["metadata"]["name"], pods[1]["metadata"]["name"]}
+    for rank in (0, 1):
+        chain = by_pod[pods[rank]["metadata"]["name"]]
+        for record in chain.records:
+            assert (record.writer.namespace, record.writer.stream) == (cp.team_ns, "train")
+            broker_view = record.reading.views[0]
+            assert broker_view.queries == (QUERY,)
+            assert broker_view.shard is not None
+            assert (broker_view.shard.rank, broker_view.shard.world_size, broker_view.shard.seed) == (
+                rank,
+                WORLD,
+                7,
+            )
+            assert record.manifest == ledger.Resolver(store).manifest(record.version).digest
+        [passage] = ledger.run_items(store, RUN, rank=str(rank), epoch=0)
+        assert passage.ids == [item_id for item_id, _, _ in shards[rank]], "the exact sequence, reproduced"
+    some = shards[1][0][0]
+    uses, broken, _ = ledger.item_uses(store, some)
+    assert not broken
+    assert [(u.run, u.rank, u.epoch) for u in uses if u.run == RUN] == [(RUN, "1", 0)]
+
+    # The attacker holds rank 0's token and writes reports to the broker itself.
+    token = cp.pod_token(pods[0])
+    reading = ledger.Reading(views=(ledger.View(),), seed=None, rank=0, epoch=0, order=ledger.Order.EPOCH)
+
+    def report(number: int, end: int, **writer: Any) -> httpx.Response:
+        body = proto.LedgerReport(
+            run="forged",
+            chain="x",
+            number=number,
+            consumed=ledger.Consumed(reading=reading, ranges=((0, end),)),
+            writer=ledger.Writer(host="h", pid=1, **writer),
+        )
+        return cp.broker(BrokerPaths.LEDGER, token, json.loads(body.model_dump_json()))
+
+    # Claiming to be another pod, stream and namespace: recorded as what the token says, nothing else.
+    assert report(0, 2, namespace=cp.data_ns, stream="other", pod="someone-else").status_code == 200
+    [chain] = ledger.read_run(store, "forged")
+    who = chain.records[0].writer
+    assert (who.namespace, who.stream, who.pod) == (cp.team_ns, "train", pods[0]["metadata"]["name"])
+    assert chain.records[0].reading.views[0].shard.rank == 0  # type: ignore[union-attr]
+    # Rewriting a recorded report, or skipping ahead to leave a hole: refused, the chain intact.
+    rewritten = report(0, 3)
+    assert rewritten.status_code == 400, rewritten.text
+    assert "other content" in rewritten.text
+    ahead = report(5, 2)
+    assert ahead.status_code == 409, ahead.text
+    assert "not written yet" in ahead.text
+    assert report(0, 2, namespace=cp.data_ns, stream="other", pod="someone-else").status_code == 200, (
+        "a retry"
+    )
+    no_token = cp.broker(BrokerPaths.LEDGER, None, {})
+    assert no_token.status_code == 401
+    [chain] = ledger.read_run(store, "forged")
+    assert chain.broken is None
+    assert [r.ranges for r in chain.records] == [((0, 2),)]

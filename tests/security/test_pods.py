@@ -181,7 +181,11 @@ _BODIES = (
     _JSON
     | st.fixed_dictionaries({"blobs": st.lists(st.text(max_size=70), max_size=5)})
     | st.fixed_dictionaries({"stream": st.text(max_size=20) | st.none(), "presign": _JSON})
+    | st.fixed_dictionaries(
+        {"run": st.text(max_size=20), "chain": _JSON, "number": _JSON, "consumed": _JSON, "writer": _JSON}
+    )
 )
+_ENDPOINTS = {"p": BrokerPaths.PLAN, "u": BrokerPaths.URLS, "l": BrokerPaths.LEDGER}
 
 
 def test_fuzzed_broker_bodies_get_clear_answers(tenants: Tenants, ranked: str) -> None:
@@ -194,13 +198,13 @@ def test_fuzzed_broker_bodies_get_clear_answers(tenants: Tenants, ranked: str) -
         verify=cp.ca, trust_env=False, timeout=30, headers={"Authorization": f"Bearer {token}"}
     )
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(
         body=_BODIES | st.binary(max_size=200).map(lambda b: {"raw": b.hex()}),
-        path=st.sampled_from(["p", "u"]),
+        path=st.sampled_from(sorted(_ENDPOINTS)),
     )
     def probe(body: Any, path: str) -> None:
-        url = cp.url + (BrokerPaths.PLAN if path == "p" else BrokerPaths.URLS)
+        url = cp.url + _ENDPOINTS[path]
         while True:
             response = http.post(url, content=json.dumps(body))
             if response.status_code != 429:

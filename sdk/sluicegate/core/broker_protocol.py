@@ -7,7 +7,8 @@ the rank and the world size from the pod the token is bound to, never from the r
 pod can only ever obtain its own shard.
 
 Errors are JSON :class:`BrokerError` with status 400 (bad request), 401 (token not accepted),
-403 (authenticated but not allowed), 404 (stream or dataset gone), 409 (stream not Ready yet),
+403 (authenticated but not allowed), 404 (stream or dataset gone), 409 (stream not Ready yet; a
+ledger report out of order or differing from the one recorded under its number),
 413 (body too large), 429 (too many requests from this pod: wait ``Retry-After`` seconds), 503 (storage
 unreachable). The broker authenticates the token before it reads the body.
 
@@ -24,7 +25,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluicegate.core.partition import ShardSpec
-from sluicegate.core.protocol import ProgressReport, Resume, WireRow
+from sluicegate.core.protocol import LedgerReport, ProgressReport, Resume, WireRow
 
 __all__ = [
     "AUDIENCE",
@@ -36,6 +37,7 @@ __all__ = [
     "BrokerError",
     "BrokerErrorCode",
     "BrokerPaths",
+    "LedgerReport",
     "PlanRequest",
     "PlanResponse",
     "ProgressReport",
@@ -97,6 +99,7 @@ class BrokerPaths:
     PLAN = "/v1/plan"  # POST PlanRequest -> PlanResponse
     URLS = "/v1/urls"  # POST UrlsRequest -> UrlsResponse (fresh URLs for blobs of the pod's own shard)
     PROGRESS = "/v1/progress"  # POST ProgressReport -> {} (what the pod's rank consumed of its epoch)
+    LEDGER = "/v1/ledger"  # POST LedgerReport -> {} (a stretch the pod's trainer consumed, for the ledger)
     HEALTHZ = "/healthz"
     METRICS = "/metrics"
 

@@ -71,6 +71,7 @@ __all__ = [
     "Resolver",
     "View",
     "Writer",
+    "append_at",
     "check_name",
     "expand",
     "extend_ranges",
@@ -87,6 +88,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME = re.compile(NAME_PATTERN)
 _RECORD_FILE = re.compile(r"^(\d{10})\.json$")
 _HEX = r"^([0-9a-f]{64})?$"
+MAX_VIEWS = 4  # a reading's cuts: a sidecar's (or the broker's) and a trainer's, each a query and a shard
 MAX_RANGES = 100_000  # bounds one record (a random-access reader's stretch is cut well before this)
 
 Range = tuple[int, int]
@@ -160,7 +162,7 @@ class Reading(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    views: tuple[View, ...] = Field(min_length=1, max_length=4)
+    views: tuple[View, ...] = Field(min_length=1, max_length=MAX_VIEWS)
     seed: int | None = Field(description="epoch-order shuffle seed; None: the view's own order")
     rank: int = Field(ge=0, description="the rank the epoch order is drawn for")
     epoch: int = Field(ge=0)
@@ -226,6 +228,18 @@ class Consumed(BaseModel):
     @property
     def items(self) -> int:
         return sum(end - start for start, end in self.ranges)
+
+    def under(self, view: View) -> Consumed:
+        """This stretch as read through ``view`` first: a sidecar's or the broker's cut, in front of the
+        trainer's own views; :class:`ConfigError` when that makes more views than a reading holds."""
+        try:
+            reading = Reading(**{**dict(self.reading), "views": (view, *self.reading.views)})
+        except ValidationError as exc:
+            raise ConfigError(
+                f"a reported reading has {len(self.reading.views)} views; a record holds {MAX_VIEWS} with "
+                f"the serving side's cut in front, so report at most {MAX_VIEWS - 1}"
+            ) from exc
+        return self.model_copy(update={"reading": reading})
 
 
 class Record(BaseModel):
@@ -307,6 +321,37 @@ def parse(data: bytes, where: str) -> Record:
 # -- writing -----------------------------------------------------------------------------------------
 
 
+def _seal(
+    consumed: Consumed,
+    *,
+    run: str,
+    chain: str,
+    seq: int,
+    prev: str,
+    writer: Writer,
+    dataset: str,
+    version: int,
+    manifest: str | None,
+) -> bytes:
+    """The exact bytes of record ``seq`` of ``run``/``chain``, written now, following ``prev``."""
+    record = Record(
+        run=run,
+        chain=chain,
+        seq=seq,
+        prev=prev,
+        time=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        writer=writer,
+        dataset=dataset,
+        version=version,
+        manifest=manifest,
+        reading=consumed.reading,
+        ranges=consumed.ranges,
+        items=consumed.items,
+        digest="",
+    )
+    return record.model_copy(update={"digest": record.own_digest()}).model_dump_json().encode()
+
+
 class ChainWriter:
     """Appends records to one chain of one run; used by one thread at a time.
 
@@ -328,23 +373,17 @@ class ChainWriter:
         if self._pending is not None and self._pending[0] == consumed:
             data = self._pending[1]
         else:
-            record = Record(
+            data = _seal(
+                consumed,
                 run=self.run,
                 chain=self.chain,
                 seq=self.seq,
                 prev=self._prev,
-                time=datetime.now(UTC).isoformat(timespec="milliseconds"),
                 writer=writer,
                 dataset=dataset,
                 version=version,
                 manifest=manifest,
-                reading=consumed.reading,
-                ranges=consumed.ranges,
-                items=consumed.items,
-                digest="",
             )
-            record = record.model_copy(update={"digest": record.own_digest()})
-            data = record.model_dump_json().encode()
             self._pending = (consumed, data)
         key = record_key(self.run, self.chain, self.seq)
         if not self.store.create_object(key, data) and self.store.read_object(key) != data:
@@ -356,6 +395,59 @@ class ChainWriter:
         self.seq += 1
         self._prev = _sha256(data)
         return Record.model_validate_json(data)
+
+
+def append_at(
+    store: Store,
+    consumed: Consumed,
+    *,
+    run: str,
+    chain: str,
+    seq: int,
+    writer: Writer,
+    dataset: str,
+    version: int,
+    manifest: str | None,
+) -> Record:
+    """Write record ``seq`` of a chain whose writer keeps no state between records (the broker: any of
+    its replicas may take any report). The previous record is read back for its hash, so records are
+    written in order: :class:`ConflictError` while record ``seq - 1`` is missing. A record already at
+    ``seq`` with this very content (an earlier try whose answer was lost) is the answer; one with other
+    content is a :class:`ConfigError` (the report's number was used before: retrying cannot help)."""
+    check_name("run", run)
+    check_name("chain", chain)
+    prev = ""
+    if seq:
+        before = record_key(run, chain, seq - 1)
+        try:
+            prev = _sha256(store.read_object(before))
+        except NotFoundError:
+            raise ConflictError(
+                f"record {seq - 1} of chain {chain!r} of run {run!r} is not written yet: a chain's records "
+                "are written in order; send the earlier report first"
+            ) from None
+    data = _seal(
+        consumed,
+        run=run,
+        chain=chain,
+        seq=seq,
+        prev=prev,
+        writer=writer,
+        dataset=dataset,
+        version=version,
+        manifest=manifest,
+    )
+    key = record_key(run, chain, seq)
+    if store.create_object(key, data):
+        return Record.model_validate_json(data)
+    found = parse(store.read_object(key), f"{store.uri}/{key}")
+    same = (found.prev, found.writer, found.dataset, found.version, found.reading, found.ranges)
+    if same == (prev, writer, dataset, version, consumed.reading, consumed.ranges):
+        return found
+    raise ConfigError(
+        f"{store.uri}/{key} holds another record: report {seq} of chain {chain!r} of run {run!r} was sent "
+        "before with other content; a chain's reports are numbered once each"
+    )
 
 
 # -- reading -----------------------------------------------------------------------------------------

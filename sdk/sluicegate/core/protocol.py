@@ -165,10 +165,12 @@ class WaitReport(BaseModel):
 
 
 class LedgerReport(BaseModel):
-    """One stretch a trainer consumed, for the sidecar to record in the ledger (store mode). The reading's
-    views are the trainer's, over the sidecar's shard; the sidecar adds its own cut in front of them, and
-    the dataset, version and manifest it serves. ``number`` counts the trainer chain's reports from 0: a
-    report sent again (its answer lost) is recognised and not recorded twice."""
+    """One stretch a trainer consumed, for the ledger: the sidecar records it (store mode) or passes it on
+    to the broker, which records it for the pod its token names (broker mode). The reading's views are the
+    trainer's, over the sidecar's shard; the recorder adds that shard's cut in front of them, and the
+    dataset, version and manifest served, and fills in the writer's namespace, stream and pod itself.
+    ``number`` counts the trainer chain's reports from 0: a report sent again (its answer lost) is
+    recognised and not recorded twice."""
 
     model_config = ConfigDict(extra="forbid")
 

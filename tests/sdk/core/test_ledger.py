@@ -115,6 +115,48 @@ def test_a_chain_reads_back_verified_in_order(store_backend: Backend) -> None:
     assert record["items"] == 5
 
 
+def test_a_stateless_writer_places_records_by_number_in_order_and_recognises_retries(
+    store_backend: Backend,
+) -> None:
+    """append_at, as the broker writes (any replica, any report): each record after the one before it."""
+    store = store_backend.store()
+
+    def at(seq: int, consumed: Consumed, writer: Writer = WRITER) -> ledger.Record:
+        return ledger.append_at(
+            store, consumed, run="r", chain="c", seq=seq, writer=writer, dataset=store.uri, version=1,
+            manifest=None,
+        )  # fmt: skip
+
+    with pytest.raises(ConflictError, match="record 0 .* is not written yet"):
+        at(1, _consumed((5, 9)))
+    first = at(0, _consumed((0, 5)))
+    assert at(0, _consumed((0, 5))) == first, "a retry whose answer was lost: the record written"
+    with pytest.raises(ConfigError, match="sent before with other content"):
+        at(0, _consumed((0, 6)))
+    with pytest.raises(ConfigError, match="sent before with other content"):
+        at(0, _consumed((0, 5)), Writer(host="other", pid=2))
+    at(1, _consumed((5, 9)))
+    # Read back, it verifies like any chain: the same format, the same hashes.
+    [chain] = ledger.read_run(store, "r")
+    assert chain.broken is None
+    assert [r.ranges for r in chain.records] == [((0, 5),), ((5, 9),)]
+    assert chain.records[1].prev == ledger._sha256(store.read_object(ledger.record_key("r", "c", 0)))
+    with pytest.raises(ConfigError, match="chain"):
+        ledger.append_at(
+            store, _consumed((0, 1)), run="r", chain="../x", seq=0, writer=WRITER, dataset="", version=1,
+            manifest=None,
+        )  # fmt: skip
+
+
+def test_a_cut_in_front_of_a_reading_keeps_it_within_what_a_record_holds() -> None:
+    consumed = _consumed((0, 5))
+    cut = View(queries=("labels.car > 0",), shard=ShardSpec(rank=1, world_size=2))
+    assert consumed.under(cut).reading.views == (cut, View())
+    full = Consumed(reading=_reading(views=(View(),) * ledger.MAX_VIEWS), ranges=((0, 1),))
+    with pytest.raises(ConfigError, match="report at most 3"):
+        full.under(cut)
+
+
 def test_records_are_written_create_only_and_a_landed_retry_is_recognised(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     writer = ChainWriter(store, "run-1", "c0")
