@@ -30,6 +30,7 @@ from sluicegate.core.broker_protocol import (
     UrlsRequest,
     UrlsResponse,
 )
+from sluicegate.core.mix import source_seed
 from sluicegate.core.partition import Progress, ShardSpec, per_rank
 from sluicegate.core.protocol import Resume
 from sluicegate.core.store import blob_key
@@ -42,7 +43,7 @@ from .events import Announcer, pod_ref
 from .inject import STREAM_LABEL
 from .kube import Kube
 from .metrics import BROKER_DECISIONS, BROKER_ITEMS, BROKER_SECONDS, BROKER_URLS
-from .models import Dataset, DatasetStream, Policy, StreamProgress
+from .models import Dataset, DatasetStream, Part, Policy, StreamProgress
 from .resolve import Sources, load_dataset, load_stream, open_store
 from .sources import SourceRefused
 from .status import is_ready
@@ -79,6 +80,7 @@ class Grant:
 
     who: Identity
     stream: DatasetStream
+    part: Part  # what the pod's sidecar reads: the stream's Dataset, or one source of its mix
     dataset: Dataset
     store: Handle
     rank: int
@@ -86,26 +88,32 @@ class Grant:
     policies: tuple[Policy, ...]
 
     def spec(self) -> ShardSpec:
-        """The sealed rank and world size, cut and ordered as the stream says."""
+        """The sealed rank and world size, cut and ordered as the stream says (a mix's source ``i`` with
+        the seed a mix shuffled with the stream's seed gives it, as ``sluicegate.mix`` does)."""
         sharding = self.stream.spec.sharding
+        seed = sharding.seed if self.part.name is None else source_seed(sharding.seed, self.part.index)
         return ShardSpec(
             rank=self.rank,
             world_size=self.world_size,
-            seed=sharding.seed,
+            seed=seed,
             shuffle=sharding.shuffle,
             remainder=sharding.remainder,
         )
 
     @property
+    def version(self) -> int:
+        version = self.part.status.resolved_version
+        assert version is not None  # checked in _grant
+        return version
+
+    @property
     def queries(self) -> tuple[str, ...]:
-        """The stream's query and the pod's row-level policies: what its selection is."""
-        return (self.stream.spec.query, *(p.query for p in self.policies))
+        """The part's query and the pod's row-level policies: what its selection is."""
+        return (self.part.query, *(p.query for p in self.policies))
 
     def basis(self) -> str:
         """What the stream's progress is of (see progress.basis)."""
-        version = self.stream.status.resolved_version
-        assert version is not None  # checked in _grant
-        return progress_rules.basis(version, self.queries, self.spec())
+        return progress_rules.basis(self.version, self.queries, self.spec())
 
 
 @dataclass(frozen=True)
@@ -149,43 +157,56 @@ class Broker:
         self._review_slots = asyncio.Semaphore(self.limits.concurrent_reviews)
         self._events = Announcer(kube, clock=clock)
 
-    async def plan(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
+    async def plan(
+        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
+    ) -> bytes:
         """The JSON of the caller's :class:`PlanResponse`; ``body`` is read only once the caller is known."""
 
         async def then(grant: Grant) -> bytes:
             return await self._plan(grant, _parse(await body(), PlanRequest))
 
-        return await self._decide("plan", token, remote, then)
+        return await self._decide("plan", token, remote, source, then)
 
-    async def progress(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
+    async def progress(
+        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
+    ) -> bytes:
         """Take a pod's :class:`ProgressReport` into its stream's progress; ``{}`` when taken."""
 
         async def then(grant: Grant) -> bytes:
             return await self._progress(grant, _parse(await body(), ProgressReport))
 
-        return await self._decide("progress", token, remote, then)
+        return await self._decide("progress", token, remote, source, then)
 
-    async def ledger(self, token: str | None, body: BodyReader, remote: str = "?") -> bytes:
+    async def ledger(
+        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
+    ) -> bytes:
         """Record a pod's :class:`LedgerReport` in its Dataset's ledger; ``{}`` when written."""
 
         async def then(grant: Grant) -> bytes:
             return await self._ledger(grant, _parse(await body(), LedgerReport))
 
-        return await self._decide("ledger", token, remote, then)
+        return await self._decide("ledger", token, remote, source, then)
 
-    async def urls(self, token: str | None, body: BodyReader, remote: str = "?") -> UrlsResponse:
+    async def urls(
+        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
+    ) -> UrlsResponse:
         async def then(grant: Grant) -> UrlsResponse:
             return await self._urls(grant, _parse(await body(), UrlsRequest))
 
-        return await self._decide("urls", token, remote, then)
+        return await self._decide("urls", token, remote, source, then)
 
     async def _decide(
-        self, endpoint: str, token: str | None, remote: str, then: Callable[[Grant], Awaitable[T]]
+        self,
+        endpoint: str,
+        token: str | None,
+        remote: str,
+        source: str | None,
+        then: Callable[[Grant], Awaitable[T]],
     ) -> T:
         started = time.perf_counter()
         who = "?"
         try:
-            grant = await self._grant(token, remote)
+            grant = await self._grant(token, remote, source)
             who = f"{grant.who.namespace}/{grant.who.pod_name}"
             result = await then(grant)
         except Refused as exc:
@@ -247,7 +268,7 @@ class Broker:
                 self._reviews.popitem(last=False)
         return status
 
-    async def _grant(self, token: str | None, remote: str) -> Grant:
+    async def _grant(self, token: str | None, remote: str, source: str | None) -> Grant:
         if not token:
             raise Refused(
                 401, "no_token", "no bearer token: send the pod's projected token (audience sluicegate.io)"
@@ -274,12 +295,12 @@ class Broker:
                     f"requests/s to the broker; retry in {wait:.1f} s",
                     wait,
                 )
-            return await self._grant_pod(who)
+            return await self._grant_pod(who, source)
         except Refused as exc:
             exc.pod = who
             raise
 
-    async def _grant_pod(self, who: Identity) -> Grant:
+    async def _grant_pod(self, who: Identity, source: str | None) -> Grant:
         pod = await self._kube.get_pod(who.namespace, who.pod_name)
         if pod is None or pod["metadata"].get("uid") != who.pod_uid:
             raise Refused(401, "pod_gone", f"the token's pod {who.namespace}/{who.pod_name} no longer exists")
@@ -320,7 +341,21 @@ class Broker:
                 f"pod {who.namespace}/{who.pod_name} was admitted for world size {sealed.world_size}, but "
                 f"DatasetStream {stream_name} now says {fixed}: recreate the job's pods",
             )
-        ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
+        part = stream.part(source)
+        if part is None:
+            if source is None:
+                raise Refused(
+                    400,
+                    "bad_request",
+                    f"DatasetStream {who.namespace}/{stream_name} is a mix: ask for one of its sources "
+                    f"(?source=NAME: {', '.join(p.name or '' for p in stream.parts())})",
+                )
+            raise Refused(
+                404,
+                "source_not_found",
+                f"DatasetStream {who.namespace}/{stream_name} has no source {source!r}",
+            )
+        ds_ns, ds_name = part.namespace, part.dataset
         allowed, why = await self._kube.may_stream(
             user=who.username, groups=who.groups, uid=who.uid, extra=who.extra, namespace=ds_ns, name=ds_name
         )
@@ -338,7 +373,7 @@ class Broker:
         except ConfigError as exc:
             raise Refused(503, "credentials", f"Dataset {ds_ns}/{ds_name} cannot be read: {exc}") from exc
         # After the source checks: a stream made not Ready by a revoked source says so, not "not Ready yet".
-        if not is_ready(stream.status.conditions) or stream.status.resolved_version is None:
+        if not is_ready(stream.status.conditions) or part.status.resolved_version is None:
             raise Refused(
                 409, "stream_not_ready", f"DatasetStream {who.namespace}/{stream_name} is not Ready yet"
             )
@@ -351,7 +386,7 @@ class Broker:
                 f"Dataset {ds_ns}/{ds_name} cannot be read: its row-level policy {blank[0]} has a blank "
                 "query; the Dataset's owner must give it a filter",
             )
-        return Grant(who, stream, dataset, store, sealed.rank, sealed.world_size, tuple(policies))
+        return Grant(who, stream, part, dataset, store, sealed.rank, sealed.world_size, tuple(policies))
 
     def _shard(self, grant: Grant) -> Shard:
         """The rank's shard (cached per stream, rank and policies); runs in a thread."""
@@ -361,8 +396,7 @@ class Broker:
 
     def _read(self, grant: Grant, read: Callable[[int], R]) -> R:
         """``read(version)`` of the stream's store, its faults as refusals; runs in a thread."""
-        version = grant.stream.status.resolved_version
-        assert version is not None  # checked in _grant
+        version = grant.version
         try:
             return read(version)
         except QueryError as exc:
@@ -417,7 +451,9 @@ class Broker:
 
     async def _plan_progress(self, grant: Grant) -> Progress | None:
         """The stream's progress this pod's plan continues, written first when the plan changes it (a
-        re-cut for the pod's world size, the pod taking over its rank)."""
+        re-cut for the pod's world size, the pod taking over its rank). A mix keeps none (below)."""
+        if grant.stream.is_mix:
+            return None
         decided: progress_rules.PlanProgress | None = None
 
         async def decide(stream: DatasetStream) -> StreamProgress | None:
@@ -436,6 +472,15 @@ class Broker:
         return decided.progress
 
     async def _progress(self, grant: Grant, report: ProgressReport) -> bytes:
+        if grant.stream.is_mix:
+            # One position in a mix's epoch moves every source's: kept per source, a re-cut could not
+            # keep the interleave. A mix resumes from the trainer's own state_dict, at the same world size.
+            raise Refused(
+                409,
+                "mix_progress",
+                f"DatasetStream {grant.stream.metadata.namespace}/{grant.stream.metadata.name} is a mix, "
+                "whose epoch progress is not kept; resume it from the trainer's state_dict",
+            )
         spec = grant.spec()
 
         def length(progress: Progress) -> int:
@@ -473,8 +518,7 @@ class Broker:
         cut it was served (the stream's query, the pod's policies, its sealed shard), the dataset and
         version all come from the grant; only what the trainer did within that cut comes from the body.
         Any replica may take any report (each record is placed by its number, after the one before it)."""
-        version = grant.stream.status.resolved_version
-        assert version is not None  # checked in _grant
+        version = grant.version
         mine = ledger.View(queries=tuple(q for q in grant.queries if q.strip()), shard=grant.spec())
         try:
             consumed = report.consumed.under(mine)
@@ -551,8 +595,8 @@ class Broker:
                     "namespace": stream.metadata.namespace,
                     "stream": stream.metadata.name,
                     "dataset": f"{grant.dataset.metadata.namespace}/{grant.dataset.metadata.name}",
-                    "version": stream.status.resolved_version,
-                    "query": stream.spec.query,
+                    "version": grant.version,
+                    "query": grant.part.query,
                     "policies": [p.name for p in grant.policies],
                     "total": shard.total,
                     **grant.spec().model_dump(),

@@ -28,7 +28,7 @@ from .catalog import Catalog, ManifestTooLarge
 from .inject import INJECTED_LABEL, STREAM_LABEL, WORLD_SIZE_ANNOTATION
 from .kube import Kube
 from .metrics import RECONCILES, STREAM_READY
-from .models import GROUP, ConditionStatus, Dataset, DatasetStatus, DatasetStream, DatasetStreamStatus
+from .models import GROUP, ConditionStatus, Dataset, DatasetStatus, DatasetStream, DatasetStreamStatus, Part
 from .pods import PodCounter
 from .resolve import Sources, load_dataset, open_store
 from .settings import Settings
@@ -130,43 +130,50 @@ async def reconcile_dataset(ctx: Context, body: dict[str, Any]) -> None:
 async def reconcile_stream(ctx: Context, body: dict[str, Any]) -> None:
     stream = DatasetStream.model_validate(body)
     now = _now()
-    ns, name = stream.dataset_namespace(), stream.spec.dataset.name
+    resolved: list[st.Resolved] = []
+    failure: tuple[str, str] | None = None
+    for part in stream.parts():
+        found = await _resolve_part(ctx, stream, part)
+        if isinstance(found, st.Resolved):
+            resolved.append(found)
+        else:
+            failure = found
+            break
+    if failure is None:
+        after = st.stream_ready(stream, resolved, now=now)
+    else:
+        after = st.stream_failed(stream, reason=failure[0], message=failure[1], now=now)
+    await _write(ctx, "datasetstreams", body, stream.status, after)
 
-    def failed(reason: str, message: str) -> DatasetStreamStatus:
-        return st.stream_failed(stream, reason=reason, message=message, now=now)
 
-    dataset = await load_dataset(ctx.kube, ns, name)
+async def _resolve_part(ctx: Context, stream: DatasetStream, part: Part) -> st.Resolved | tuple[str, str]:
+    """What one part of ``stream`` resolves to, or the reason and message of why it does not."""
+    where = part.label()
+    dataset = await load_dataset(ctx.kube, part.namespace, part.dataset)
     catalog = ctx.catalog
     if dataset is None:
-        after = failed(st.Reason.DATASET_NOT_FOUND, f"Dataset {ns}/{name} does not exist")
-    else:
-        try:
-            store = await open_store(ctx.kube, catalog, ctx.policies, dataset)
-            version, pinned_from = await catalog.run(
-                st.pin_version, stream, partial(catalog.latest_version, store), store=store
-            )
-            await catalog.run(catalog.resolve, store, version, store=store)
-            selected = await catalog.run(catalog.select, store, version, (stream.spec.query,), store=store)
-            # Counts before row-level policies would tell a policy's subject how many rows it may not
-            # see (and, query by query, their values): a Dataset with policies shows none.
-            after = st.stream_ready(
-                stream,
-                version=version,
-                pinned_from=pinned_from,
-                matched=None if dataset.spec.policies else len(selected),
-                now=now,
-            )
-        except SourceRefused as exc:
-            after = failed(st.Reason.SOURCE_NOT_ALLOWED, f"Dataset {ns}/{name} cannot be read: {exc}")
-        except ConfigError as exc:
-            after = failed(st.Reason.CREDENTIALS_INVALID, str(exc))
-        except QueryError as exc:
-            after = failed(st.Reason.INVALID_QUERY, f"spec.query does not fit Dataset {ns}/{name}: {exc}")
-        except NotFoundError as exc:
-            after = failed(st.Reason.VERSION_NOT_FOUND, str(exc))
-        except StoreError as exc:
-            after = failed(st.Reason.STORE_UNREACHABLE, str(exc))
-    await _write(ctx, "datasetstreams", body, stream.status, after)
+        return st.Reason.DATASET_NOT_FOUND, f"{where} does not exist"
+    try:
+        store = await open_store(ctx.kube, catalog, ctx.policies, dataset)
+        version, pinned_from = await catalog.run(
+            st.pin_version, part, partial(catalog.latest_version, store), store=store
+        )
+        await catalog.run(catalog.resolve, store, version, store=store)
+        selected = await catalog.run(catalog.select, store, version, (part.query,), store=store)
+        # Counts before row-level policies would tell a policy's subject how many rows it may not see
+        # (and, query by query, their values): a Dataset with policies shows none.
+        return st.Resolved(version, pinned_from, None if dataset.spec.policies else len(selected))
+    except SourceRefused as exc:
+        return st.Reason.SOURCE_NOT_ALLOWED, f"{where} cannot be read: {exc}"
+    except ConfigError as exc:
+        return st.Reason.CREDENTIALS_INVALID, f"{where}: {exc}" if stream.is_mix else str(exc)
+    except QueryError as exc:
+        field = f"spec.sources[{part.index}].query" if stream.is_mix else "spec.query"
+        return st.Reason.INVALID_QUERY, f"{field} does not fit {where}: {exc}"
+    except NotFoundError as exc:
+        return st.Reason.VERSION_NOT_FOUND, f"{where}: {exc}" if stream.is_mix else str(exc)
+    except StoreError as exc:
+        return st.Reason.STORE_UNREACHABLE, f"{where}: {exc}" if stream.is_mix else str(exc)
 
 
 def _needs_retry(body: dict[str, Any]) -> bool:

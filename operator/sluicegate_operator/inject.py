@@ -16,13 +16,15 @@ from sluicegate.core.broker_protocol import (
     SOCKET_DIR,
     SOCKET_PATH,
     TOKEN_DIR,
+    MixEnv,
+    MixEnvSource,
     SidecarEnv,
     TrainerEnv,
 )
 from sluicegate.core.quantity import parse_bytes
 
 from .grants import GRANT_ANNOTATION
-from .models import DatasetStream, RankSource, SidecarOverrides
+from .models import DatasetStream, Part, RankSource, SidecarOverrides
 
 STREAM_LABEL = "sluicegate.io/stream"
 INJECTED_LABEL = "sluicegate.io/injected"
@@ -174,29 +176,45 @@ def _mount(container: dict[str, Any], name: str, path: str, *, read_only: bool =
         mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
 
 
-def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarTemplate) -> dict[str, Any]:
+def sidecar_name(part: Part) -> str:
+    """The container of ``part``'s sidecar: one per source of a mix, each serving its own socket."""
+    return SIDECAR_NAME if part.name is None else f"{SIDECAR_NAME}-{part.name}"
+
+
+def socket_path(part: Part) -> str:
+    return SOCKET_PATH if part.name is None else f"{SOCKET_DIR}/{part.name}.sock"
+
+
+def sidecar_container(
+    stream: DatasetStream, namespace: str, config: SidecarTemplate, part: Part
+) -> dict[str, Any]:
     cache = stream.spec.cache
     overrides = stream.spec.sidecar
+    socket = socket_path(part)
     env = {
         SidecarEnv.BROKER_URL: config.broker_url,
         SidecarEnv.BROKER_CA: config.broker_ca_pem,
         SidecarEnv.TOKEN_FILE: f"{TOKEN_DIR}/token",
-        SidecarEnv.LISTEN: f"unix://{SOCKET_PATH}",
+        SidecarEnv.LISTEN: f"unix://{socket}",
         SidecarEnv.STREAM: stream.metadata.name,
         SidecarEnv.NAMESPACE: namespace,
         SidecarEnv.CACHE_MEMORY: cache.memory,
         SidecarEnv.CACHE_DISK: cache.disk,
     }
+    if part.name is not None:
+        env[SidecarEnv.SOURCE] = part.name
+    cache_dir = CACHE_DIR if part.name is None else f"{CACHE_DIR}/{part.name}"
     if cache.disk != "0":
-        env[SidecarEnv.CACHE_DIR] = CACHE_DIR
+        env[SidecarEnv.CACHE_DIR] = cache_dir
     metrics_port = (overrides or SidecarOverrides()).metrics_port
     if not config.metrics_token_sha256:
         metrics_port = 0
     if metrics_port:
+        metrics_port += part.index  # a mix's sidecars share the pod's network: one port each
         env[SidecarEnv.METRICS_LISTEN] = f"0.0.0.0:{metrics_port}"
         env[SidecarEnv.METRICS_TOKEN_SHA256] = config.metrics_token_sha256 or ""
     container: dict[str, Any] = {
-        "name": SIDECAR_NAME,
+        "name": sidecar_name(part),
         "image": (overrides.image if overrides and overrides.image else None) or config.image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["sluicegate-sidecar"],
@@ -209,7 +227,7 @@ def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarTemp
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
         ],
         "startupProbe": {
-            "exec": {"command": ["test", "-S", SOCKET_PATH]},
+            "exec": {"command": ["test", "-S", socket]},
             "periodSeconds": 1,
             "failureThreshold": 600,
         },
@@ -223,12 +241,36 @@ def sidecar_container(stream: DatasetStream, namespace: str, config: SidecarTemp
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
     }
     if metrics_port:
+        # A mix's sidecars all name theirs so, for the PodMonitor to scrape each (the API server warns that
+        # Services selecting the name would use the first; none does).
         container["ports"] = [{"name": METRICS_PORT_NAME, "containerPort": metrics_port, "protocol": "TCP"}]
     if overrides and overrides.resources:
         container["resources"] = overrides.resources.wire()
     if cache.disk != "0":
         container["volumeMounts"].append({"name": CACHE_VOLUME, "mountPath": CACHE_DIR})
     return container
+
+
+def trainer_env(stream: DatasetStream, rank: Rank) -> dict[str, str]:
+    """What the trainer containers get: where the sidecar listens, or for a mix where each source's does
+    (with the weights and epoch rule ``sluicegate.connect()`` mixes them by)."""
+    env = {
+        TrainerEnv.STREAM: stream.metadata.name,
+        TrainerEnv.RANK: str(rank.rank),
+        TrainerEnv.WORLD_SIZE: str(rank.world_size),
+    }
+    if not stream.is_mix:
+        return {TrainerEnv.ADDRESS: f"unix://{SOCKET_PATH}", **env}
+    sharding = stream.spec.sharding
+    mix = MixEnv(
+        sources=[
+            MixEnvSource(name=p.name or "", address=f"unix://{socket_path(p)}", weight=p.weight)
+            for p in stream.parts()
+        ],
+        epoch_length=stream.spec.epoch_length,
+        seed=sharding.seed if sharding.shuffle else None,
+    )
+    return {TrainerEnv.MIX: mix.model_dump_json(), **env}
 
 
 def _volumes(stream: DatasetStream) -> list[dict[str, Any]]:
@@ -251,18 +293,21 @@ def _volumes(stream: DatasetStream) -> list[dict[str, Any]]:
         },
     ]
     if stream.spec.cache.disk != "0":
-        volumes.append(
-            {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": disk_size_limit(stream.spec.cache.disk)}}
-        )
+        limit = disk_size_limit(stream.spec.cache.disk, len(stream.parts()))
+        volumes.append({"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": limit}})
     return volumes
 
 
-def disk_size_limit(budget: str) -> str:
-    """The cache volume's ``sizeLimit`` for a disk budget: the budget plus headroom (10 %, at least
-    64 MiB), because the kubelet counts allocated blocks and files being written, while the cache counts
-    the bytes it keeps; a limit equal to the budget gets the pod evicted at a full cache."""
-    size = parse_bytes(budget)
+def disk_size_limit(budget: str, sidecars: int = 1) -> str:
+    """The cache volume's ``sizeLimit`` for ``sidecars`` disk budgets: the budgets plus headroom (10 %, at
+    least 64 MiB), because the kubelet counts allocated blocks and files being written, while the cache
+    counts the bytes it keeps; a limit equal to the budget gets the pod evicted at a full cache."""
+    size = parse_bytes(budget) * sidecars
     return str(size + max(size // 10, DISK_HEADROOM_MIN))
+
+
+def _is_sidecar(name: object) -> bool:
+    return isinstance(name, str) and (name == SIDECAR_NAME or name.startswith(f"{SIDECAR_NAME}-"))
 
 
 def refuse_preinjected(pod: Mapping[str, Any]) -> None:
@@ -270,10 +315,11 @@ def refuse_preinjected(pod: Mapping[str, Any]) -> None:
     ``sluicegate-sidecar`` container, a grant, the injected label): it would bypass injection."""
     spec, meta = pod.get("spec") or {}, pod.get("metadata") or {}
     names = {c.get("name") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])}
-    if SIDECAR_NAME in names:
+    taken = sorted(n for n in names if _is_sidecar(n))
+    if taken:
         raise AdmissionDenied(
-            f"the pod already has a container named {SIDECAR_NAME}, which only the sluicegate webhook adds: "
-            "rename or remove it"
+            f"the pod already has a container named {taken[0]}, which only the sluicegate webhook adds "
+            f"({SIDECAR_NAME} and {SIDECAR_NAME}-*): rename or remove it"
         )
     own = [k for k in (meta.get("annotations") or {}) if k == GRANT_ANNOTATION]
     if INJECTED_LABEL in (meta.get("labels") or {}):
@@ -301,23 +347,18 @@ def inject(
     spec = out.setdefault("spec", {})
     meta = out.setdefault("metadata", {})
     init = spec.setdefault("initContainers", [])
-    if any(c.get("name") == SIDECAR_NAME for c in init):
+    if any(_is_sidecar(c.get("name")) for c in init):
         return out
-    init.insert(0, sidecar_container(stream, namespace, config))
+    init[:0] = [sidecar_container(stream, namespace, config, part) for part in stream.parts()]
     volumes = spec.setdefault("volumes", [])
     names = {v["name"] for v in volumes}
     clash = names & {v["name"] for v in _volumes(stream)}
     if clash:
         raise AdmissionDenied(f"the pod already has volumes named {sorted(clash)}, which sluicegate injects")
     volumes.extend(_volumes(stream))
-    trainer_env = {
-        TrainerEnv.ADDRESS: f"unix://{SOCKET_PATH}",
-        TrainerEnv.STREAM: stream.metadata.name,
-        TrainerEnv.RANK: str(rank.rank),
-        TrainerEnv.WORLD_SIZE: str(rank.world_size),
-    }
+    env = trainer_env(stream, rank)
     for container in spec.get("containers", []):
-        _set_env(container, trainer_env)
+        _set_env(container, env)
         _mount(container, SOCKET_VOLUME, SOCKET_DIR, read_only=True)
     meta.setdefault("labels", {})[INJECTED_LABEL] = "true"
     meta.setdefault("annotations", {}).update(

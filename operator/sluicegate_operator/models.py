@@ -8,13 +8,15 @@ the same models, so a field the CRD accepts is a field the operator understands.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 from sluicegate.core.engine import EngineConfig
+from sluicegate.core.mix import Stop
 from sluicegate.core.partition import MAX_PASSES, MAX_SEGMENTS, MAX_WORKERS, Progress, Remainder, Segment
 from sluicegate.core.quantity import QUANTITY_PATTERN
 from sluicegate.core.query import MAX_QUERY_CHARS
@@ -329,11 +331,52 @@ VersionSpec = Annotated[
 ]
 
 
-class DatasetStreamSpec(_Model):
-    """A slice of one Dataset version, sharded across the pods labelled sluicegate.io/stream=<name>."""
+MAX_SOURCES = 8  # sources of one mix: each is a sidecar in every pod of the stream
+SOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"  # a DNS label: it names a container
 
-    dataset: DatasetRef = Field(
-        description="The Dataset to stream.",
+
+class StreamSource(_Model):
+    """One source of a mix: a slice of one Dataset version, read in proportion to its weight."""
+
+    name: str = Field(
+        pattern=SOURCE_NAME_PATTERN,
+        max_length=40,
+        description="What each sample's source says, e.g. coco; names the source's sidecar container.",
+    )
+    dataset: DatasetRef = Field(description="The Dataset this source reads.")
+    version: VersionSpec = "latest"
+    query: str = Field(
+        default="",
+        description="Slice query of this source, e.g. labels.car > 3; empty: every item.",
+        max_length=MAX_QUERY,
+    )
+    weight: float = Field(
+        gt=0, le=1_000_000, description="Share of every stretch of the epoch, e.g. 0.7; only ratios count."
+    )
+
+
+class DatasetStreamSpec(_Model):
+    """A Dataset slice (dataset) or a weighted mix (sources), sharded over the pods labelled with it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "has(self.dataset) != has(self.sources)",
+                    "set exactly one of spec.dataset and spec.sources",
+                ),
+                _cel(
+                    "!has(self.sources) || (self.query == '' && string(self.version) == 'latest')",
+                    "with spec.sources, each source has its own query and version: leave spec.query and "
+                    "spec.version unset",
+                ),
+            ]
+        }
+    )
+
+    dataset: DatasetRef | None = Field(
+        default=None,
+        description="The Dataset to stream (or spec.sources for a mix).",
         json_schema_extra={
             "x-kubernetes-validations": [
                 _cel("self == oldSelf", "spec.dataset is immutable: create a new DatasetStream instead")
@@ -345,6 +388,25 @@ class DatasetStreamSpec(_Model):
         default="",
         description='Slice query, e.g. labels.car > 3 and meta.split = "train"; empty: every item.',
         max_length=MAX_QUERY,
+    )
+    sources: list[StreamSource] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=MAX_SOURCES,
+        description="A weighted mix of Datasets (instead of spec.dataset): every pod reads its shard of each "
+        "source, interleaved by weight; every sample says which source it came from.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            "x-kubernetes-validations": [
+                _cel("self == oldSelf", "spec.sources is immutable: create a new DatasetStream instead")
+            ],
+        },
+    )
+    epoch_length: Stop = Field(
+        default=Stop.FIRST_EXHAUSTED,
+        description="Where a mix's epoch ends: first_exhausted (when the first source, relative to its "
+        "weight, is read through: nothing repeats) or all_exhausted (when the last is: the others repeat).",
     )
     # A schema default {} makes the API server fill in the nested defaults (shown by `kubectl get -o yaml`).
     sharding: Sharding = Field(
@@ -358,6 +420,22 @@ class DatasetStreamSpec(_Model):
         json_schema_extra={"default": {}},
     )
     sidecar: SidecarOverrides | None = Field(default=None, description="Overrides for the injected sidecar.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DatasetStreamSpec:
+        # The CRD's rules, for objects that reach the operator without the API server's checks.
+        if (self.dataset is None) == (self.sources is None):
+            raise ValueError("set exactly one of spec.dataset and spec.sources")
+        if self.sources is not None:
+            if self.query or self.version != "latest":
+                raise ValueError(
+                    "with spec.sources, each source has its own query and version: leave spec.query and "
+                    "spec.version unset"
+                )
+            names = [s.name for s in self.sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"spec.sources names must be unique, got {names}")
+        return self
 
 
 MAX_PROGRESS_WORLD = 4096  # ranks whose progress a stream keeps
@@ -425,6 +503,24 @@ class StreamProgress(_Model):
         return cls(basis=basis, epoch=progress.epoch, segments=segments, owners=owners)
 
 
+class SourceStatus(_Model):
+    """What the operator resolved for one source of a mix."""
+
+    name: str = Field(max_length=40, description="The source's name in spec.sources.")
+    resolved_version: int | None = Field(default=None, description="The manifest version it is pinned to.")
+    pinned_from: str | None = Field(
+        default=None, max_length=32, description="The version it was pinned from."
+    )
+    matched_items: int | None = Field(
+        default=None,
+        description="Items matching its query (withheld when its Dataset has row-level policies).",
+    )
+    items_per_shard: int | None = Field(default=None, description="Its items in each rank's shard.")
+    items_per_epoch: int | None = Field(
+        default=None, description="Its items in each rank's epoch of the mix."
+    )
+
+
 class DatasetStreamStatus(_Model):
     """What the operator resolved for the stream."""
 
@@ -444,6 +540,9 @@ class DatasetStreamStatus(_Model):
     shards: int | None = Field(default=None, description="Number of shards (the world size), when known.")
     items_per_shard: int | None = Field(default=None, description="Items each rank reads per epoch.")
     injected_pods: int | None = Field(default=None, description="Live pods the sidecar was injected into.")
+    sources: list[SourceStatus] | None = Field(
+        default=None, max_length=MAX_SOURCES, description="Per source of a mix: what it was resolved to."
+    )
     progress: StreamProgress | None = Field(
         default=None, description="The epoch in progress, as the pods reported it (written by the broker)."
     )
@@ -469,10 +568,73 @@ class Dataset(_Model):
     status: DatasetStatus = Field(default_factory=DatasetStatus)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One Dataset slice a stream reads: the stream's one, or one source of its mix (index, name)."""
+
+    index: int
+    name: str | None  # the source's name; None: a stream of one Dataset
+    namespace: str  # of the Dataset
+    dataset: str
+    version: int | Literal["latest"]
+    query: str
+    weight: float
+    status: SourceStatus  # what the operator last resolved for it
+
+    def label(self) -> str:
+        """How messages name it: ``Dataset ns/name``, prefixed by the source in a mix."""
+        where = f"Dataset {self.namespace}/{self.dataset}"
+        return where if self.name is None else f"source {self.name} ({where})"
+
+
 class DatasetStream(_Model):
     metadata: ObjectMeta
     spec: DatasetStreamSpec
     status: DatasetStreamStatus = Field(default_factory=DatasetStreamStatus)
 
-    def dataset_namespace(self) -> str:
-        return self.spec.dataset.namespace or self.metadata.namespace
+    @property
+    def is_mix(self) -> bool:
+        return self.spec.sources is not None
+
+    def parts(self) -> list[Part]:
+        """What the stream reads, each with the status resolved for it."""
+        ns, spec, status = self.metadata.namespace, self.spec, self.status
+        if spec.sources is None:
+            assert spec.dataset is not None  # exactly one of the two (the spec's own check)
+            resolved = SourceStatus(
+                name="",
+                resolved_version=status.resolved_version,
+                pinned_from=status.pinned_from,
+                matched_items=status.matched_items,
+                items_per_shard=status.items_per_shard,
+            )
+            return [
+                Part(
+                    0,
+                    None,
+                    spec.dataset.namespace or ns,
+                    spec.dataset.name,
+                    spec.version,
+                    spec.query,
+                    1.0,
+                    resolved,
+                )
+            ]
+        known = {s.name: s for s in status.sources or []}
+        return [
+            Part(
+                i,
+                src.name,
+                src.dataset.namespace or ns,
+                src.dataset.name,
+                src.version,
+                src.query,
+                src.weight,
+                known.get(src.name) or SourceStatus(name=src.name),
+            )
+            for i, src in enumerate(spec.sources)
+        ]
+
+    def part(self, source: str | None) -> Part | None:
+        """The part a sidecar of ``source`` reads (None: the stream's one Dataset); None if there is none."""
+        return next((p for p in self.parts() if p.name == source), None)

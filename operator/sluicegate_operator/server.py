@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import secrets
 import ssl
 import tempfile
@@ -31,9 +32,11 @@ from .broker import Broker
 from .certs import TLSState
 from .kube import Kube
 from .metrics import CERT_EXPIRY, CERT_ROTATIONS, REGISTRY
+from .models import SOURCE_NAME_PATTERN
 from .settings import Settings
 
 log = logging.getLogger("sluicegate.server")
+SOURCE_NAME = re.compile(SOURCE_NAME_PATTERN)
 _CODES = {
     400: BrokerErrorCode.BAD_REQUEST,
     401: BrokerErrorCode.UNAUTHENTICATED,
@@ -260,7 +263,10 @@ def build_app(
 
         async def handler(request: web.Request) -> web.Response:
             try:
-                answer = await call(_bearer(request), _body(request, limit), request.remote or "?")
+                source = request.query.get("source")
+                if source is not None and not SOURCE_NAME.fullmatch(source):
+                    raise Refused(400, "bad_request", "?source= must name one of the spec.sources of a mix")
+                answer = await call(_bearer(request), _body(request, limit), request.remote or "?", source)
             except Refused as exc:
                 return _error(exc.status, exc.message, exc.retry_after)
             return web.Response(body=answer, content_type="application/json")

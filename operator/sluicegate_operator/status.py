@@ -7,12 +7,14 @@ answer and tests can check every branch directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from sluicegate.core.manifest import LABEL_PREFIX
+from sluicegate.core.mix import apportion, mix_length, weight_fractions
 from sluicegate.core.partition import per_rank
 
 from .models import (
@@ -22,6 +24,8 @@ from .models import (
     DatasetStatus,
     DatasetStream,
     DatasetStreamStatus,
+    Part,
+    SourceStatus,
 )
 
 READY = "Ready"
@@ -130,50 +134,108 @@ def dataset_failed(ds: Dataset, *, reason: str, message: str, now: datetime) -> 
 # -- DatasetStream -------------------------------------------------------------------------------------
 
 
-def pin_version(stream: DatasetStream, latest: Callable[[], int]) -> tuple[int, str]:
-    """The version to stream and the ``spec.version`` it was pinned from.
+def pin_version(part: Part, latest: Callable[[], int]) -> tuple[int, str]:
+    """The version of ``part`` (a stream's Dataset, or one source of its mix) to stream and the version it
+    was pinned from.
 
     A number is used as is. ``latest`` is resolved once and kept across restarts and Dataset updates;
-    it is resolved again only when ``spec.version`` is edited (the pin records what it came from).
+    it is resolved again only when the version asked for is edited (the pin records what it came from).
     """
-    wanted = stream.spec.version
+    wanted = part.version
     if isinstance(wanted, int):
         return wanted, str(wanted)
-    pinned = stream.status.resolved_version
-    if pinned is not None and stream.status.pinned_from == wanted:
+    pinned = part.status.resolved_version
+    if pinned is not None and part.status.pinned_from == wanted:
         return pinned, wanted
     return latest(), wanted
 
 
-def stream_ready(
-    stream: DatasetStream, *, version: int, pinned_from: str, matched: int | None, now: datetime
-) -> DatasetStreamStatus:
-    """Ready at ``version``; ``matched`` is ``None`` when counts are withheld (the Dataset has row-level
-    policies, so a count before them would say what some subjects may not see)."""
+@dataclass(frozen=True)
+class Resolved:
+    """What reconciling one part found: its version, what it was pinned from, how many items match
+    (``None``: withheld, because its Dataset has row-level policies and a count before them would say
+    what some subjects may not see)."""
+
+    version: int
+    pinned_from: str
+    matched: int | None
+
+
+def _shards(stream: DatasetStream, world: int | None, matched: Sequence[int | None]) -> dict[str, object]:
+    """The status fields that follow from the world size and each part's count: shards, items per rank
+    per epoch, and for a mix what each source gives a rank's shard and epoch (core.mix's arithmetic)."""
     sharding = stream.spec.sharding
+    lengths = [per_rank(m, world, sharding.remainder) if world and m is not None else None for m in matched]
+    fields: dict[str, object] = {"world_size": world, "shards": world}
+    if not stream.is_mix:
+        return fields | {"matched_items": matched[0], "items_per_shard": lengths[0]}
+    parts = stream.parts()
+    known = [n for n in lengths if n is not None]
+    epoch: int | None = None
+    counts: list[int | None] = [None] * len(parts)
+    if len(known) == len(lengths):
+        shares = weight_fractions([p.weight for p in parts])
+        epoch = mix_length(known, shares, stream.spec.epoch_length)
+        counts = [int(c) for c in apportion(epoch, shares)]
+    sources = [
+        SourceStatus(
+            name=p.name or "",
+            resolved_version=p.status.resolved_version,
+            pinned_from=p.status.pinned_from,
+            matched_items=m,
+            items_per_shard=n,
+            items_per_epoch=c,
+        )
+        for p, m, n, c in zip(parts, matched, lengths, counts, strict=True)
+    ]
+    total = None if None in matched else sum(m for m in matched if m is not None)
+    return fields | {"matched_items": total, "items_per_shard": epoch, "sources": sources}
+
+
+def stream_ready(
+    stream: DatasetStream, resolved: Sequence[Resolved], *, now: datetime
+) -> DatasetStreamStatus:
+    """Ready with each of ``stream.parts()`` resolved as ``resolved`` says (one per part, in order)."""
+    parts = stream.parts()
+    assert len(resolved) == len(parts)
     # Without spec.sharding.worldSize, the world size is what the injected pods were admitted with.
-    world = sharding.world_size or stream.status.world_size
-    per_shard = per_rank(matched, world, sharding.remainder) if world and matched is not None else None
+    world = stream.spec.sharding.world_size or stream.status.world_size
+    # The parts as resolved now: _shards reads their versions from them.
+    pinned = stream.status.model_copy(
+        update={
+            "resolved_version": None if stream.is_mix else resolved[0].version,
+            "pinned_from": None if stream.is_mix else resolved[0].pinned_from,
+            "sources": [
+                SourceStatus(name=p.name or "", resolved_version=r.version, pinned_from=r.pinned_from)
+                for p, r in zip(parts, resolved, strict=True)
+            ]
+            if stream.is_mix
+            else None,
+        }
+    )
+    current = stream.model_copy(update={"status": pinned})
+    fields = _shards(current, world, [r.matched for r in resolved])
+    per_shard = fields["items_per_shard"]
+    versions = (
+        ", ".join(f"{p.name} version {r.version}" for p, r in zip(parts, resolved, strict=True))
+        if stream.is_mix
+        else f"version {resolved[0].version}"
+    )
+    matched = fields["matched_items"]
     if matched is None:
         message = (
-            f"version {version}: the query fits; counts are withheld because the Dataset has row-level "
+            f"{versions}: the queries fit; counts are withheld because a Dataset has row-level "
             "policies (each pod's plan reports its own)"
         )
     elif world:
-        message = f"version {version}: {matched} items match, {world} shards of {per_shard}"
+        each = "items per epoch" if stream.is_mix else "items"
+        message = f"{versions}: {matched} items match, {world} shards of {per_shard} {each}"
     else:
-        message = (
-            f"version {version}: {matched} items match; shards are cut when pods report their world size"
-        )
-    return stream.status.model_copy(
+        message = f"{versions}: {matched} items match; shards are cut when pods report their world size"
+    return pinned.model_copy(
         update={
             "observed_generation": stream.metadata.generation,
-            "resolved_version": version,
-            "pinned_from": pinned_from,
-            "matched_items": matched,
-            "world_size": world,
-            "shards": world,
-            "items_per_shard": per_shard,
+            **fields,
             "conditions": _set_ready(stream, ConditionStatus.TRUE, Reason.READY, message, now),
         }
     )
@@ -194,13 +256,9 @@ def observed_pods(
     """The status patch for the injected pods: their count and, when the spec leaves the world size
     open, the world size they were admitted with (and so the shards)."""
     update: dict[str, object] = {"injected_pods": injected}
-    matched = stream.status.matched_items
-    if world_size and stream.spec.sharding.world_size is None and matched is not None:
-        update |= {
-            "world_size": world_size,
-            "shards": world_size,
-            "items_per_shard": per_rank(matched, world_size, stream.spec.sharding.remainder),
-        }
+    matched = [p.status.matched_items for p in stream.parts()]
+    if world_size and stream.spec.sharding.world_size is None and None not in matched:
+        update |= _shards(stream, world_size, matched)
     return status_patch(stream.status, stream.status.model_copy(update=update))
 
 

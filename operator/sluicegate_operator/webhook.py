@@ -272,23 +272,25 @@ class Webhook:
     ) -> tuple[dict[str, Any], str, str]:
         inject.refuse_preinjected(pod)
         user = f"system:serviceaccount:{namespace}:{sa}"
-        ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
-        allowed, why = await self._access.get(
-            (user, ds_ns, ds_name),
-            partial(
-                self._kube.may_stream,
-                user=user,
-                groups=[
-                    "system:serviceaccounts",
-                    f"system:serviceaccounts:{namespace}",
-                    "system:authenticated",
-                ],
-                namespace=ds_ns,
-                name=ds_name,
-            ),
-        )
-        if not allowed:
-            raise AdmissionDenied(access.missing_stream_permission(user, ds_ns, ds_name, why))
+        for part in stream.parts():  # a mix's pod reads every source: it must be allowed to stream each
+            allowed, why = await self._access.get(
+                (user, part.namespace, part.dataset),
+                partial(
+                    self._kube.may_stream,
+                    user=user,
+                    groups=[
+                        "system:serviceaccounts",
+                        f"system:serviceaccounts:{namespace}",
+                        "system:authenticated",
+                    ],
+                    namespace=part.namespace,
+                    name=part.dataset,
+                ),
+            )
+            if not allowed:
+                raise AdmissionDenied(
+                    access.missing_stream_permission(user, part.namespace, part.dataset, why)
+                )
         job = inject.job_name_needed(pod, stream)
         completions = None
         if job is not None:
@@ -378,16 +380,21 @@ class Webhook:
     async def _validate_stream(self, stream: DatasetStream, user: Mapping[str, Any]) -> None:
         """Whoever creates or edits a stream must be allowed to stream its Dataset: the stream's status
         (counts, query errors, versions) says things about the Dataset."""
-        ds_ns, ds_name = stream.dataset_namespace(), stream.spec.dataset.name
-        allowed, why = await self._user_may(
-            user, verb=STREAM_VERB, group=GROUP, resource="datasets", namespace=ds_ns, name=ds_name
-        )
-        if not allowed:
-            who = str(user.get("username", "?"))
-            raise AdmissionDenied(
-                f"DatasetStream {stream.metadata.namespace}/{stream.metadata.name} refused: "
-                + access.missing_stream_permission(who, ds_ns, ds_name, why)
+        for part in stream.parts():
+            allowed, why = await self._user_may(
+                user,
+                verb=STREAM_VERB,
+                group=GROUP,
+                resource="datasets",
+                namespace=part.namespace,
+                name=part.dataset,
             )
+            if not allowed:
+                who = str(user.get("username", "?"))
+                raise AdmissionDenied(
+                    f"DatasetStream {stream.metadata.namespace}/{stream.metadata.name} refused: "
+                    + access.missing_stream_permission(who, part.namespace, part.dataset, why)
+                )
 
     async def _validate_dataset(self, dataset: Dataset, user: Mapping[str, Any]) -> None:
         """A Dataset's source must be one the platform allows its namespace, and its author must be able

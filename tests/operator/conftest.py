@@ -10,7 +10,8 @@ from sluicegate_operator.models import Dataset, DatasetStream
 def stream(
     name: str = "train", *, generation: int = 1, status: dict[str, Any] | None = None, **spec: Any
 ) -> DatasetStream:
-    body = {"dataset": {"name": "coco", "namespace": "data"}, **spec}
+    # A mix (spec.sources) names its Datasets per source; any other stream reads data/coco.
+    body = ({} if "sources" in spec else {"dataset": {"name": "coco", "namespace": "data"}}) | spec
     return DatasetStream.model_validate(
         {
             "metadata": {"name": name, "namespace": "team-a", "generation": generation, "uid": "u-1"},

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-from sluicegate.core.broker_protocol import AUDIENCE, SOCKET_PATH, SidecarEnv, TrainerEnv
+from sluicegate.core.broker_protocol import AUDIENCE, SOCKET_PATH, MixEnv, SidecarEnv, TrainerEnv
 from sluicegate_operator import inject, webhook
 from sluicegate_operator.inject import AdmissionDenied, SidecarTemplate
 from sluicegate_operator.models import RankSource
@@ -137,6 +137,45 @@ def test_inject_adds_native_sidecar_token_socket_and_env() -> None:
     assert after["metadata"]["annotations"][inject.RANK_ANNOTATION] == "1"
     assert after["metadata"]["labels"][inject.INJECTED_LABEL] == "true"
     assert before["spec"].get("initContainers") is None, "the input is not mutated"
+
+
+def test_a_mix_gets_one_sidecar_per_source_and_its_trainer_the_mix() -> None:
+    sources = [
+        {"name": "coco", "dataset": {"name": "coco"}, "weight": 0.7},
+        {"name": "web", "dataset": {"name": "web", "namespace": "other"}, "weight": 0.3},
+    ]
+    s = stream(sources=sources, cache={"disk": "1Gi"}, sharding={"seed": 5}, epochLength="all_exhausted")
+    config = SidecarTemplate(**{**CONFIG.__dict__, "metrics_token_sha256": "ab" * 32})
+    after = inject.inject(pod({INDEX: "1"}), s, "team-a", inject.Rank(1, 2, RankSource.INDEXED_JOB), config)
+    sidecars = after["spec"]["initContainers"]
+    assert [c["name"] for c in sidecars] == ["sluicegate-sidecar-coco", "sluicegate-sidecar-web"]
+    envs = [{e["name"]: e["value"] for e in c["env"]} for c in sidecars]
+    assert [e[SidecarEnv.SOURCE] for e in envs] == ["coco", "web"]
+    sockets = ["/var/run/sluicegate/coco.sock", "/var/run/sluicegate/web.sock"]
+    assert [e[SidecarEnv.LISTEN] for e in envs] == [f"unix://{p}" for p in sockets]
+    assert [c["startupProbe"]["exec"]["command"][-1] for c in sidecars] == sockets
+    assert [e[SidecarEnv.CACHE_DIR] for e in envs] == [
+        "/var/cache/sluicegate/coco",
+        "/var/cache/sluicegate/web",
+    ]
+    # One metrics port each (they share the pod's network), all under the name the PodMonitor scrapes.
+    assert [c["ports"] for c in sidecars] == [
+        [{"name": inject.METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"}]
+        for port in (9464, 9465)
+    ]
+    volumes = {v["name"]: v for v in after["spec"]["volumes"]}
+    assert int(volumes[inject.CACHE_VOLUME]["emptyDir"]["sizeLimit"]) == 2 * 2**30 + 2**30 // 5
+    main_env = {e["name"]: e["value"] for e in after["spec"]["containers"][0]["env"]}
+    assert TrainerEnv.ADDRESS not in main_env
+    mix = MixEnv.model_validate_json(main_env[TrainerEnv.MIX])
+    assert [(x.name, x.address, x.weight) for x in mix.sources] == [
+        ("coco", f"unix://{sockets[0]}", 0.7),
+        ("web", f"unix://{sockets[1]}", 0.3),
+    ]
+    assert (mix.epoch_length, mix.seed) == ("all_exhausted", 5)
+    assert inject.inject(after, s, "team-a", inject.Rank(1, 2, RankSource.INDEXED_JOB), config) == after
+    with pytest.raises(AdmissionDenied, match="sluicegate-sidecar-web, which only the sluicegate webhook"):
+        inject.refuse_preinjected({"spec": {"containers": [{"name": "sluicegate-sidecar-web"}]}})
 
 
 def test_injection_is_idempotent_and_patch_reproduces_it() -> None:

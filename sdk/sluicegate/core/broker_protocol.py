@@ -24,6 +24,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluicegate.core.mix import Stop
 from sluicegate.core.partition import ShardSpec
 from sluicegate.core.protocol import LedgerReport, ProgressReport, Resume, WireRow
 
@@ -38,6 +39,8 @@ __all__ = [
     "BrokerErrorCode",
     "BrokerPaths",
     "LedgerReport",
+    "MixEnv",
+    "MixEnvSource",
     "PlanRequest",
     "PlanResponse",
     "ProgressReport",
@@ -78,6 +81,7 @@ class SidecarEnv:
     TOKEN_FILE = env_var("token_file")  # projected token, re-read on every request (the kubelet rotates it)
     LISTEN = env_var("listen")  # unix:///var/run/sluicegate/sidecar.sock
     STREAM = env_var("stream")  # name of the DatasetStream
+    SOURCE = env_var("source")  # in a pod of a mix: the source this sidecar serves (its name in spec.sources)
     NAMESPACE = env_var("namespace")  # namespace of the pod and the stream
     CACHE_MEMORY = env_var("cache_memory")  # Kubernetes quantity, e.g. 512Mi
     CACHE_DISK = env_var("cache_disk")  # Kubernetes quantity, 0 for none
@@ -93,6 +97,26 @@ class TrainerEnv:
     STREAM = "SLUICEGATE_STREAM"
     RANK = "SLUICEGATE_RANK"  # informational: the sidecar's plan is authoritative
     WORLD_SIZE = "SLUICEGATE_WORLD_SIZE"
+    MIX = "SLUICEGATE_MIX"  # in a pod of a mix, instead of ADDRESS: MixEnv as JSON
+
+
+class MixEnvSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    address: str = Field(description="where this source's sidecar listens, unix:///PATH")
+    weight: float = Field(gt=0)
+
+
+class MixEnv(BaseModel):
+    """What a pod of a mix's trainer reads (``TrainerEnv.MIX``): each source's sidecar and weight, and how
+    ``sluicegate.connect()`` interleaves them (the epoch rule, the interleave's seed: the stream's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[MixEnvSource] = Field(min_length=2)
+    epoch_length: Stop = Stop.FIRST_EXHAUSTED
+    seed: int | None = Field(default=None, description="None: the stream does not shuffle")
 
 
 class BrokerPaths:
