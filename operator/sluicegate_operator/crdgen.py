@@ -2,7 +2,7 @@
 
 pydantic writes JSON Schema; a CRD wants a *structural* OpenAPI v3 schema: no ``$ref``, no
 ``anyOf`` with null for optional fields (absent is how Kubernetes says unset), ``const`` spelled as
-an ``enum``. This module does that translation and wraps the schemas in CRDs with the status
+an ``enum``, exclusive bounds as OpenAPI 3.0 flags. This module does that translation and wraps the schemas in CRDs with the status
 subresource and printer columns. ``--check`` exits non-zero when the committed files differ, and
 ``tests/operator/test_crdgen.py`` runs the same comparison.
 """
@@ -127,6 +127,11 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         node = {**_convert(options[0], defs), **node}
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = node.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            # JSON Schema's exclusive bound is a number; OpenAPI v3.0's is a flag on the inclusive one.
+            node[limit], node[bound] = value, True
     if node.get("default", 0) is None:
         del node["default"]
     if isinstance(node.get("default"), dict) and node.get("type") == "object":

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
+from sluicegate.core.broker_protocol import SOURCE_NAME_PATTERN
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.mix import Stop
 from sluicegate.core.partition import MAX_PASSES, MAX_SEGMENTS, MAX_WORKERS, Progress, Remainder, Segment
@@ -332,7 +333,6 @@ VersionSpec = Annotated[
 
 
 MAX_SOURCES = 8  # sources of one mix: each is a sidecar in every pod of the stream
-SOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"  # a DNS label: it names a container
 
 
 class StreamSource(_Model):

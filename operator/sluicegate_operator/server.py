@@ -24,7 +24,13 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, BrokerError, BrokerErrorCode, BrokerPaths
+from sluicegate.core.broker_protocol import (
+    MAX_URLS_PER_REQUEST,
+    SOURCE_NAME_PATTERN,
+    BrokerError,
+    BrokerErrorCode,
+    BrokerPaths,
+)
 
 from . import certs, webhook
 from .access import Refused
@@ -32,7 +38,6 @@ from .broker import Broker
 from .certs import TLSState
 from .kube import Kube
 from .metrics import CERT_EXPIRY, CERT_ROTATIONS, REGISTRY
-from .models import SOURCE_NAME_PATTERN
 from .settings import Settings
 
 log = logging.getLogger("sluicegate.server")

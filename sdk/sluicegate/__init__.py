@@ -6,7 +6,8 @@ build on (internal, see its docstring); every other module is private.
 
 from importlib.metadata import version as _version
 
-from sluicegate._dataset import Dataset, Item, Ledger, connect, data_wait, open
+from sluicegate._connect import connect
+from sluicegate._dataset import Dataset, Item, Ledger, data_wait, open
 from sluicegate._exceptions import (
     ConfigError,
     ConflictError,

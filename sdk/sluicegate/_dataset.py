@@ -33,7 +33,6 @@ from sluicegate import _ledger
 from sluicegate._exceptions import ConfigError
 from sluicegate._ledger import Ledger
 from sluicegate._local import LocalSource
-from sluicegate._remote import BATCH_TIMEOUT_S, RemoteSource
 from sluicegate._source import Item, Pending, Source
 from sluicegate.core import partition as _partition
 from sluicegate.core.alloc import keep_freed_memory
@@ -45,7 +44,7 @@ from sluicegate.core.query import Query
 from sluicegate.core.store import S3Options
 from sluicegate.core.wait import METER, DataWait
 
-__all__ = ["Dataset", "Item", "Ledger", "Source", "connect", "data_wait", "open"]
+__all__ = ["Dataset", "Item", "Ledger", "Source", "data_wait", "open"]
 
 _FIRST_BATCH = 8  # a small first request keeps the time to the first item low
 _MAX_BATCH = 512
@@ -720,44 +719,6 @@ def open(
     source._store = store  # reuse the client that resolved the version
     ds = Dataset(source, prefetch=prefetch, ledger=recording)
     return ds.slice(query) if query else ds
-
-
-def connect(
-    address: str | None = None,
-    *,
-    timeout: float = 60.0,
-    batch_timeout: float = BATCH_TIMEOUT_S,
-    prefetch: int = 64 * 2**20,
-    ledger: Ledger | str | bool | None = None,
-) -> Dataset:
-    """The pod's shard, served by its sidecar at ``address`` (default: ``$SLUICEGATE_ADDRESS``).
-
-    Waits up to ``timeout`` seconds for the sidecar to be ready (and for one that restarts); a batch that
-    takes longer than ``batch_timeout`` seconds to arrive raises :class:`SidecarUnavailable` instead of
-    hanging the trainer. When several trainer processes share the pod (torchrun ``LOCAL_WORLD_SIZE`` > 1),
-    each gets its ``LOCAL_RANK``'s part of the shard. ``ledger``: as for :func:`open`; the sidecar writes
-    the records (a sidecar in store mode; in broker mode it refuses, and recording stops with an error).
-    """
-    recording = _ledger.ledger_of(ledger)
-    from sluicegate.core.env import detect
-
-    env = detect()
-    target = address or env.address
-    if not target:
-        raise ConfigError(
-            "no sidecar address: pass connect(address) or set SLUICEGATE_ADDRESS (unix:///PATH or "
-            "http://127.0.0.1:PORT); without a sidecar use sluicegate.open(URI)"
-        )
-    source = RemoteSource(target, timeout=timeout, batch_timeout=batch_timeout)
-    source.wait_ready()
-    METER.report_to(source.report_wait)
-    ds = Dataset(source, seed=source.seed, prefetch=prefetch, ledger=recording)
-    if env.local_world_size > 1:
-        ds = ds.shard(env.local_rank, env.local_world_size)
-    elif source.resume is not None:
-        # The stream kept its epoch's progress: start where it stands (ds.epoch), nothing repeated.
-        ds._epoch = source.resume.progress.epoch
-    return ds
 
 
 def data_wait() -> DataWait:

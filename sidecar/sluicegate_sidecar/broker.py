@@ -61,13 +61,21 @@ class BrokerClient:
     """Calls the broker over HTTPS, verifying its certificate against ``ca`` (PEM text or a PEM file)."""
 
     def __init__(
-        self, url: str, ca: str | None, token_file: Path, stream: str | None, timeout_s: float = 30.0
+        self,
+        url: str,
+        ca: str | None,
+        token_file: Path,
+        stream: str | None,
+        timeout_s: float = 30.0,
+        source: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._ca = ca
         self._token_file = token_file
         self._stream = stream
         self._timeout_s = timeout_s
+        # A mix's sidecar serves one source: every request says which (the broker checks it is the stream's).
+        self._params = {"source": source} if source else {}
         self._client: httpx.AsyncClient | None = None  # created on the loop that uses it
 
     def _tls(self) -> ssl.SSLContext:
@@ -102,6 +110,7 @@ class BrokerClient:
             try:
                 response = await self._client.post(
                     self.url + path,
+                    params=self._params,
                     content=body.model_dump_json(),
                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
                 )

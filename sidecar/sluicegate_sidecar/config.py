@@ -19,7 +19,13 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource
 from sluicegate import ConfigError
-from sluicegate.core.broker_protocol import MAX_URLS_PER_REQUEST, TOKEN_PATH, SidecarEnv, env_var
+from sluicegate.core.broker_protocol import (
+    MAX_URLS_PER_REQUEST,
+    SOURCE_NAME_PATTERN,
+    TOKEN_PATH,
+    SidecarEnv,
+    env_var,
+)
 from sluicegate.core.daemon import problems, settings_config
 from sluicegate.core.engine import EngineConfig
 from sluicegate.core.env import detect
@@ -120,6 +126,11 @@ class SidecarConfig(BaseSettings, ShardSpec):
     )
     stream: str | None = Field(
         default=None, description="DatasetStream the broker must find the pod in (broker mode)"
+    )
+    source: str | None = Field(
+        default=None,
+        pattern=SOURCE_NAME_PATTERN,
+        description="broker mode, a stream mixing several Datasets: the source (of spec.sources) it serves",
     )
     namespace: str | None = Field(default=None, description="namespace of this pod (broker mode)")
     version: int | None = Field(default=None, ge=1, description="version to pin; latest at start if unset")

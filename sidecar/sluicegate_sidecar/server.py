@@ -112,7 +112,12 @@ class Sidecar:
             upstream = StoreUpstream(self.store)
         else:
             client = BrokerClient(
-                config.broker_url, config.broker_ca, config.token_file, config.stream, config.timeout_s
+                config.broker_url,
+                config.broker_ca,
+                config.token_file,
+                config.stream,
+                config.timeout_s,
+                source=config.source,
             )
             upstream = self.broker = BrokerUpstream(
                 client,

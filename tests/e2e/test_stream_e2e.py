@@ -12,14 +12,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +28,16 @@ from sluicegate.core import protocol as proto
 from sluicegate.core.broker_protocol import SOCKET_PATH, BrokerPaths, PlanResponse, SidecarEnv, TrainerEnv
 
 from tests.e2e.conftest import ControlPlane, control_plane
+from tests.e2e.localpod import LocalPod, shard_of
 from tests.s3server import S3Server
 from tests.sidecar.helpers import metrics
-from tests.testbed import Testbed, stop_process_group, wait_for
+from tests.testbed import Testbed, wait_for
 
 pytestmark = pytest.mark.e2e
 
 QUERY = "labels.car > 0"
 WORLD = 4
 PRESIGN_TTL_S = 6  # short, so the test sees URLs expire
-SIDECAR = "sluicegate-sidecar"
 
 # The trainer: what a training script does with the pod's shard.
 TRAINER = """
@@ -82,93 +78,6 @@ def expected(cp: ControlPlane) -> dict[str, str]:
     return {item.id: hashlib.sha256(item.data).hexdigest() for item in ds}
 
 
-def _env(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
-
-
-def _clean_environ() -> dict[str, str]:
-    """This process's environment without anything sluicegate or S3 would read."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("SLUICEGATE_", "AWS_"))}
-
-
-@dataclass
-class LocalPod:
-    """One pod's sidecar (and on demand its trainer) as local processes, with the injected environment."""
-
-    name: str
-    root: Path
-    sidecar_env: dict[str, str]
-    trainer_env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
-
-    @classmethod
-    def of(cls, pod: dict[str, Any], cp: ControlPlane, root: Path) -> LocalPod:
-        sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == SIDECAR)
-        sidecar_env, trainer_env = _env(sidecar), _env(pod["spec"]["containers"][0])
-        assert sidecar_env[SidecarEnv.LISTEN] == trainer_env[TrainerEnv.ADDRESS] == f"unix://{SOCKET_PATH}"
-        # The operator runs locally and was told its public URL, so the injected URL works as is.
-        assert sidecar_env[SidecarEnv.BROKER_URL] == cp.url
-        socket = root / "sidecar.sock"
-        sidecar_env |= {SidecarEnv.LISTEN: f"unix://{socket}", SidecarEnv.TOKEN_FILE: str(root / "token")}
-        trainer_env |= {TrainerEnv.ADDRESS: f"unix://{socket}"}
-        return cls(pod["metadata"]["name"], root, sidecar_env, trainer_env)
-
-    @property
-    def log(self) -> Path:
-        return self.root / "sidecar.log"
-
-    def start(self, token: str) -> LocalPod:
-        (self.root / "token").write_text(token)
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "sluicegate_sidecar"],
-                env={**_clean_environ(), **self.sidecar_env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def get(self, path: str) -> httpx.Response | None:
-        """``path`` from the sidecar over its unix socket; None while it does not listen yet."""
-        transport = httpx.HTTPTransport(uds=self.sidecar_env[SidecarEnv.LISTEN].removeprefix("unix://"))
-        try:
-            with httpx.Client(transport=transport, trust_env=False, timeout=10) as client:
-                return client.get(f"http://sidecar{path}")
-        except httpx.TransportError:
-            return None
-
-    def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"sidecar of {self.name} exited {self.process.returncode}:\n{self.logs()}")
-        response = self.get("/readyz")
-        return response is not None and response.status_code == 200
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def train(self, script: str = TRAINER) -> subprocess.Popen[str]:
-        """The trainer script, started (collect it with :func:`_shard`)."""
-        return subprocess.Popen(
-            [sys.executable, "-c", script],
-            env={**_clean_environ(), **self.trainer_env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process)
-
-
-def _shard(trainer: subprocess.Popen[str], pod: LocalPod) -> list[tuple[str, str, str]]:
-    out, err = trainer.communicate(timeout=90)
-    assert trainer.returncode == 0, f"trainer of {pod.name} failed:\n{err}\nsidecar log:\n{pod.logs()}"
-    return [(i, blob, sha) for i, blob, sha in json.loads(out)]
-
-
 @pytest.fixture
 def local_pods(cp: ControlPlane, pods: list[dict[str, Any]]) -> Iterator[list[LocalPod]]:
     # A short path: a unix socket's path must fit in 108 bytes.
@@ -190,6 +99,10 @@ def test_four_ranks_stream_disjoint_equal_shards_of_exactly_the_query(
         ranks = (annotations["sluicegate.io/rank"], annotations["sluicegate.io/world-size"])
         assert ranks == (str(index), str(WORLD))
         assert local_pods[index].trainer_env[TrainerEnv.RANK] == str(index)
+        injected = pod["spec"]["initContainers"][0]["env"]
+        assert {"name": SidecarEnv.LISTEN, "value": f"unix://{SOCKET_PATH}"} in injected
+        trainer = pod["spec"]["containers"][0]["env"]
+        assert {"name": TrainerEnv.ADDRESS, "value": f"unix://{SOCKET_PATH}"} in trainer
         env_text = json.dumps(local_pods[index].sidecar_env)
         assert cp.s3.secret_key not in env_text
         assert cp.s3.access_key not in env_text
@@ -203,13 +116,13 @@ def test_four_ranks_stream_disjoint_equal_shards_of_exactly_the_query(
     stale = PlanResponse.model_validate_json(
         cp.broker(BrokerPaths.PLAN, cp.pod_token(pods[0]), {"presign": True}).content
     )
-    trainers = {rank: local_pods[rank].train() for rank in range(1, WORLD)}
-    shards = {rank: _shard(trainer, local_pods[rank]) for rank, trainer in trainers.items()}
+    trainers = {rank: local_pods[rank].train(TRAINER) for rank in range(1, WORLD)}
+    shards = {rank: shard_of(trainer, local_pods[rank]) for rank, trainer in trainers.items()}
     time.sleep(max(0.0, stale.expires_at.timestamp() - time.time()) + 1)
     with httpx.Client(trust_env=False) as http:
         refused = http.get(stale.urls[stale.rows[0].blob])
     assert refused.status_code == 403, "the storage server refuses a presigned URL past its expiry"
-    shards[0] = _shard(local_pods[0].train(), local_pods[0])
+    shards[0] = shard_of(local_pods[0].train(TRAINER), local_pods[0])
 
     per_rank = -(-len(expected) // WORLD)
     assert {rank: len(shard) for rank, shard in shards.items()} == dict.fromkeys(range(WORLD), per_rank)
@@ -263,7 +176,7 @@ def test_the_broker_records_each_pods_ledger_as_that_pod(
         local_pods[rank].start(cp.pod_token(pods[rank]))
     for rank in (0, 1):
         wait_for(local_pods[rank].ready, timeout_s=40, what=f"sidecar of {local_pods[rank].name} ready")
-    shards = {rank: _shard(local_pods[rank].train(LEDGER_TRAINER), local_pods[rank]) for rank in (0, 1)}
+    shards = {rank: shard_of(local_pods[rank].train(LEDGER_TRAINER), local_pods[rank]) for rank in (0, 1)}
     store = Store(cp.uri, cp.s3_options)
     chains = ledger.read_run(store, RUN)
     assert len(chains) == 2, chains

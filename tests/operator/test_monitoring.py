@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
-from sluicegate_operator.inject import INJECTED_LABEL, METRICS_PORT_NAME, STREAM_LABEL
+from sluicegate_operator.inject import INJECTED_LABEL, METRICS_PORT_NAME, SIDECAR_NAME, STREAM_LABEL
 
 from tests.operator.test_chart import CHART, helm, render  # noqa: F401 - helm is a fixture
 
@@ -76,7 +76,14 @@ def test_pod_monitor_scrapes_injected_sidecars_with_the_scrape_token(helm: Path)
     targets = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
     label = STREAM_LABEL.replace(".", "_").replace("/", "_")
     assert targets["stream"] == [f"__meta_kubernetes_pod_label_{label}"]
-    assert set(targets) == {"stream", "job_name", "rank"}
+    assert set(targets) == {"stream", "job_name", "rank", "source"}
+    # A mix's sidecars: the source from the container's name, as the webhook names it.
+    (source,) = [r for r in endpoint["relabelings"] if r["targetLabel"] == "source"]
+    assert source["sourceLabels"] == ["__meta_kubernetes_pod_container_name"]
+    named = re.fullmatch(source["regex"], "sluicegate-sidecar-web")
+    assert named is not None
+    assert named.group(1) == "web"
+    assert re.fullmatch(source["regex"], SIDECAR_NAME) is None, "a one-Dataset stream's sidecar: no source"
     # The operator reads the same Secret (a file) to give sidecars its digest.
     (deployment,) = [
         d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "sg-sluicegate"

@@ -24,6 +24,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluicegate.core.env import ADDRESS_VAR, MIX_VAR
 from sluicegate.core.mix import Stop
 from sluicegate.core.partition import ShardSpec
 from sluicegate.core.protocol import LedgerReport, ProgressReport, Resume, WireRow
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_URLS_PER_REQUEST",
     "SOCKET_DIR",
     "SOCKET_PATH",
+    "SOURCE_NAME_PATTERN",
     "TOKEN_DIR",
     "TOKEN_PATH",
     "BrokerError",
@@ -55,6 +57,9 @@ AUDIENCE = "sluicegate.io"
 
 MAX_URLS_PER_REQUEST = 4096
 """The most blob URLs one ``/v1/urls`` request may ask for (a sidecar asks in windows well below it)."""
+
+SOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"
+"""A source of a mix (``spec.sources[].name``): a DNS label, since it names the source's sidecar container."""
 
 # Paths inside an injected pod.
 TOKEN_DIR = "/var/run/secrets/sluicegate.io"
@@ -93,11 +98,11 @@ class SidecarEnv:
 class TrainerEnv:
     """Environment added to every other container of an injected pod (what ``sluicegate.connect()`` reads)."""
 
-    ADDRESS = "SLUICEGATE_ADDRESS"  # unix:///var/run/sluicegate/sidecar.sock
+    ADDRESS = ADDRESS_VAR  # unix:///var/run/sluicegate/sidecar.sock
     STREAM = "SLUICEGATE_STREAM"
     RANK = "SLUICEGATE_RANK"  # informational: the sidecar's plan is authoritative
     WORLD_SIZE = "SLUICEGATE_WORLD_SIZE"
-    MIX = "SLUICEGATE_MIX"  # in a pod of a mix, instead of ADDRESS: MixEnv as JSON
+    MIX = MIX_VAR  # in a pod of a mix, instead of ADDRESS: MixEnv as JSON
 
 
 class MixEnvSource(BaseModel):

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict
 
 from sluicegate._exceptions import ConfigError
 
-__all__ = ["ADDRESS_VAR", "Environment", "detect"]
+__all__ = ["ADDRESS_VAR", "MIX_VAR", "Environment", "detect"]
 
 ADDRESS_VAR = "SLUICEGATE_ADDRESS"
+MIX_VAR = "SLUICEGATE_MIX"  # in a pod of a mix: each source's sidecar and weight (broker_protocol.MixEnv)
 
 
 class Environment(BaseModel):
@@ -37,6 +38,7 @@ class Environment(BaseModel):
     num_workers: int = 1
     pod: str | None = None
     address: str | None = None
+    mix: str | None = None  # MixEnv JSON, parsed where it is used
     source: str = "default"  # which variables rank and world size came from
 
 
@@ -95,5 +97,6 @@ def detect(environ: Mapping[str, str] | None = None, *, worker: int = 0, num_wor
         num_workers=num_workers,
         pod=env.get("SLUICEGATE_POD") or env.get("POD_NAME") or env.get("HOSTNAME"),
         address=env.get(ADDRESS_VAR) or None,
+        mix=env.get(MIX_VAR) or None,
         source=source,
     )

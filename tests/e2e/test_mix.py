@@ -1,0 +1,192 @@
+"""A DatasetStream that mixes two Datasets (spec.sources), end to end on a real API server.
+
+The operator resolves each source (status.sources: versions, counts, each source's part of a rank's
+epoch); admission checks the pod's ServiceAccount may stream every source and injects a sidecar per
+source; each sidecar asks the broker for its own source's shard (``?source=``). The pods' processes run
+here (tests/e2e/localpod.py). The trainer's ``sluicegate.connect()`` returns the mix, and it is exactly
+the mix ``sluicegate.mix`` reads embedded from the stores with the same weights, seed and shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sluicegate
+from sluicegate.core.broker_protocol import BrokerPaths, MixEnv, TrainerEnv
+
+from tests.e2e.conftest import ControlPlane, control_plane
+from tests.e2e.localpod import LocalPod, env_of
+from tests.operator import devcluster
+from tests.s3server import S3Server
+from tests.testbed import Testbed, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SEED, WORLD = 11, 2
+WEIGHTS = {"coco": 0.75, "web": 0.25}
+QUERIES = {"coco": "labels.car > 0", "web": ""}
+WEB_URI: dict[str, str] = {}  # the store of the Dataset "web", by the control plane's team namespace
+TRAINER = """
+import json, sluicegate
+ds = sluicegate.connect(timeout=45)
+epochs = []
+for epoch in (0, 1):
+    ds.set_epoch(epoch)
+    epochs.append([[item.source, item.id, item.data.decode()] for item in ds])
+print(json.dumps({"epochs": epochs, "len": len(ds), "counts": ds.counts()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    suffix = uuid.uuid4().hex[:6]
+    with control_plane(
+        testbed,
+        s3,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        data_ns=f"data-{suffix}",
+        team_ns=f"team-{suffix}",
+        service_accounts=("trainer", "half"),
+    ) as plane:
+        # A second Dataset, "web"; only the ServiceAccount trainer may stream it.
+        web_uri, _ = devcluster.sample_dataset(s3, f"web-{suffix}", 18)
+        devcluster.publish_dataset(testbed, plane.data_ns, web_uri, s3, name="web")
+        plane.kubectl(
+            "create", "role", "web-stream", "-n", plane.data_ns, "--verb=stream",
+            "--resource=datasets.sluicegate.io", "--resource-name=web",
+        )  # fmt: skip
+        plane.kubectl(
+            "create", "rolebinding", "web-stream-trainer", "-n", plane.data_ns, "--role=web-stream",
+            f"--serviceaccount={plane.team_ns}:trainer",
+        )  # fmt: skip
+        WEB_URI[plane.team_ns] = web_uri
+        yield plane
+
+
+def _mix_stream(cp: ControlPlane, name: str) -> dict[str, Any]:
+    sources = [
+        {"name": n, "dataset": {"namespace": cp.data_ns, "name": n}, "query": QUERIES[n], "weight": w}
+        for n, w in WEIGHTS.items()
+    ]
+    return {
+        "apiVersion": "sluicegate.io/v1alpha1",
+        "kind": "DatasetStream",
+        "metadata": {"name": name, "namespace": cp.team_ns},
+        "spec": {"sources": sources, "sharding": {"seed": SEED}, "sidecar": {"metricsPort": 0}},
+    }
+
+
+def _embedded(cp: ControlPlane, rank: int) -> sluicegate.Mix:
+    """The same mix read embedded, from the stores with the operator's keys."""
+    uris = {"coco": cp.uri, "web": WEB_URI[cp.team_ns]}
+    sources = {n: sluicegate.open(uris[n], query=QUERIES[n] or None, s3=cp.s3_options) for n in WEIGHTS}
+    return sluicegate.mix(sources, WEIGHTS, seed=SEED).shard(rank, WORLD)
+
+
+def test_a_job_over_a_mix_reads_each_source_through_its_own_sidecar(cp: ControlPlane) -> None:
+    devcluster.apply_admitted(cp.testbed, _mix_stream(cp, "mixed"))
+    ready = cp.wait_ready("datasetstreams", cp.team_ns, "mixed")
+    coco = sum(1 for r in cp.records if r.labels.get("car", 0) > 0)
+    sources = {s["name"]: s for s in ready["status"]["sources"]}
+    assert {n: (s["resolvedVersion"], s["matchedItems"]) for n, s in sources.items()} == {
+        "coco": (1, coco),
+        "web": (1, 18),
+    }
+    assert ready["status"]["matchedItems"] == coco + 18
+
+    pods = cp.indexed_job("mixjob", "mixed", completions=WORLD)
+    # The stream leaves the world size open: it learns it from the pods it admitted.
+    status = wait_for(
+        lambda: (
+            (s := cp.get("datasetstreams", "mixed", "-n", cp.team_ns)["status"]).get("itemsPerShard") and s
+        ),
+        what="the stream's shards cut for its pods' world size",
+    )
+    embedded = {rank: _embedded(cp, rank) for rank in range(WORLD)}
+    assert status["itemsPerShard"] == len(embedded[0]), "the status says each rank's epoch of the mix"
+    assert {s["name"]: s["itemsPerEpoch"] for s in status["sources"]} == embedded[0].counts()
+
+    seen: Counter[tuple[str, str]] = Counter()
+    with tempfile.TemporaryDirectory(prefix="sg-") as tmp, contextlib.ExitStack() as stack:
+        for rank, pod in enumerate(pods):
+            names = [c["name"] for c in pod["spec"]["initContainers"]]
+            assert names == ["sluicegate-sidecar-coco", "sluicegate-sidecar-web"]
+            token = cp.pod_token(pod)
+            sidecars = []
+            for name in names:
+                root = Path(tmp) / f"{rank}{name[-4:]}"
+                root.mkdir()
+                local = LocalPod.of(pod, cp, root, container=name)
+                stack.callback(local.stop)
+                sidecars.append(local.start(token))
+            for local in sidecars:
+                wait_for(local.ready, timeout_s=40, what=f"sidecar {local.root.name} ready")
+            env = env_of(pod["spec"]["containers"][0])
+            mix = MixEnv.model_validate_json(env[TrainerEnv.MIX])
+            assert (mix.seed, [s.weight for s in mix.sources]) == (SEED, list(WEIGHTS.values()))
+            for local in sidecars:  # the trainer's environment names both moved sockets
+                env = local.moved(env)
+            trainer = sidecars[0].train(TRAINER, env=env)
+            out, err = trainer.communicate(timeout=90)
+            assert trainer.returncode == 0, f"{err}\n{sidecars[0].logs()}\n{sidecars[1].logs()}"
+            got = json.loads(out)
+            expected = embedded[rank]
+            assert got["len"] == len(expected)
+            assert got["counts"] == expected.counts()
+            for epoch, items in enumerate(got["epochs"]):
+                expected.set_epoch(epoch)
+                assert items == [[i.source, i.id, i.data.decode()] for i in expected], (
+                    f"rank {rank} epoch {epoch}"
+                )
+                if epoch == 0:
+                    seen.update((source, item_id) for source, item_id, _ in items)
+    # Together the ranks' first epoch: no item of a source twice beyond the pad, each source in its share.
+    by_source = Counter(source for source, _ in seen.elements())
+    assert by_source == {n: c * WORLD for n, c in embedded[0].counts().items()}
+
+    # A sidecar asking for no source, or one the stream does not have, is refused by the broker.
+    token = cp.pod_token(pods[0])
+    no_source = cp.broker(BrokerPaths.PLAN, token, {})
+    assert no_source.status_code == 400
+    assert "is a mix" in no_source.text
+    other = cp.broker(BrokerPaths.PLAN + "?source=other", token, {})
+    assert other.status_code == 404, other.text
+    assert cp.broker(BrokerPaths.PROGRESS + "?source=web", token, {"epoch": 0, "segment": 0, "world_size": 2,
+        "rank": 0, "consumed": [[1]]}).status_code == 409  # fmt: skip
+
+
+def test_a_pod_that_may_not_stream_every_source_is_refused(cp: ControlPlane) -> None:
+    """ServiceAccount half may stream coco but not web: its pod is refused at admission, naming web."""
+    devcluster.apply_admitted(cp.testbed, _mix_stream(cp, "halfway"))
+    cp.wait_ready("datasetstreams", cp.team_ns, "halfway")
+    refused = cp.kubectl(
+        "create", "-f", "-", input=json.dumps(cp.pod("half-pod", "half", "halfway")), check=False
+    )
+    assert refused.returncode != 0
+    assert "web" in refused.stderr
+    assert "stream" in refused.stderr
+
+
+def test_a_mix_that_says_something_impossible_is_refused_by_the_api_server(cp: ControlPlane) -> None:
+    bad = _mix_stream(cp, "bad")
+    bad["spec"]["dataset"] = {"name": "coco"}
+    result = cp.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+    assert result.returncode != 0
+    assert "exactly one of spec.dataset and spec.sources" in result.stderr
+    bad = _mix_stream(cp, "bad")
+    bad["spec"]["query"] = "labels.car > 0"
+    result = cp.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+    assert "each source has its own query" in result.stderr
+    bad = _mix_stream(cp, "bad")
+    bad["spec"]["sources"][1]["name"] = "coco"
+    result = cp.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+    assert result.returncode != 0
+    assert "Duplicate value" in result.stderr
