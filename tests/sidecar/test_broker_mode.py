@@ -205,7 +205,8 @@ def test_urls_the_store_refuses_are_renewed_once_and_bytes_verified(
     broker: tuple[StandInBroker, dict[str, bytes]], tmp_path: Path
 ) -> None:
     stand_in, expected = broker
-    stand_in.first_lives = timedelta(seconds=1)
+    # Signing times have whole seconds: a URL living 3 s may die 2 s after it was made, not sooner.
+    stand_in.first_lives = timedelta(seconds=3)
     token = tmp_path / "token"
     token.write_text(GOOD + "\n")
     # The CA as a file path here (the webhook injects the PEM itself, which the next test uses).
@@ -213,9 +214,9 @@ def test_urls_the_store_refuses_are_renewed_once_and_bytes_verified(
     with InProcessSidecar(argv) as sc:
         wait_for(lambda: _readyz(sc).status_code == 200, timeout_s=20, what="sidecar ready")
         assert [r.presign for r in stand_in.plan_requests] == [False], "the plan is asked for rows only"
-        first = _stream(sc, 0, 1)  # brings the first window: a URL for every blob, each dead in 1 s
+        first = _stream(sc, 0, 1)  # brings the first window: a URL for every blob, each dead in 3 s
         assert [len(w) for w in stand_in.url_windows] == [len(expected)]
-        time.sleep(2.5)  # the first window's URLs are past their real expiry now
+        time.sleep(4.5)  # the first window's URLs are past their real expiry now
         ds = sluicegate.connect(sc.tcp)
         assert {item.id: item.data for item in ds} == expected
         assert first.items() <= expected.items()
