@@ -262,18 +262,21 @@ class ControlPlane:
 def control_plane(
     testbed: Testbed,
     s3: S3Server,
-    log: Path,
+    log: Path | None = None,
     *,
-    data_ns: str,
-    team_ns: str,
+    data_ns: str | None = None,
+    team_ns: str | None = None,
     service_accounts: Sequence[str] = ("trainer",),
     items: int = 40,
     operator_args: Sequence[str] = (),
 ) -> Iterator[ControlPlane]:
     """A local operator on the testbed, the sample Dataset ``coco`` in ``data_ns`` (keys in a Secret
     there, storage on ``s3``) and, in ``team_ns``, ``service_accounts`` each bound to the verb
-    ``stream`` on it by a RoleBinding ``coco-stream-<sa>``."""
+    ``stream`` on it by a RoleBinding ``coco-stream-<sa>``. The namespaces default to ``data-<random>`` and
+    ``team-<random>``, the operator's log to one in the testbed's workdir."""
     suffix = uuid.uuid4().hex[:6]
+    log = log or testbed.workdir / "logs" / f"operator-{suffix}.log"
+    data_ns, team_ns = data_ns or f"data-{suffix}", team_ns or f"team-{suffix}"
     uri, records = devcluster.sample_dataset(s3, f"datasets-{suffix}", items)
     operator = devcluster.start(
         testbed,

@@ -5,7 +5,6 @@ plays the sidecars, with real pod-bound tokens, as tests/e2e/test_operator.py do
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -26,14 +25,10 @@ FIRST: dict[int, tuple[Pass, ...]] = {0: ((3,),), 1: ((3, 1),), 2: ((2,),), 3: (
 
 
 @pytest.fixture(scope="module")
-def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    suffix = uuid.uuid4().hex[:6]
+def cp(testbed: Testbed, s3: S3Server) -> Iterator[ControlPlane]:
     with control_plane(
         testbed,
         s3,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-        data_ns=f"data-{suffix}",
-        team_ns=f"team-{suffix}",
     ) as plane:
         yield plane
 

@@ -46,18 +46,14 @@ print(json.dumps({"epochs": epochs, "len": len(ds), "counts": ds.counts()}))
 
 
 @pytest.fixture(scope="module")
-def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    suffix = uuid.uuid4().hex[:6]
+def cp(testbed: Testbed, s3: S3Server) -> Iterator[ControlPlane]:
     with control_plane(
         testbed,
         s3,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-        data_ns=f"data-{suffix}",
-        team_ns=f"team-{suffix}",
         service_accounts=("trainer", "half"),
     ) as plane:
         # A second Dataset, "web"; only the ServiceAccount trainer may stream it.
-        web_uri, _ = devcluster.sample_dataset(s3, f"web-{suffix}", 18)
+        web_uri, _ = devcluster.sample_dataset(s3, f"web-{uuid.uuid4().hex[:6]}", 18)
         devcluster.publish_dataset(testbed, plane.data_ns, web_uri, s3, name="web")
         plane.kubectl(
             "create", "role", "web-stream", "-n", plane.data_ns, "--verb=stream",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,14 +36,10 @@ PRESIGN_TTL_S = 20
 
 
 @pytest.fixture(scope="module")
-def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    suffix = uuid.uuid4().hex[:6]
+def cp(testbed: Testbed, s3: S3Server) -> Iterator[ControlPlane]:
     with control_plane(
         testbed,
         s3,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-        data_ns=f"data-{suffix}",
-        team_ns=f"team-{suffix}",
         service_accounts=("trainer", "temp"),
         items=ITEMS,
         operator_args=(f"--presign-ttl-s={PRESIGN_TTL_S}",),

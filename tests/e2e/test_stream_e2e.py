@@ -53,11 +53,10 @@ LEDGER_TRAINER = TRAINER.replace(
 
 
 @pytest.fixture(scope="module")
-def cp(testbed: Testbed, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def cp(testbed: Testbed, s3: S3Server) -> Iterator[ControlPlane]:
     with control_plane(
         testbed,
         s3,
-        tmp_path_factory.mktemp("operator") / "operator.log",
         data_ns="data",
         team_ns="team-a",
         operator_args=(f"--presign-ttl-s={PRESIGN_TTL_S}",),

@@ -127,7 +127,7 @@ def test_a_stateless_writer_places_records_by_number_in_order_and_recognises_ret
             manifest=None,
         )  # fmt: skip
 
-    with pytest.raises(ConflictError, match="record 0 .* is not written yet"):
+    with pytest.raises(ConflictError, match=r"record 0 .* is not written yet"):
         at(1, _consumed((5, 9)))
     first = at(0, _consumed((0, 5)))
     assert at(0, _consumed((0, 5))) == first, "a retry whose answer was lost: the record written"
