@@ -2,9 +2,9 @@
 
 pydantic writes JSON Schema; a CRD wants a *structural* OpenAPI v3 schema: no ``$ref``, no
 ``anyOf`` with null for optional fields (absent is how Kubernetes says unset), ``const`` spelled as
-an ``enum``, exclusive bounds as OpenAPI 3.0 flags. This module does that translation and wraps the schemas in CRDs with the status
-subresource and printer columns. ``--check`` exits non-zero when the committed files differ, and
-``tests/operator/test_crdgen.py`` runs the same comparison.
+an ``enum``, exclusive bounds as OpenAPI 3.0 flags. This module does that translation and wraps the
+schemas in CRDs with the status subresource and printer columns. ``--check`` exits non-zero when the
+committed files differ, and ``tests/operator/test_crdgen.py`` runs the same comparison.
 """
 
 from __future__ import annotations
