@@ -85,8 +85,10 @@ class HA:
         try:
             wait_for(lambda: "standing by" in self.log(pod), timeout_s=120, what=f"{pod} standing by")
         except AssertionError as exc:
-            states = {n: p["status"].get("containerStatuses") for n, p in self.pods().items()}
-            raise AssertionError(f"{exc}; Lease {self.lease()}; pods {states}\n{self.all_logs()}") from exc
+            raise AssertionError(
+                f"{exc}; Lease {self.lease()}; pods {self.release.pod_states()}\n{self.node.health()}\n"
+                f"{self.all_logs()}"
+            ) from exc
 
     def all_logs(self) -> str:
         return "\n".join(f"--- {name}\n{self.log(name)[-3000:]}" for name in self.pods())

@@ -379,7 +379,25 @@ class InCluster:
                 and not status.get("unavailableReplicas")
             )
 
-        wait_for(rolled_out, timeout_s=timeout_s, what=f"the operator of {self.release} rolled out and Ready")
+        try:
+            wait_for(rolled_out, timeout_s=timeout_s, what=f"the operator of {self.release} rolled out")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; pods {self.pod_states()}") from exc
+
+    def pod_states(self) -> dict[str, str]:
+        """Each operator pod's phase, the reason the kubelet gave and its containers' states, by name."""
+        states = {}
+        for pod in self.operator_pods():
+            status = pod["status"]
+            words = [status.get("phase", "?"), status.get("reason", ""), status.get("message", "")]
+            if pod["metadata"].get("deletionTimestamp"):
+                words.append("deleting")
+            words += [
+                f"{c['name']}:{','.join(c.get('state', {}))}/restarts={c['restartCount']}"
+                for c in status.get("containerStatuses", [])
+            ]
+            states[pod["metadata"]["name"]] = " ".join(w for w in words if w)
+        return states
 
     def upgrade(self, *args: str) -> None:
         self.testbed.helm(
@@ -473,7 +491,11 @@ def install_in_cluster(
         "install", release, str(CHART), "-n", namespace, "--create-namespace", "-f", str(path), timeout_s=300
     )
     installed = InCluster(testbed, namespace, release, path)
-    installed.wait_ready()
+    try:
+        installed.wait_ready()
+    except BaseException:
+        installed.uninstall(check=False)  # its fail-closed webhooks must not outlive a failed install
+        raise
     return installed
 
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,17 @@ CRI_NAMESPACE = "k8s.io"
 BRIDGE = "sgtestbed0"
 RUNC_CANDIDATES = ("/usr/sbin/runc", "/usr/bin/runc")
 START_TIMEOUT_S = 120.0
+# The kubelet's log lines that say why pods on the node stopped (see RealNode.health).
+TELLING = re.compile(r"(?i)evict|pressure|reject|SyncLoop (DELETE|REMOVE)")
+# Every signal the kubelet evicts on by default or derives thresholds for.
+EVICTION_SIGNALS = (
+    "memory.available",
+    "nodefs.available",
+    "nodefs.inodesFree",
+    "imagefs.available",
+    "imagefs.inodesFree",
+    "pid.available",
+)
 # The kubelet's tolerations/selector a pod needs to run here; merged into pod specs by tests.
 REAL_NODE_PLACEMENT: dict[str, Any] = {
     "nodeSelector": {REAL_NODE_LABEL: "real"},
@@ -363,8 +375,9 @@ state = "{base / "state"}"
             "failSwapOn": False,
             "resolvConf": "/etc/resolv.conf",
             "podLogsDir": str(self.directory / "pod-logs"),
-            # A shared test machine: evict nothing and collect no image over the disk others fill.
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            # A shared test machine whose disk others fill: evict nothing ("0%" switches a signal off; one
+            # left out would get its default) and collect no image.
+            "evictionHard": dict.fromkeys(EVICTION_SIGNALS, "0%"),
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "maxPods": 30,
@@ -395,6 +408,27 @@ state = "{base / "state"}"
             return False
         return any(
             c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", [])
+        )
+
+    def health(self) -> str:
+        """What the node says of itself, for a failure's message: its conditions and taints, and the
+        kubelet's last lines about evicting, rejecting or losing pods."""
+        try:
+            node = self.testbed.api("GET", f"/api/v1/nodes/{self.name}")
+        except TestbedError as exc:
+            return f"node {self.name}: {exc}"
+        conditions = [
+            f"{c['type']}={c['status']} ({c.get('reason', '')}: {c.get('message', '')})"
+            for c in node["status"].get("conditions", [])
+        ]
+        log = self.testbed.log_dir / "kubelet.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        telling = [line for line in lines if TELLING.search(line)]
+        return "\n".join(
+            [
+                f"node {self.name}: {'; '.join(conditions)}; taints {node['spec'].get('taints', [])}",
+                *telling[-20:],
+            ]
         )
 
     # ---- operations for tests ------------------------------------------------------------------------------
