@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Self, SupportsIndex
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from sluicegate import _ledger
 from sluicegate._exceptions import ConfigError
@@ -38,7 +38,7 @@ from sluicegate.core import partition as _partition
 from sluicegate.core.alloc import keep_freed_memory
 from sluicegate.core.engine import EngineConfig, engine_store
 from sluicegate.core.ledger import Order, Reading, View
-from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, Remainder, ShardSpec
+from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, RankState, Remainder, ShardSpec
 from sluicegate.core.protocol import ProgressReport
 from sluicegate.core.query import Query
 from sluicegate.core.store import S3Options
@@ -58,29 +58,15 @@ _REPORT_S = 1.0  # the least time between two progress reports to a sidecar
 # -- the dataset -------------------------------------------------------------------------------------
 
 
-class _State(BaseModel):
-    """What :meth:`Dataset.state_dict` saves; checked on load so a resume never silently reorders.
+class _State(RankState):
+    """What :meth:`Dataset.state_dict` saves (see :class:`~sluicegate.core.partition.RankState`). States
+    saved before elastic resume existed hold epoch, position, length, seed and version only, and load as
+    they always did."""
 
-    ``position`` counts what this rank consumed of its epoch's current segment; ``progress`` says which
-    items (None: a prefix of ``position`` items, or nothing, of an epoch never re-cut). Unless ``merged``
-    (:meth:`Dataset.merge_states`), the current segment's every rank is taken to have consumed what rank
-    ``rank`` did: lockstep data-parallel training. States saved before elastic resume existed hold the
-    first five fields only, and load as they always did."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epoch: int = Field(ge=0)
-    position: int = Field(ge=0)
     length: int
     seed: int | None
     version: int
     selected: int | None = Field(default=None, ge=0, description="items the cut divides (before sharding)")
-    rank: int = Field(default=0, ge=0)
-    world_size: int = Field(default=1, ge=1)
-    sharded: bool = Field(default=True, description="False: an unsharded view (cannot be re-cut)")
-    remainder: Remainder = Remainder.PAD
-    progress: Progress | None = None
-    merged: bool = False
 
 
 @dataclass(frozen=True)
@@ -460,12 +446,10 @@ class Dataset:
         """The epoch's progress with this rank's consumption so far: what the plan continued, then ``step``
         (a pass of this plan's reader; default: what :meth:`__iter__` handed out)."""
         plan, cut = self._epoch_plan(), self._cut()
-        rank = cut.spec.rank
         base = plan.progress or Progress.start(self._epoch, cut.spec.world_size)
         if step is None and self._position:
             step = (self._position,)
-        passes = base.current.consumed[rank] + ((step,) if step is not None else ())
-        return base.consumed_by(rank, _partition.normalize(len(plan.rank.order), passes))
+        return base.after(cut.spec.rank, len(plan.rank.order), step)
 
     def _state(self, step: Pass | None = None) -> _State:
         cut = self._cut()
@@ -524,26 +508,17 @@ class Dataset:
                 + ", ".join(mismatch)
                 + "; resume with the same version, query, shard and seed"
             )
-        world = cut.spec.world_size if saved.selected is None else saved.world_size
-        progress = saved.progress
-        if progress is None and saved.position:
-            progress = Progress.start(saved.epoch, world).lockstep(((saved.position,),))
-        if progress is not None:
-            if progress.epoch != saved.epoch or saved.rank >= progress.current.world_size:
+        if saved.selected is None:  # its position is of this view's world size
+            saved = saved.model_copy(update={"world_size": cut.spec.world_size})
+        progress = saved.continued()
+        if progress is not None and progress.current.world_size != cut.spec.world_size:
+            if cut.whole or not saved.sharded:
                 raise ConfigError(
-                    f"this state is malformed: its progress is of epoch {progress.epoch} at world size "
-                    f"{progress.current.world_size}, its epoch {saved.epoch} and rank {saved.rank}"
+                    f"this state was saved at world size {progress.current.world_size} and this view "
+                    f"is at {cut.spec.world_size}; resuming at another world size needs sharded views "
+                    "on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)"
                 )
-            if not saved.merged:
-                progress = progress.lockstep(progress.current.consumed[saved.rank])
-            if progress.current.world_size != cut.spec.world_size:
-                if cut.whole or not saved.sharded:
-                    raise ConfigError(
-                        f"this state was saved at world size {progress.current.world_size} and this view "
-                        f"is at {cut.spec.world_size}; resuming at another world size needs sharded views "
-                        "on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)"
-                    )
-                progress = progress.recut(cut.spec.world_size)
+            progress = progress.recut(cut.spec.world_size)
         before = (self._epoch, self._position, self._progress)
         self._epoch, self._position, self._progress = saved.epoch, 0, progress
         try:
@@ -557,50 +532,14 @@ class Dataset:
         """One state out of every rank's (``state_dict()`` of ranks ``0..world_size-1``, saved at one point
         of one epoch): what each rank really consumed, for ranks that did not move in lockstep."""
         parsed = [_State.model_validate(dict(s)) for s in states]
-        if not parsed:
-            raise ConfigError("merge_states needs the states of every rank, got none")
-        first = parsed[0]
-        world = first.world_size
-        if sorted(p.rank for p in parsed) != list(range(world)):
-            raise ConfigError(
-                f"merge_states needs one state per rank 0..{world - 1}, got ranks "
-                f"{sorted(p.rank for p in parsed)}"
-            )
-
-        def progress_of(p: _State) -> Progress:
-            if p.progress is not None:
-                return p.progress
-            passes = ((p.position,),) if p.position else ()
-            return Progress.start(p.epoch, p.world_size).lockstep(passes)
-
-        same = ("epoch", "length", "seed", "version", "selected", "world_size", "sharded", "remainder")
-        for p in parsed[1:]:
-            differ = [f for f in same if getattr(p, f) != getattr(first, f)]
-            if differ or progress_of(p).segments[:-1] != progress_of(first).segments[:-1]:
-                raise ConfigError(
-                    f"rank {p.rank}'s state is of another epoch or view than rank {first.rank}'s "
-                    f"({', '.join(differ) or 'segments'} differ): merge states saved at one point"
-                )
-        ranks = sorted(parsed, key=lambda p: p.rank)
-        merged = progress_of(first)
-        for p in ranks:
-            merged = merged.consumed_by(p.rank, progress_of(p).current.consumed[p.rank])
-        state = first.model_copy(update={"rank": 0, "progress": merged, "merged": True})
-        return state.model_dump(mode="json")
+        same = ("length", "seed", "version", "selected", "sharded", "remainder")
+        return _partition.merge(parsed, same).model_dump(mode="json")
 
     @staticmethod
     def progress_of(state: Mapping[str, Any]) -> Progress | None:
         """The epoch progress a state (or :meth:`merge_states`) continues: what a sidecar in store mode
         takes as ``--progress`` to serve that epoch's rest at its world size. None: a fresh epoch."""
-        saved = _State.model_validate(dict(state))
-        progress = saved.progress
-        if progress is None:
-            if not saved.position:
-                return None
-            progress = Progress.start(saved.epoch, saved.world_size).lockstep(((saved.position,),))
-        if not saved.merged:
-            progress = progress.lockstep(progress.current.consumed[saved.rank])
-        return progress
+        return _State.model_validate(dict(state)).continued()
 
     # -- progress reports (to a sidecar) ------------------------------------------------------
 

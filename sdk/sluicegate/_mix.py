@@ -15,27 +15,46 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self, SupportsIndex
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from sluicegate import _ledger
 from sluicegate._dataset import Dataset, _adapter
 from sluicegate._exceptions import ConfigError
 from sluicegate._source import Item
+from sluicegate.core import partition as _partition
 from sluicegate.core.ledger import Order, Reading
-from sluicegate.core.mix import EpochLength, MixPlan, MixSpec, Stop, source_seed
-from sluicegate.core.partition import Positions, Remainder, ShardSpec
+from sluicegate.core.mix import EpochLength, MixPlan, MixSpec, Stop, recut_keys, source_seed, split_keys
+from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, RankState, Remainder, ShardSpec
 
 __all__ = ["Mix", "Readable", "mix"]
 
 _NOTE_EVERY = 256  # items of one source between ledger notes while iterating (a note takes a lock)
 
 
+class _Planned(Protocol):
+    @property
+    def rank(self) -> RankPlan: ...
+
+
 class Readable(Protocol):
     """What the adapters (:mod:`sluicegate.torch`, :mod:`sluicegate.tensorflow`) read through: a
-    :class:`~sluicegate.Dataset` or a :class:`Mix`."""
+    :class:`~sluicegate.Dataset` or a :class:`Mix`; both resume an epoch from what a loader consumed."""
+
+    _progress: Progress | None
+
+    def _epoch_plan(self) -> _Planned: ...
+
+    def _consumed(self, step: Pass | None = None) -> Progress: ...
+
+    def _state(self, step: Pass | None = None) -> RankState: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
     @property
     def epoch(self) -> int: ...
@@ -53,18 +72,33 @@ class Readable(Protocol):
     ) -> Iterator[Item]: ...
 
 
-class _MixState(BaseModel):
-    """What :meth:`Mix.state_dict` saves; checked on load so a resume never silently reorders."""
+class _MixState(RankState):
+    """What :meth:`Mix.state_dict` saves (see :class:`~sluicegate.core.partition.RankState`): the epoch's
+    progress over this rank's mix order, and what identifies the mix. ``selected``: each source's items
+    before sharding (None: the sources are cut by their sidecars, not by the mix; it cannot be re-cut)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    epoch: int
-    position: int
     length: int
     seed: int | None
     names: list[str]
     counts: list[int]
     versions: list[int]
+    weights: list[float] = Field(default_factory=list)  # empty in states saved before elastic resume
+    epoch_length: EpochLength = Stop.FIRST_EXHAUSTED
+    selected: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class _MixEpoch:
+    """One epoch's plan on this rank: ``rank.assignment`` holds the mix's slots (segment 0) or, in an epoch
+    re-cut for another world size, keys (:func:`~sluicegate.core.mix.epoch_keys`) into the sources' whole
+    selections; ``progress`` is what the epoch's reading continues (None: a fresh epoch)."""
+
+    rank: RankPlan
+    progress: Progress | None
+
+    @property
+    def recut(self) -> bool:
+        return self.rank.segment > 0
 
 
 class Mix:
@@ -92,6 +126,9 @@ class Mix:
         self._position = 0
         self._lock = threading.Lock()
         self._plan: MixPlan | None = None
+        self._progress: Progress | None = None  # the epoch resumed (load_state_dict), when it is _epoch's
+        self._epochs: tuple[tuple[Any, ...], _MixEpoch] | None = None
+        self._wholes: tuple[Dataset, ...] | None = None
         self._served = [0] * len(sources)
 
     def _derive(self, sources: tuple[Dataset, ...], **changes: Any) -> Mix:
@@ -104,7 +141,7 @@ class Mix:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # Recomputed on demand: cheaper than shipping each source's orders; counts are per process.
-        state.update(_lock=None, _plan=None, _served=[0] * len(self._sources))
+        state.update(_lock=None, _plan=None, _epochs=None, _wholes=None, _served=[0] * len(self._sources))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -160,7 +197,7 @@ class Mix:
         """Select the epoch whose order iteration follows (from its start)."""
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0, got {epoch}")
-        self._epoch, self._position = int(epoch), 0
+        self._epoch, self._position, self._progress = int(epoch), 0, None
 
     @property
     def epoch(self) -> int:
@@ -194,11 +231,66 @@ class Mix:
         return dict(zip(self._spec.names, self._served, strict=True))
 
     def epoch_positions(self, worker: int = 0, num_workers: int = 1) -> Positions:
-        """This epoch's order as indexes into the mix; worker ``worker``'s part of it if split."""
-        plan = self._planned()
-        return plan.visit_order(
-            seed=self._seed, epoch=self._epoch, rank=self._rank(), worker=worker, num_workers=num_workers
-        )
+        """This epoch's order as indexes into the mix; worker ``worker``'s part of it if split.
+
+        In an epoch resumed by :meth:`load_state_dict` it is what the epoch has left; resumed at another
+        world size, its indexes are into the epoch's re-cut assignment, not the mix."""
+        return self._epoch_plan().rank.visit(worker, num_workers)
+
+    # -- the epoch's plan ----------------------------------------------------------------------
+
+    def _cut(self) -> ShardSpec:
+        """The rank, world size and pad or drop this mix's epochs are cut for."""
+        return self._shard if self._shard is not None else ShardSpec()
+
+    def _recuttable(self) -> bool:
+        """Whether the mix cuts its sources itself (``shard``): only then can it re-cut an epoch's rest
+        for another world size (sources cut by their sidecars serve only their own shards)."""
+        return self._shard is not None and all(ds._shard is not None for ds in self._sources)
+
+    def _whole_views(self) -> tuple[Dataset, ...]:
+        """Each source unsharded (indexes: its selection), which a re-cut epoch reads by key."""
+        with self._lock:
+            if self._wholes is None:
+                self._wholes = tuple(ds._derive(shard=None) for ds in self._sources)
+            return self._wholes
+
+    def _selected(self) -> list[int] | None:
+        return [len(ds) for ds in self._whole_views()] if self._recuttable() else None
+
+    def _epoch_plan(self) -> _MixEpoch:
+        """This epoch's plan (cached until the epoch or its progress changes)."""
+        progress = self._progress
+        if progress is not None and progress.epoch != self._epoch:
+            progress = None
+        key = (self._epoch, progress)
+        cached = self._epochs
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        cut = self._cut()
+        if progress is None or progress.segment == 0:
+            plan = self._planned()
+            order = plan.visit_order(seed=self._seed, epoch=self._epoch, rank=cut.rank)
+            assignment = np.arange(plan.length, dtype=np.int64)
+        else:
+            selected = self._selected()
+            assert selected is not None  # load_state_dict re-cuts only a mix that cuts its sources
+            assignment = recut_keys(
+                selected,
+                self._spec.weights,
+                seed=self._seed,
+                remainder=cut.remainder,
+                epoch_length=self._spec.epoch_length,
+                progress=progress,
+                rank=cut.rank,
+            )
+            order = np.arange(len(assignment), dtype=np.int64)
+        passes = () if progress is None else progress.current.consumed[cut.rank]
+        segment = 0 if progress is None else progress.segment
+        rank = RankPlan(assignment, order, _partition.remaining(len(order), passes), segment)
+        planned = _MixEpoch(rank, progress)
+        self._epochs = (key, planned)
+        return planned
 
     def locate(self, indexes: Sequence[SupportsIndex] | Positions) -> list[tuple[str, int]]:
         """For each index, in this epoch: its source's name and the index into that source's view."""
@@ -246,12 +338,15 @@ class Mix:
     def iter_positions(self, indexes: Sequence[SupportsIndex] | Positions) -> Iterator[Item]:
         """Items at ``indexes`` (of this epoch) in that order, each source read ahead of the consumer."""
         sources, within = self._resolve(self._indexes(indexes))
-        return self._interleave(sources, within)
+        return self._interleave(sources, within, self._sources)
 
-    def _interleave(self, sources: Positions, within: Positions) -> Iterator[Item]:
+    def _interleave(
+        self, sources: Positions, within: Positions, views: tuple[Dataset, ...]
+    ) -> Iterator[Item]:
+        """Items ``within[k]`` of ``views[sources[k]]`` in turn, each source read ahead."""
         readers = [
             _source_items(ds, within[sources == i], self._epoch) if bool((sources == i).any()) else iter(())
-            for i, ds in enumerate(self._sources)
+            for i, ds in enumerate(views)
         ]
         names, served = self._spec.names, self._served
         try:
@@ -269,40 +364,82 @@ class Mix:
     def _iter_epoch(
         self, worker: int = 0, num_workers: int = 1, start: int = 0, order: Positions | None = None
     ) -> Iterator[Item]:
-        """This epoch's items (worker ``worker``'s part of the order, ``order`` if already computed) from
-        ``start`` on: what iteration and the adapters hand out."""
+        """This epoch's items (worker ``worker``'s part of the order, ``order`` if already computed by
+        :meth:`epoch_positions`) from ``start`` on: what iteration and the adapters hand out."""
+        plan = self._epoch_plan()
         if order is None:
-            order = self.epoch_positions(worker, num_workers)
-        return self.iter_positions(order[start:])
+            order = plan.rank.visit(worker, num_workers)
+        entries = plan.rank.assignment[order[start:]]
+        if not plan.recut:
+            return self.iter_positions(entries)
+        sources, within = split_keys(entries, [len(ds) for ds in self._whole_views()])
+        return self._interleave(sources, within, self._whole_views())
 
     def __iter__(self) -> Iterator[Item]:
         """This epoch's items from the saved position on; a complete pass moves to the next epoch."""
         for item in self._iter_epoch(start=self._position):
             self._position += 1
             yield item
-        self._epoch, self._position = self._epoch + 1, 0
+        self._epoch, self._position, self._progress = self._epoch + 1, 0, None
 
     # -- resume --------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch and position within it, to resume mid-epoch with nothing lost or repeated."""
-        plan = self._planned()
+    def _consumed(self, step: Pass | None = None) -> Progress:
+        """The epoch's progress with this rank's consumption so far: what the plan continued, then ``step``
+        (a pass of this plan's reader; default: what :meth:`__iter__` handed out)."""
+        plan, cut = self._epoch_plan(), self._cut()
+        base = plan.progress or Progress.start(self._epoch, cut.world_size)
+        if step is None and self._position:
+            step = (self._position,)
+        return base.after(cut.rank, len(plan.rank.order), step)
+
+    def _state(self, step: Pass | None = None) -> _MixState:
+        mix, cut = self._planned(), self._cut()
+        progress = self._consumed(step)
+        passes = progress.current.consumed[cut.rank]
+        done = int(_partition.consumed(len(self._epoch_plan().rank.order), passes).sum())
+        simple = progress.segment == 0 and passes in ((), ((done,),))
         return _MixState(
             epoch=self._epoch,
-            position=self._position,
-            length=plan.length,
+            position=done,
+            rank=cut.rank,
+            world_size=cut.world_size,
+            sharded=self._recuttable(),
+            remainder=cut.remainder,
+            progress=None if simple else progress.lockstep(passes),
+            length=mix.length,
             seed=self._seed,
             names=list(self._spec.names),
-            counts=plan.counts.tolist(),
+            counts=mix.counts.tolist(),
             versions=[ds.version for ds in self._sources],
-        ).model_dump()
+            weights=list(self._spec.weights),
+            epoch_length=self._spec.epoch_length,
+            selected=self._selected(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and what this rank consumed of it, to resume mid-epoch with nothing lost or repeated,
+        at this world size or (a mix that shards its sources) another: see :meth:`load_state_dict`."""
+        return self._state().model_dump(mode="json")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the epoch ``state`` was saved in (by :meth:`state_dict`, or :meth:`merge_states`).
+
+        The mix must have the same sources (versions, queries), weights, epoch length, seed and pad or drop
+        as the saved one, else :class:`ConfigError`. Saved at this world size, this rank goes on where the
+        saved rank stood; at another, what the epoch's ranks left is re-cut for this world size
+        (:mod:`sluicegate.core.mix`): over the whole epoch nothing is read twice and nothing left out, but
+        for pad's repeats. One rank's state stands for every rank (lockstep); when ranks consumed different
+        amounts, load :meth:`merge_states` of all of theirs."""
         saved = _MixState.model_validate(dict(state))
-        now = _MixState.model_validate(self.state_dict())
+        now = self._state()
+        names = ["names", "versions", "seed", "remainder"]
+        names += ["weights", "epoch_length"] if saved.weights else []  # older states lack them
+        names += ["selected"] if saved.selected is not None and now.selected is not None else []
+        names += ["counts", "length"] if saved.world_size == now.world_size else []
         mismatch = [
             f"{name} {getattr(saved, name)} (now {getattr(now, name)})"
-            for name in ("names", "versions", "counts", "length", "seed")
+            for name in names
             if getattr(saved, name) != getattr(now, name)
         ]
         if mismatch:
@@ -313,7 +450,31 @@ class Mix:
             )
         if not 0 <= saved.position <= saved.length:
             raise ConfigError(f"saved position {saved.position} is outside [0, {saved.length}]")
-        self._epoch, self._position = saved.epoch, saved.position
+        progress = saved.continued()
+        if progress is not None and progress.current.world_size != now.world_size:
+            if not (saved.sharded and now.sharded):
+                raise ConfigError(
+                    f"this state was saved at world size {progress.current.world_size} and this mix is "
+                    f"at {now.world_size}; resuming at another world size needs mixes that shard their "
+                    "sources on both sides: mix.shard(rank, world_size) (a mix of sidecars resumes "
+                    "at its own world size)"
+                )
+            progress = progress.recut(now.world_size)
+        before = (self._epoch, self._position, self._progress)
+        self._epoch, self._position, self._progress = saved.epoch, 0, progress
+        try:
+            self._epoch_plan()  # a progress that does not fit this plan fails here, not mid-epoch
+        except ConfigError:
+            self._epoch, self._position, self._progress = before
+            raise
+
+    @staticmethod
+    def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One state out of every rank's (``state_dict()`` of ranks ``0..world_size-1``, saved at one point
+        of one epoch): what each rank really consumed, for ranks that did not move in lockstep."""
+        parsed = [_MixState.model_validate(dict(s)) for s in states]
+        same = ("length", "seed", "names", "counts", "versions", "weights", "selected", "remainder")
+        return _partition.merge(parsed, same).model_dump(mode="json")
 
     # -- adapters and lifecycle ----------------------------------------------------------------
 

@@ -297,10 +297,9 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
 
     # -- resume: what the trainer consumed -------------------------------------------------------
 
-    def _dataset(self) -> Dataset:
+    def _at_epoch(self) -> Readable:
+        """The source (a Dataset or a Mix), at this loader's epoch."""
         source = self.source
-        if not isinstance(source, Dataset):
-            raise ConfigError(f"{type(source).__name__} keeps its own state: use its state_dict()")
         if source.epoch != self.epoch:
             source.set_epoch(self.epoch)
         return source
@@ -309,10 +308,8 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
         """A loader starts a pass with ``num_workers`` workers: what an earlier pass over this epoch
         consumed becomes what this one leaves out (non-persistent workers take it along)."""
         seen, self._seen = self._seen, None
-        if not isinstance(self.source, Dataset):
-            return
         if seen is not None and seen.epoch == self.epoch and seen.indexes:
-            source = self._dataset()
+            source = self._at_epoch()
             source._progress = source._consumed(seen.step(source))
         self._seen = _Seen(self.epoch, num_workers)
 
@@ -331,25 +328,23 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
             return
         seen.reported = time.monotonic()
         if self.source._reports():
-            source = self._dataset()
-            source._report(seen.step(source))
+            self._at_epoch()
+            self.source._report(seen.step(self.source))
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch and exactly what the trainer consumed of it: the samples a :class:`DataLoader` over
-        this dataset handed out, whichever worker read them (a :meth:`Dataset.state_dict`)."""
-        source = self._dataset()
+        this dataset or mix handed out, whichever worker read them (its ``state_dict()``)."""
+        source = self._at_epoch()
         seen = self._seen
         if seen is None or seen.epoch != self.epoch:
             return source.state_dict()
         return source._state(seen.step(source)).model_dump(mode="json")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue a saved epoch (see :meth:`Dataset.load_state_dict`); before iterating."""
-        source = self.source
-        if not isinstance(source, Dataset):
-            raise ConfigError(f"{type(source).__name__} keeps its own state: use its load_state_dict()")
-        source.load_state_dict(state)
-        self.set_epoch(source.epoch)
+        """Continue a saved epoch (see :meth:`Dataset.load_state_dict`, :meth:`Mix.load_state_dict`);
+        before iterating."""
+        self.source.load_state_dict(state)
+        self.set_epoch(self.source.epoch)
         self._seen = None
 
     def __iter__(self) -> Iterator[Any]:
@@ -387,7 +382,7 @@ class _Seen:
         else:
             self.indexes.append(found)
 
-    def step(self, source: Dataset) -> Pass:
+    def step(self, source: Readable) -> Pass:
         """This pass as a :data:`~sluicegate.core.partition.Pass` of ``source``'s epoch plan."""
         if self.broken is not None:
             raise ConfigError(f"cannot say what was consumed: {self.broken}")

@@ -26,6 +26,15 @@ pad/drop rule, so each has the same length ``m_i`` on every rank). One *epoch* o
    random positions. Either way each source's items come in its own stream order.
 5. *Workers.* DataLoader worker ``w`` of ``n`` takes every ``n``-th entry of the epoch from ``w``.
 
+Elastic resume: an epoch saved at one world size goes on at another as a dataset's does
+(:mod:`sluicegate.core.partition`), over *keys*: item ``p`` of source ``i`` (its place in the source's
+selection, before sharding) is ``offset_i + p`` (:func:`epoch_keys`). Segment 0 is the mix's epoch above,
+every rank's sequence of keys; what its ranks left is re-cut in equal blocks for the next world size
+(:func:`recut_keys`), each block read in the order it has. So over the epoch each item the mix epoch
+picked is read once (but pad's repeats), and ranks stay equal. The next epoch is the mix's epoch at the
+new world size: its windows (step 3) are that world size's, so a source larger than its share is read
+round-robin across the epochs of one world size.
+
 Index space: the mix's indexes ``0..L-1`` are the smooth interleave's slots (:func:`layout`), stable
 across epochs in which source each belongs to; which item a slot holds moves on each epoch (step 3).
 """
@@ -43,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sluicegate._exceptions import ConfigError
 from sluicegate.core import partition as _partition
-from sluicegate.core.partition import Positions, Remainder
+from sluicegate.core.partition import Positions, Progress, Remainder, ShardSpec
 
 __all__ = [
     "EpochLength",
@@ -52,11 +61,14 @@ __all__ = [
     "SourceStream",
     "Stop",
     "apportion",
+    "epoch_keys",
     "epoch_pairs",
     "layout",
     "mix_length",
+    "recut_keys",
     "seam",
     "source_seed",
+    "split_keys",
     "weight_fractions",
 ]
 
@@ -386,3 +398,85 @@ def epoch_pairs(
     plan = MixPlan(per_rank, weights, [order_of(i) for i in range(len(lengths))], epoch_length)
     slots = plan.visit_order(seed=seed, epoch=epoch, rank=rank, worker=worker, num_workers=num_workers)
     return plan.resolve(slots, epoch)
+
+
+def _offsets(lengths: Sequence[int]) -> Positions:
+    return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
+
+
+def epoch_keys(
+    lengths: Sequence[int],
+    weights: Sequence[float],
+    *,
+    epoch: int,
+    seed: int | None,
+    rank: int,
+    world_size: int,
+    remainder: Remainder,
+    epoch_length: EpochLength,
+) -> Positions:
+    """Rank ``rank``'s sequence of ``epoch`` (:func:`epoch_pairs`) as keys: source ``i``'s item ``p`` (its
+    place in the source's selection) is ``offset_i + p``, the offsets the running sum of ``lengths``."""
+    sources, within = epoch_pairs(
+        lengths,
+        weights,
+        epoch=epoch,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        remainder=remainder,
+        epoch_length=epoch_length,
+    )
+    offsets = _offsets(lengths)
+    keys = np.empty(len(sources), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        picked = sources == i
+        own = None if seed is None else source_seed(seed, i)
+        cut = _partition.shard(
+            int(n), rank, world_size, seed=own or 0, shuffle=own is not None, remainder=remainder
+        )
+        keys[picked] = offsets[i] + cut[within[picked]]
+    return keys
+
+
+def split_keys(keys: Positions, lengths: Sequence[int]) -> tuple[Positions, Positions]:
+    """Each key's source and its place in that source's selection (the inverse of :func:`epoch_keys`)."""
+    offsets = _offsets(lengths)
+    sources = np.searchsorted(offsets, keys, side="right") - 1
+    return sources.astype(np.int64), (keys - offsets[sources]).astype(np.int64)
+
+
+def recut_keys(
+    lengths: Sequence[int],
+    weights: Sequence[float],
+    *,
+    seed: int | None,
+    remainder: Remainder,
+    epoch_length: EpochLength,
+    progress: Progress,
+    rank: int,
+) -> Positions:
+    """Rank ``rank``'s keys in ``progress``'s current segment (one after segment 0: a re-cut), in the
+    order it reads them: its block of what the closed segments left."""
+    spec = ShardSpec(
+        rank=rank,
+        world_size=progress.current.world_size,
+        seed=seed or 0,
+        shuffle=seed is not None,
+        remainder=remainder,
+    )
+
+    def first(r: int, world: int) -> Positions:
+        return epoch_keys(
+            lengths,
+            weights,
+            epoch=progress.epoch,
+            seed=seed,
+            rank=r,
+            world_size=world,
+            remainder=remainder,
+            epoch_length=epoch_length,
+        )
+
+    rest = _partition.remainder_after(int(sum(lengths)), spec, progress.epoch, progress.segments[:-1], first)
+    return _partition.recut_assignment(rest, spec)

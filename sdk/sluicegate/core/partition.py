@@ -18,8 +18,10 @@ The plan, for ``n`` items in query order:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -250,12 +252,86 @@ class Progress(BaseModel):
         segment = Segment(world_size=current.world_size, consumed=consumed)
         return self.model_copy(update={"segments": (*self.segments[:-1], segment)})
 
+    def after(self, rank: int, length: int, step: Pass | None) -> Progress:
+        """This progress with ``rank``'s reader having consumed ``step`` (None: nothing) more of what its
+        order of ``length`` slots had left in the current segment."""
+        passes = self.current.consumed[rank] + ((step,) if step is not None else ())
+        return self.consumed_by(rank, normalize(length, passes))
+
     def lockstep(self, passes: tuple[Pass, ...]) -> Progress:
         """This progress with every rank of the current segment having consumed ``passes``: what one rank's
         checkpoint says of all ranks in lockstep data-parallel training."""
         current = self.current
         segment = Segment(world_size=current.world_size, consumed=(passes,) * current.world_size)
         return self.model_copy(update={"segments": (*self.segments[:-1], segment)})
+
+
+class RankState(BaseModel):
+    """What one rank's ``state_dict()`` says of its epoch; a Dataset's and a Mix's add what identifies the
+    view, which a load checks so a resume never silently reorders.
+
+    ``position`` counts what this rank consumed of its epoch's current segment; ``progress`` says which
+    items (None: a prefix of ``position`` items, or nothing, of an epoch never re-cut). Unless ``merged``
+    (:func:`merge`), the current segment's every rank is taken to have consumed what rank ``rank`` did:
+    lockstep data-parallel training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(ge=0)
+    position: int = Field(ge=0)
+    rank: int = Field(default=0, ge=0)
+    world_size: int = Field(default=1, ge=1)
+    sharded: bool = Field(default=True, description="False: an unsharded view (cannot be re-cut)")
+    remainder: Remainder = Remainder.PAD
+    progress: Progress | None = None
+    merged: bool = False
+
+    def own(self) -> Progress:
+        """The epoch's progress as this rank saved it (its own passes; other ranks' as it knew them)."""
+        if self.progress is not None:
+            return self.progress
+        passes = ((self.position,),) if self.position else ()
+        return Progress.start(self.epoch, self.world_size).lockstep(passes)
+
+    def continued(self) -> Progress | None:
+        """The progress a load continues (None: a fresh epoch): every rank where this one stood, unless
+        merged."""
+        if self.progress is None and not self.position:
+            return None
+        progress = self.own()
+        if progress.epoch != self.epoch or self.rank >= progress.current.world_size:
+            raise ConfigError(
+                f"this state is malformed: its progress is of epoch {progress.epoch} at world size "
+                f"{progress.current.world_size}, its epoch {self.epoch} and rank {self.rank}"
+            )
+        return progress if self.merged else progress.lockstep(progress.current.consumed[self.rank])
+
+
+State = TypeVar("State", bound=RankState)
+
+
+def merge(states: Sequence[State], same: Sequence[str]) -> State:
+    """One state out of every rank's (ranks ``0..world_size-1``, saved at one point of one epoch, equal in
+    the fields ``same``): what each rank really consumed, for ranks that did not move in lockstep."""
+    if not states:
+        raise ConfigError("merge_states needs the states of every rank, got none")
+    first = states[0]
+    if sorted(p.rank for p in states) != list(range(first.world_size)):
+        raise ConfigError(
+            f"merge_states needs one state per rank 0..{first.world_size - 1}, got ranks "
+            f"{sorted(p.rank for p in states)}"
+        )
+    for p in states[1:]:
+        differ = [f for f in ("epoch", "world_size", *same) if getattr(p, f) != getattr(first, f)]
+        if differ or p.own().segments[:-1] != first.own().segments[:-1]:
+            raise ConfigError(
+                f"rank {p.rank}'s state is of another epoch or view than rank {first.rank}'s "
+                f"({', '.join(differ) or 'segments'} differ): merge states saved at one point"
+            )
+    merged = first.own()
+    for p in sorted(states, key=lambda p: p.rank):
+        merged = merged.consumed_by(p.rank, p.own().current.consumed[p.rank])
+    return first.model_copy(update={"rank": 0, "progress": merged, "merged": True})
 
 
 def _taken(length: int, counts: Pass) -> npt.NDArray[np.bool_]:
@@ -351,28 +427,43 @@ def _segment(
     return assignment, order
 
 
-def remainder_after(n: int, spec: ShardSpec, epoch: int, segments: tuple[Segment, ...]) -> Positions:
+def remainder_after(
+    n: int,
+    spec: ShardSpec,
+    epoch: int,
+    segments: tuple[Segment, ...],
+    first: Callable[[int, int], Positions] | None = None,
+) -> Positions:
     """The selection positions (of ``n``) that ``segments`` of ``epoch`` left, in the order the next
-    segment cuts them (see the section's comment)."""
-    rest = permutation(n, spec.seed) if spec.shuffle else np.arange(n, dtype=np.int64)
+    segment cuts them (see the section's comment). ``first(rank, world_size)``: each rank's sequence in
+    segment 0 (positions of ``n``) when the epoch is not this module's plan (a mix's, whose epoch holds
+    only what it picked of each source: nothing else is left over)."""
+    if first is not None:
+        rest = np.empty(0, dtype=np.int64)  # segment 0's is what its ranks' sequences hold
+    else:
+        rest = permutation(n, spec.seed) if spec.shuffle else np.arange(n, dtype=np.int64)
     for index, seg in enumerate(segments):
         taken = np.zeros(n, dtype=bool)
         assigned = np.zeros(n, dtype=bool)
         left = []
         for rank in range(seg.world_size):
-            assignment, order = _segment(rest, spec, epoch, index, rank, seg.world_size)
-            sequence = assignment[order]
+            if index == 0 and first is not None:
+                sequence = assignment = first(rank, seg.world_size)
+            else:
+                assignment, order = _segment(rest, spec, epoch, index, rank, seg.world_size)
+                sequence = assignment[order]
             todo = remaining(len(sequence), seg.consumed[rank])
             mask = np.ones(len(sequence), dtype=bool)
             mask[todo] = False
             taken[sequence[mask]] = True
             assigned[assignment] = True
             left.append(sequence[todo])
-        left.append(rest[~assigned[rest]])  # what drop left out goes on to the next segment
+        if index or first is None:
+            left.append(rest[~assigned[rest]])  # what drop left out goes on to the next segment
         joined = np.concatenate(left)
         joined = joined[~taken[joined]]
-        _, first = np.unique(joined, return_index=True)
-        rest = joined[np.sort(first)]
+        _, at = np.unique(joined, return_index=True)
+        rest = joined[np.sort(at)]
     return rest
 
 

@@ -17,10 +17,13 @@ from sluicegate.core.mix import (
     SourceStream,
     Stop,
     apportion,
+    epoch_keys,
     epoch_pairs,
     layout,
     mix_length,
+    recut_keys,
     source_seed,
+    split_keys,
     weight_fractions,
 )
 
@@ -243,3 +246,104 @@ def test_empty_sources_and_epochs_are_config_errors() -> None:
         MixPlan([5, 0], [1, 1], [lambda t: np.arange(5)] * 2, names=["a", "b"])
     with pytest.raises(ConfigError, match="rank"):
         epoch_pairs([5, 5], [1, 1], epoch=0, rank=2, world_size=2)
+
+
+def _keys(
+    lengths: list[int], weights: list[float], world: int, remainder: Remainder, seed: int | None, epoch: int
+) -> list[np.ndarray]:
+    return [
+        epoch_keys(
+            lengths,
+            weights,
+            epoch=epoch,
+            seed=seed,
+            rank=r,
+            world_size=world,
+            remainder=remainder,
+            epoch_length=Stop.FIRST_EXHAUSTED,
+        )
+        for r in range(world)
+    ]
+
+
+@SETTINGS
+@given(case=mixes(), seed=seeds, epoch=st.integers(min_value=0, max_value=4))
+def test_keys_name_each_entrys_source_and_item(
+    case: tuple[list[int], list[float], int, Remainder], seed: int | None, epoch: int
+) -> None:
+    lengths, weights, world, remainder = case
+    if not _fits(lengths, weights, world, remainder):
+        return
+    for r, keys in enumerate(_keys(lengths, weights, world, remainder, seed, epoch)):
+        sources, within = epoch_pairs(
+            lengths, weights, epoch=epoch, seed=seed, rank=r, world_size=world, remainder=remainder
+        )
+        got_sources, positions = split_keys(keys, lengths)
+        assert (got_sources == sources).all()
+        for i, n in enumerate(lengths):
+            own = None if seed is None else source_seed(seed, i)
+            cut = partition.shard(n, r, world, seed=own or 0, shuffle=own is not None, remainder=remainder)
+            assert (positions[sources == i] == cut[within[sources == i]]).all()
+
+
+@SETTINGS
+@given(
+    case=mixes(),
+    seed=seeds,
+    restarts=st.lists(
+        st.tuples(worlds, st.integers(min_value=1, max_value=3), st.integers(min_value=0, max_value=9)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_re_cuts_over_any_world_sizes_read_the_epoch_once(
+    case: tuple[list[int], list[float], int, Remainder],
+    seed: int | None,
+    restarts: list[tuple[int, int, int]],
+) -> None:
+    """Segment 0 at the mix's world size, then a restart at each of ``restarts`` (world size, DataLoader
+    workers, items each worker consumed), the last read to its end: pad reads every key the epoch picked,
+    drop reads none twice and leaves out fewer than the last world size, and every segment's ranks are
+    equal."""
+    lengths, weights, world, remainder = case
+    if not _fits(lengths, weights, world, remainder):
+        return
+    epoch = 1
+    progress = partition.Progress.start(epoch, world)
+    read: list[int] = []
+    for step, (next_world, workers, each) in enumerate([(world, 1, 0), *restarts]):
+        progress = progress.recut(next_world)
+        if progress.segment == 0 and not _fits(lengths, weights, next_world, remainder):
+            return  # a fresh epoch at a world size the sources cannot fill: refused, as mix() refuses it
+        if progress.segment == 0:  # nothing read yet: the epoch starts afresh at this world size
+            sequences = _keys(lengths, weights, next_world, remainder, seed, epoch)
+            picked = np.concatenate(sequences)
+        else:
+            sequences = [
+                recut_keys(
+                    lengths,
+                    weights,
+                    seed=seed,
+                    remainder=remainder,
+                    epoch_length=Stop.FIRST_EXHAUSTED,
+                    progress=progress,
+                    rank=r,
+                )
+                for r in range(next_world)
+            ]
+        assert len({len(k) for k in sequences}) == 1, "equal ranks"
+        final = step == len(restarts)
+        for r, keys in enumerate(sequences):
+            before = progress.current.consumed[r]
+            todo = len(partition.remaining(len(keys), before))
+            parts = [(todo - w + workers - 1) // workers for w in range(workers)]
+            step_pass = (todo,) if final else tuple(min(each, n) for n in parts)
+            progress = progress.after(r, len(keys), step_pass)
+            now = partition.consumed(len(keys), progress.current.consumed[r])
+            read += keys[now & ~partition.consumed(len(keys), before)].tolist()
+    if remainder is Remainder.PAD:
+        assert set(read) == set(picked.tolist())
+    else:  # drop's cuts leave out fewer items than the last world size, and read none twice
+        assert set(read) <= set(picked.tolist())
+        assert len(set(picked.tolist()) - set(read)) < progress.current.world_size
+        assert len(read) == len(set(read))
