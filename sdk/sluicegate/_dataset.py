@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Self, SupportsIndex
+from typing import Any, Protocol, Self, SupportsIndex
 
 import numpy as np
 from pydantic import Field
@@ -510,22 +510,12 @@ class Dataset:
             )
         if saved.selected is None:  # its position is of this view's world size
             saved = saved.model_copy(update={"world_size": cut.spec.world_size})
-        progress = saved.continued()
-        if progress is not None and progress.current.world_size != cut.spec.world_size:
-            if cut.whole or not saved.sharded:
-                raise ConfigError(
-                    f"this state was saved at world size {progress.current.world_size} and this view "
-                    f"is at {cut.spec.world_size}; resuming at another world size needs sharded views "
-                    "on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)"
-                )
-            progress = progress.recut(cut.spec.world_size)
-        before = (self._epoch, self._position, self._progress)
-        self._epoch, self._position, self._progress = saved.epoch, 0, progress
-        try:
-            self._epoch_plan()  # a progress that does not fit this plan fails here, not mid-epoch
-        except ConfigError:
-            self._epoch, self._position, self._progress = before
-            raise
+        progress = saved.continued_at(
+            cut.spec.world_size,
+            not cut.whole,
+            "sharded views on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)",
+        )
+        _adopt(self, saved.epoch, progress)
 
     @staticmethod
     def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -599,6 +589,26 @@ class Dataset:
         if self._seed is not None:
             parts.append(f"shuffled (seed {self._seed})")
         return f"<sluicegate.Dataset {', '.join(parts)}, epoch {self._epoch}>"
+
+
+class _Adopting(Protocol):
+    _epoch: int
+    _position: int
+    _progress: Progress | None
+
+    def _epoch_plan(self) -> object: ...
+
+
+def _adopt(view: _Adopting, epoch: int, progress: Progress | None) -> None:
+    """``view`` (a Dataset or a Mix) continues ``progress`` of ``epoch``, or stays as it was if its plan
+    cannot: a progress that does not fit fails at the load, not mid-epoch."""
+    before = (view._epoch, view._position, view._progress)
+    view._epoch, view._position, view._progress = epoch, 0, progress
+    try:
+        view._epoch_plan()
+    except ConfigError:
+        view._epoch, view._position, view._progress = before
+        raise
 
 
 def _recorded(items: Iterator[Item], recorder: _ledger.Recorder, counted: _ledger.Pass) -> Iterator[Item]:

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from sluicegate import _ledger
-from sluicegate._dataset import Dataset, _adapter
+from sluicegate._dataset import Dataset, _adapter, _adopt
 from sluicegate._exceptions import ConfigError
 from sluicegate._source import Item
 from sluicegate.core import partition as _partition
@@ -450,23 +450,13 @@ class Mix:
             )
         if not 0 <= saved.position <= saved.length:
             raise ConfigError(f"saved position {saved.position} is outside [0, {saved.length}]")
-        progress = saved.continued()
-        if progress is not None and progress.current.world_size != now.world_size:
-            if not (saved.sharded and now.sharded):
-                raise ConfigError(
-                    f"this state was saved at world size {progress.current.world_size} and this mix is "
-                    f"at {now.world_size}; resuming at another world size needs mixes that shard their "
-                    "sources on both sides: mix.shard(rank, world_size) (a mix of sidecars resumes "
-                    "at its own world size)"
-                )
-            progress = progress.recut(now.world_size)
-        before = (self._epoch, self._position, self._progress)
-        self._epoch, self._position, self._progress = saved.epoch, 0, progress
-        try:
-            self._epoch_plan()  # a progress that does not fit this plan fails here, not mid-epoch
-        except ConfigError:
-            self._epoch, self._position, self._progress = before
-            raise
+        progress = saved.continued_at(
+            now.world_size,
+            now.sharded,
+            "mixes that shard their sources on both sides: mix.shard(rank, world_size) (a mix of "
+            "sidecars resumes at its own world size)",
+        )
+        _adopt(self, saved.epoch, progress)
 
     @staticmethod
     def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

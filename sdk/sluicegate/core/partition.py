@@ -306,6 +306,19 @@ class RankState(BaseModel):
             )
         return progress if self.merged else progress.lockstep(progress.current.consumed[self.rank])
 
+    def continued_at(self, world_size: int, recuttable: bool, how: str) -> Progress | None:
+        """What a view at ``world_size`` continues of this state: :meth:`continued`, re-cut if it is of
+        another world size, which needs views that can be re-cut on both sides (``how`` says how)."""
+        progress = self.continued()
+        if progress is None or progress.current.world_size == world_size:
+            return progress
+        if not (recuttable and self.sharded):
+            raise ConfigError(
+                f"this state was saved at world size {progress.current.world_size} and this view is at "
+                f"{world_size}; resuming at another world size needs {how}"
+            )
+        return progress.recut(world_size)
+
 
 State = TypeVar("State", bound=RankState)
 
