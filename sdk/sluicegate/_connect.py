@@ -89,4 +89,5 @@ def _connect_mix(
     if env.local_world_size > 1:  # trainer processes sharing the pod split each source further
         return Mix(views, spec, seed=wanted.seed).shard(env.local_rank, env.local_world_size)
     first = sources[0].shard_spec
-    return Mix(views, spec, seed=wanted.seed, shard=ShardSpec(rank=first.rank, world_size=first.world_size))
+    shard = ShardSpec(rank=first.rank, world_size=first.world_size, remainder=first.remainder)
+    return Mix(views, spec, seed=wanted.seed, shard=shard)
