@@ -203,9 +203,6 @@ class Mix:
     def epoch(self) -> int:
         return self._epoch
 
-    def _rank(self) -> int:
-        return self._shard.rank if self._shard is not None else 0
-
     def _planned(self) -> MixPlan:
         with self._lock:
             if self._plan is None:
@@ -433,8 +430,11 @@ class Mix:
         amounts, load :meth:`merge_states` of all of theirs."""
         saved = _MixState.model_validate(dict(state))
         now = self._state()
-        names = ["names", "versions", "seed", "remainder"]
-        names += ["weights", "epoch_length"] if saved.weights else []  # older states lack them
+        names = ["names", "versions", "seed"]
+        if saved.weights:
+            names += ["remainder", "weights", "epoch_length"]
+        else:  # saved before elastic resume: a position at this mix's own rank and world size
+            saved = saved.model_copy(update={"rank": now.rank, "world_size": now.world_size})
         names += ["selected"] if saved.selected is not None and now.selected is not None else []
         names += ["counts", "length"] if saved.world_size == now.world_size else []
         mismatch = [

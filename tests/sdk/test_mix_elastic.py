@@ -219,3 +219,16 @@ def test_a_recut_mix_epoch_is_recorded_exactly_in_each_sources_ledger(tmp_path: 
     for name in ("a", "b"):
         passages = ledger.run_items(Store(tmp_path / name), "run-2", epoch=0)
         assert sorted(i for p in passages for i in p.ids) == sorted(i for s, i in rest if s == name)
+
+
+def test_a_state_saved_before_elastic_resume_loads_at_its_own_rank(sources: tuple[Dataset, Dataset]) -> None:
+    view = _mix(sources, 1, 2, "drop")
+    view.set_epoch(3)
+    taken = _take(view, 6)
+    state = view.state_dict()
+    old = {k: state[k] for k in ("epoch", "position", "length", "seed", "names", "counts", "versions")}
+    again = _mix(sources, 1, 2, "drop")
+    again.load_state_dict(old)
+    whole = _mix(sources, 1, 2, "drop")
+    whole.set_epoch(3)
+    assert taken + [(i.source, i.id) for i in again] == [(i.source, i.id) for i in whole]
