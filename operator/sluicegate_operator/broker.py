@@ -23,6 +23,7 @@ from sluicegate import ConfigError, ConflictError, IntegrityError, NotFoundError
 from sluicegate.core import ledger
 from sluicegate.core.broker_protocol import (
     AUDIENCE,
+    BrokerPaths,
     LedgerReport,
     PlanRequest,
     PlanResponse,
@@ -128,6 +129,7 @@ class BrokerLimits:
 
 
 BodyReader = Callable[[], Awaitable[bytes]]
+BrokerCall = Callable[[str | None, BodyReader, str, str | None], Awaitable[bytes]]
 
 
 class Broker:
@@ -157,43 +159,29 @@ class Broker:
         self._review_slots = asyncio.Semaphore(self.limits.concurrent_reviews)
         self._events = Announcer(kube, clock=clock)
 
-    async def plan(
-        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
-    ) -> bytes:
-        """The JSON of the caller's :class:`PlanResponse`; ``body`` is read only once the caller is known."""
+    def endpoint(
+        self, name: str, request: type[M], serve: Callable[[Grant, M], Awaitable[bytes]]
+    ) -> BrokerCall:
+        """The broker endpoint ``name``: the caller's grant is decided from its token first, then its body
+        (read only once the caller is known) is parsed as ``request`` and ``serve`` answers it."""
 
-        async def then(grant: Grant) -> bytes:
-            return await self._plan(grant, _parse(await body(), PlanRequest))
+        async def call(token: str | None, body: BodyReader, remote: str, source: str | None) -> bytes:
+            async def then(grant: Grant) -> bytes:
+                return await serve(grant, _parse(await body(), request))
 
-        return await self._decide("plan", token, remote, source, then)
+            return await self._decide(name, token, remote, source, then)
 
-    async def progress(
-        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
-    ) -> bytes:
-        """Take a pod's :class:`ProgressReport` into its stream's progress; ``{}`` when taken."""
+        return call
 
-        async def then(grant: Grant) -> bytes:
-            return await self._progress(grant, _parse(await body(), ProgressReport))
-
-        return await self._decide("progress", token, remote, source, then)
-
-    async def ledger(
-        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
-    ) -> bytes:
-        """Record a pod's :class:`LedgerReport` in its Dataset's ledger; ``{}`` when written."""
-
-        async def then(grant: Grant) -> bytes:
-            return await self._ledger(grant, _parse(await body(), LedgerReport))
-
-        return await self._decide("ledger", token, remote, source, then)
-
-    async def urls(
-        self, token: str | None, body: BodyReader, remote: str = "?", source: str | None = None
-    ) -> UrlsResponse:
-        async def then(grant: Grant) -> UrlsResponse:
-            return await self._urls(grant, _parse(await body(), UrlsRequest))
-
-        return await self._decide("urls", token, remote, source, then)
+    def endpoints(self) -> dict[str, BrokerCall]:
+        """Every endpoint by its path: the plan (:class:`PlanResponse` JSON), URLs, a progress report and a
+        ledger report (``{}`` once taken)."""
+        return {
+            BrokerPaths.PLAN: self.endpoint("plan", PlanRequest, self._plan),
+            BrokerPaths.URLS: self.endpoint("urls", UrlsRequest, self._urls),
+            BrokerPaths.PROGRESS: self.endpoint("progress", ProgressReport, self._progress),
+            BrokerPaths.LEDGER: self.endpoint("ledger", LedgerReport, self._ledger),
+        }
 
     async def _decide(
         self,
@@ -618,7 +606,7 @@ class Broker:
 
         return await self._catalog.run(build, store=grant.store)
 
-    async def _urls(self, grant: Grant, request: UrlsRequest) -> UrlsResponse:
+    async def _urls(self, grant: Grant, request: UrlsRequest) -> bytes:
         def build() -> UrlsResponse:
             shard = self._shard(grant)
             foreign = [b for b in request.blobs if b not in shard.blob_set]
@@ -634,4 +622,4 @@ class Broker:
             urls, expires = self._presign(grant, list(dict.fromkeys(request.blobs)))
             return UrlsResponse(urls=urls, expires_at=expires)
 
-        return await self._catalog.run(build, store=grant.store)
+        return (await self._catalog.run(build, store=grant.store)).model_dump_json().encode()

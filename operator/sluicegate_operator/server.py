@@ -71,6 +71,12 @@ PLAN_BODY_BYTES = 4 * 1024
 URLS_BODY_BYTES = MAX_URLS_PER_REQUEST * 80 + 1024
 PROGRESS_BODY_BYTES = 256 * 1024  # a report: a rank's passes, each a count per DataLoader worker
 LEDGER_BODY_BYTES = 4 * 1024 * 1024  # a ledger report: up to ledger.MAX_RANGES ranges, a random reader's
+BODY_LIMITS = {
+    BrokerPaths.PLAN: PLAN_BODY_BYTES,
+    BrokerPaths.URLS: URLS_BODY_BYTES,
+    BrokerPaths.PROGRESS: PROGRESS_BODY_BYTES,
+    BrokerPaths.LEDGER: LEDGER_BODY_BYTES,
+}
 # An AdmissionReview carries the whole object (and for updates the old one too).
 REVIEW_BODY_BYTES = 8 * 1024 * 1024
 
@@ -278,9 +284,6 @@ def build_app(
 
         return handler
 
-    async def urls(*args: Any) -> bytes:
-        return (await broker.urls(*args)).model_dump_json().encode()
-
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -292,10 +295,7 @@ def build_app(
         [
             web.post(webhook.PATH, gated(admission, review_handler(hook.review))),
             web.post(webhook.VALIDATE_PATH, gated(admission, review_handler(hook.validate))),
-            web.post(BrokerPaths.PLAN, brokered(broker.plan, PLAN_BODY_BYTES)),
-            web.post(BrokerPaths.URLS, brokered(urls, URLS_BODY_BYTES)),
-            web.post(BrokerPaths.PROGRESS, brokered(broker.progress, PROGRESS_BODY_BYTES)),
-            web.post(BrokerPaths.LEDGER, brokered(broker.ledger, LEDGER_BODY_BYTES)),
+            *(web.post(path, brokered(call, BODY_LIMITS[path])) for path, call in broker.endpoints().items()),
             web.get(BrokerPaths.HEALTHZ, healthz),
             web.get(BrokerPaths.METRICS, gated(metrics, scrape)),
         ]
