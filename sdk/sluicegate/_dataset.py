@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,68 @@ class _EpochPlan:
     progress: Progress | None
 
 
-class Dataset:
+class _Planned(Protocol):
+    """What an epoch's plan says whatever the view: the rank's plan and the progress it continues."""
+
+    @property
+    def rank(self) -> RankPlan: ...
+
+    @property
+    def progress(self) -> Progress | None: ...
+
+
+class _Epochs(ABC):
+    """The epoch a view reads and what it consumed of it: what a Dataset and a Mix share. The plan of an
+    epoch is each view's own (:meth:`_epoch_plan`), cut for :meth:`_rank_spec`."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+        self._position = 0  # items __iter__ handed out of what the epoch's plan had left
+        self._progress: Progress | None = None  # the epoch resumed (load_state_dict), when it is _epoch's
+
+    @abstractmethod
+    def _epoch_plan(self) -> _Planned: ...
+
+    @abstractmethod
+    def _rank_spec(self) -> ShardSpec:
+        """The rank, world size and pad or drop the view's epochs are cut for."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order iteration follows (from its start)."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        self._epoch, self._position, self._progress = int(epoch), 0, None
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _next_epoch(self) -> None:
+        """A pass read to its end: the next epoch, from its start."""
+        self._epoch, self._position, self._progress = self._epoch + 1, 0, None
+
+    def _consumed(self, step: Pass | None = None) -> Progress:
+        """The epoch's progress with this rank's consumption so far: what the plan continued, then ``step``
+        (a pass of this plan's reader; default: what ``__iter__`` handed out)."""
+        plan, spec = self._epoch_plan(), self._rank_spec()
+        base = plan.progress or Progress.start(self._epoch, spec.world_size)
+        if step is None and self._position:
+            step = (self._position,)
+        return base.after(spec.rank, len(plan.rank.order), step)
+
+    def _adopt(self, epoch: int, progress: Progress | None) -> None:
+        """Continue ``progress`` of ``epoch``, or stay as it was if the plan cannot: a progress that does
+        not fit fails at the load, not mid-epoch."""
+        before = (self._epoch, self._position, self._progress)
+        self._epoch, self._position, self._progress = epoch, 0, progress
+        try:
+            self._epoch_plan()
+        except ConfigError:
+            self._epoch, self._position, self._progress = before
+            raise
+
+
+class Dataset(_Epochs):
     """A view of a dataset version: ``len(ds)``, ``ds[i]``, ``for item in ds``; see the module docstring.
 
     ``prefetch`` is the read-ahead budget in bytes: iteration keeps that much requested ahead of the item
@@ -116,9 +178,7 @@ class Dataset:
         self._seed = seed
         self._prefetch = prefetch
         self._ledger = ledger
-        self._epoch = 0
-        self._position = 0  # items __iter__ handed out of what the epoch's plan had left
-        self._progress: Progress | None = None  # the epoch resumed (load_state_dict), when it is _epoch's
+        super().__init__()
         self._view: Positions | None = None
         self._plan: tuple[tuple[Any, ...], _EpochPlan] | None = None
         self._cuts: _Cut | None = None
@@ -175,16 +235,6 @@ class Dataset:
     def shuffle(self, seed: int = 0) -> Dataset:
         """Visit items in an order that changes each epoch, deterministically from ``(seed, epoch)``."""
         return self._derive(seed=int(seed))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order iteration follows (from its start)."""
-        if epoch < 0:
-            raise ConfigError(f"epoch must be >= 0, got {epoch}")
-        self._epoch, self._position, self._progress = int(epoch), 0, None
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
 
     @property
     def ledger(self) -> Ledger | None:
@@ -438,18 +488,12 @@ class Dataset:
         finally:
             if reports:
                 self._report()
-        self._epoch, self._position, self._progress = self._epoch + 1, 0, None
+        self._next_epoch()
 
     # -- resume --------------------------------------------------------------------------------
 
-    def _consumed(self, step: Pass | None = None) -> Progress:
-        """The epoch's progress with this rank's consumption so far: what the plan continued, then ``step``
-        (a pass of this plan's reader; default: what :meth:`__iter__` handed out)."""
-        plan, cut = self._epoch_plan(), self._cut()
-        base = plan.progress or Progress.start(self._epoch, cut.spec.world_size)
-        if step is None and self._position:
-            step = (self._position,)
-        return base.after(cut.spec.rank, len(plan.rank.order), step)
+    def _rank_spec(self) -> ShardSpec:
+        return self._cut().spec
 
     def _state(self, step: Pass | None = None) -> _State:
         cut = self._cut()
@@ -515,7 +559,7 @@ class Dataset:
             not cut.whole,
             "sharded views on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)",
         )
-        _adopt(self, saved.epoch, progress)
+        self._adopt(saved.epoch, progress)
 
     @staticmethod
     def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -589,26 +633,6 @@ class Dataset:
         if self._seed is not None:
             parts.append(f"shuffled (seed {self._seed})")
         return f"<sluicegate.Dataset {', '.join(parts)}, epoch {self._epoch}>"
-
-
-class _Adopting(Protocol):
-    _epoch: int
-    _position: int
-    _progress: Progress | None
-
-    def _epoch_plan(self) -> object: ...
-
-
-def _adopt(view: _Adopting, epoch: int, progress: Progress | None) -> None:
-    """``view`` (a Dataset or a Mix) continues ``progress`` of ``epoch``, or stays as it was if its plan
-    cannot: a progress that does not fit fails at the load, not mid-epoch."""
-    before = (view._epoch, view._position, view._progress)
-    view._epoch, view._position, view._progress = epoch, 0, progress
-    try:
-        view._epoch_plan()
-    except ConfigError:
-        view._epoch, view._position, view._progress = before
-        raise
 
 
 def _recorded(items: Iterator[Item], recorder: _ledger.Recorder, counted: _ledger.Pass) -> Iterator[Item]:

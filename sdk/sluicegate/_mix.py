@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from sluicegate import _ledger
-from sluicegate._dataset import Dataset, _adapter, _adopt
+from sluicegate._dataset import Dataset, _adapter, _Epochs, _Planned
 from sluicegate._exceptions import ConfigError
 from sluicegate._source import Item
 from sluicegate.core import partition as _partition
@@ -33,11 +33,6 @@ from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, RankS
 __all__ = ["Mix", "Readable", "mix"]
 
 _NOTE_EVERY = 256  # items of one source between ledger notes while iterating (a note takes a lock)
-
-
-class _Planned(Protocol):
-    @property
-    def rank(self) -> RankPlan: ...
 
 
 class Readable(Protocol):
@@ -101,7 +96,7 @@ class _MixEpoch:
         return self.rank.segment > 0
 
 
-class Mix:
+class Mix(_Epochs):
     """Several dataset views read as one, in proportion to their weights; make one with :func:`mix`.
 
     ``len(mix)`` is one epoch's length on this rank; ``mix[i]`` and :meth:`get_many` take indexes
@@ -122,11 +117,9 @@ class Mix:
         self._spec = spec
         self._seed = seed
         self._shard = shard
-        self._epoch = 0
-        self._position = 0
+        super().__init__()
         self._lock = threading.Lock()
         self._plan: MixPlan | None = None
-        self._progress: Progress | None = None  # the epoch resumed (load_state_dict), when it is _epoch's
         self._epochs: tuple[tuple[Any, ...], _MixEpoch] | None = None
         self._wholes: tuple[Dataset, ...] | None = None
         self._served = [0] * len(sources)
@@ -193,16 +186,6 @@ class Mix:
         sources = tuple(ds.shuffle(source_seed(seed, i)) for i, ds in enumerate(self._sources))
         return self._derive(sources, seed=seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order iteration follows (from its start)."""
-        if epoch < 0:
-            raise ConfigError(f"epoch must be >= 0, got {epoch}")
-        self._epoch, self._position, self._progress = int(epoch), 0, None
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
     def _planned(self) -> MixPlan:
         with self._lock:
             if self._plan is None:
@@ -236,8 +219,7 @@ class Mix:
 
     # -- the epoch's plan ----------------------------------------------------------------------
 
-    def _cut(self) -> ShardSpec:
-        """The rank, world size and pad or drop this mix's epochs are cut for."""
+    def _rank_spec(self) -> ShardSpec:
         return self._shard if self._shard is not None else ShardSpec()
 
     def _recuttable(self) -> bool:
@@ -264,7 +246,7 @@ class Mix:
         cached = self._epochs
         if cached is not None and cached[0] == key:
             return cached[1]
-        cut = self._cut()
+        cut = self._rank_spec()
         if progress is None or progress.segment == 0:
             plan = self._planned()
             order = plan.visit_order(seed=self._seed, epoch=self._epoch, rank=cut.rank)
@@ -377,21 +359,12 @@ class Mix:
         for item in self._iter_epoch(start=self._position):
             self._position += 1
             yield item
-        self._epoch, self._position, self._progress = self._epoch + 1, 0, None
+        self._next_epoch()
 
     # -- resume --------------------------------------------------------------------------------
 
-    def _consumed(self, step: Pass | None = None) -> Progress:
-        """The epoch's progress with this rank's consumption so far: what the plan continued, then ``step``
-        (a pass of this plan's reader; default: what :meth:`__iter__` handed out)."""
-        plan, cut = self._epoch_plan(), self._cut()
-        base = plan.progress or Progress.start(self._epoch, cut.world_size)
-        if step is None and self._position:
-            step = (self._position,)
-        return base.after(cut.rank, len(plan.rank.order), step)
-
     def _state(self, step: Pass | None = None) -> _MixState:
-        mix, cut = self._planned(), self._cut()
+        mix, cut = self._planned(), self._rank_spec()
         progress = self._consumed(step)
         passes = progress.current.consumed[cut.rank]
         done = int(_partition.consumed(len(self._epoch_plan().rank.order), passes).sum())
@@ -456,7 +429,7 @@ class Mix:
             "mixes that shard their sources on both sides: mix.shard(rank, world_size) (a mix of "
             "sidecars resumes at its own world size)",
         )
-        _adopt(self, saved.epoch, progress)
+        self._adopt(saved.epoch, progress)
 
     @staticmethod
     def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
