@@ -489,9 +489,8 @@ def install_in_cluster(
     path.write_text(json.dumps(values, indent=2))
     installed = InCluster(testbed, namespace, release, path)
     try:
-        testbed.helm(
-            "install", release, str(CHART), "-n", namespace, "--create-namespace", "-f", str(path), timeout_s=300
-        )
+        args = ["install", release, str(CHART), "-n", namespace, "--create-namespace", "-f", str(path)]
+        testbed.helm(*args, timeout_s=300)
         installed.wait_ready()
     except BaseException:
         installed.uninstall(check=False)  # its fail-closed webhooks must not outlive a failed install
