@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 from aiohttp import web
 from sluicegate import S3Options, Store
 from sluicegate.core.manifest import Annotation, ItemRecord, records_to_table
 from sluicegate_sidecar.config import parse_args
 from sluicegate_sidecar.server import Sidecar
+
+from tests.testbed import wait_for
 
 
 def item_bytes(i: int, size: int) -> bytes:
@@ -75,6 +78,15 @@ class InProcessSidecar:
     @property
     def tcp(self) -> str:
         return next(a for a in self.addresses if a.startswith("http://"))
+
+    def wait_ready(self, timeout_s: float = 20) -> InProcessSidecar:
+        """Until /readyz says so: the sidecar loads its plan after it starts listening."""
+
+        def ready() -> bool:
+            return httpx.get(self.tcp + "/readyz", trust_env=False, timeout=10).status_code == 200
+
+        wait_for(ready, timeout_s=timeout_s, what="the sidecar ready")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         assert self.sidecar is not None

@@ -71,6 +71,7 @@ def test_a_report_sent_again_is_recorded_once_and_one_out_of_order_refused(tmp_p
         ).model_dump_json()
 
     with InProcessSidecar(_args(uri, tmp_path)) as sc:
+        sc.wait_ready()  # a report before the plan is loaded is answered 503, which the SDK retries
         post = lambda body: httpx.post(sc.tcp + proto.Paths.LEDGER, content=body, timeout=10)  # noqa: E731
         assert post(report(0)).status_code == 204
         assert post(report(0)).status_code == 204  # its answer was lost: the trainer sends it again
