@@ -509,16 +509,11 @@ class Broker:
         version = grant.version
         mine = ledger.View(queries=tuple(q for q in grant.queries if q.strip()), shard=grant.spec())
         try:
-            consumed = report.consumed.under(mine)
+            consumed, who = report.recorded(
+                mine, namespace=grant.who.namespace, stream=grant.stream.metadata.name, pod=grant.who.pod_name
+            )
         except ConfigError as exc:
             raise Refused(400, "bad_request", str(exc)) from exc
-        who = report.writer.model_copy(
-            update={
-                "namespace": grant.who.namespace,
-                "stream": grant.stream.metadata.name,
-                "pod": grant.who.pod_name,
-            }
-        )
         # The pod's UID in the chain's name: no other pod's reports can land in (or squat on) its chain.
         chain = f"{report.chain}-{grant.who.pod_uid.replace('-', '')[:12]}"
 

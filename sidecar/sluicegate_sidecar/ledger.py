@@ -53,9 +53,8 @@ class LedgerWriter:
                     "reports of one chain are recorded in order"
                 )
             mine = View(queries=(info.query,) if info.query else (), shard=info.shard_spec())
-            consumed = report.consumed.under(mine)
-            who = report.writer.model_copy(
-                update={"namespace": self._namespace, "stream": self._stream, "pod": self._pod}
+            consumed, who = report.recorded(
+                mine, namespace=self._namespace, stream=self._stream, pod=self._pod
             )
             writer.append(consumed, writer=who, dataset=info.dataset, version=info.version, manifest=manifest)
             self._chains[key] = (writer, expected + 1)

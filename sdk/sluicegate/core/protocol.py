@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluicegate.core.ledger import NAME_PATTERN, Consumed, Writer
+from sluicegate.core.ledger import NAME_PATTERN, Consumed, View, Writer
 from sluicegate.core.partition import Pass, Progress, ShardSpec
 
 __all__ = [
@@ -179,6 +179,15 @@ class LedgerReport(BaseModel):
     number: int = Field(ge=0)
     consumed: Consumed
     writer: Writer
+
+    def recorded(
+        self, cut: View, *, namespace: str | None, stream: str | None, pod: str | None
+    ) -> tuple[Consumed, Writer]:
+        """What the record of this report holds: the reading under the ``cut`` its recorder served
+        (:class:`ConfigError` if it cannot take one more view), and the writer as the recorder knows it,
+        whatever the body says of namespace, stream and pod."""
+        who = self.writer.model_copy(update={"namespace": namespace, "stream": stream, "pod": pod})
+        return self.consumed.under(cut), who
 
 
 class ProgressReport(BaseModel):
