@@ -31,7 +31,7 @@ from sluicegate.core.broker_protocol import (
     UrlsRequest,
     UrlsResponse,
 )
-from sluicegate.core.mix import source_seed
+from sluicegate.core.mix import recut_keys, segment_length, source_seed, split_keys
 from sluicegate.core.partition import Progress, ShardSpec, per_rank
 from sluicegate.core.protocol import Resume
 from sluicegate.core.store import blob_key
@@ -113,8 +113,37 @@ class Grant:
         return (self.part.query, *(p.query for p in self.policies))
 
     def basis(self) -> str:
-        """What the stream's progress is of (see progress.basis)."""
+        """What the stream's progress is of (see progress.basis); a mix's is of every source (MixCut)."""
         return progress_rules.basis(self.version, self.queries, self.spec())
+
+
+@dataclass(frozen=True)
+class MixCut:
+    """A mix stream as one pod reads it: the grant of each of its sources, in the stream's order. Its
+    epoch's progress is of the mix's order (one per rank, every source interleaved), so a re-cut of it
+    needs what the pod selects of every source."""
+
+    parts: tuple[Grant, ...]
+
+    @property
+    def stream(self) -> DatasetStream:
+        return self.parts[0].stream
+
+    def basis(self) -> str:
+        spec = self.stream.spec
+        return progress_rules.mix_basis(
+            [g.basis() for g in self.parts], [g.part.weight for g in self.parts], spec.epoch_length
+        )
+
+    def arithmetic(self) -> dict[str, Any]:
+        """The mix's parameters as sluicegate.core.mix takes them (what the pod's sluicegate.mix has)."""
+        sharding = self.stream.spec.sharding
+        return {
+            "weights": [g.part.weight for g in self.parts],
+            "seed": sharding.seed if sharding.shuffle else None,
+            "remainder": sharding.remainder,
+            "epoch_length": self.stream.spec.epoch_length,
+        }
 
 
 @dataclass(frozen=True)
@@ -396,19 +425,47 @@ class Broker:
         except (NotFoundError, StoreError) as exc:
             raise Refused(503, "store", f"the dataset store cannot be read: {exc}") from exc
 
-    def _recut(self, grant: Grant, progress: Progress | None) -> Shard | None:
-        """The rank's assignment in a re-cut epoch's current segment (None: the epoch was not re-cut)."""
+    def _recut(self, grant: Grant, progress: Progress | None, mix: MixCut | None = None) -> Shard | None:
+        """The rank's assignment in a re-cut epoch's current segment (None: the epoch was not re-cut); of a
+        mix, this source's items of the rank's block, in block order."""
         if progress is None or not progress.segment or progress.current.world_size != grant.world_size:
             return None
         spec = grant.spec()
+        if mix is None:
+            return self._read(
+                grant,
+                lambda version: self._catalog.segment(grant.store, version, grant.queries, spec, progress),
+            )
+        lengths = self._lengths(mix)
+        keys = recut_keys(lengths, **mix.arithmetic(), progress=progress, rank=grant.rank)
+        sources, positions = split_keys(keys, lengths)
+        mine = positions[sources == grant.part.index]
         return self._read(
-            grant, lambda version: self._catalog.segment(grant.store, version, grant.queries, spec, progress)
+            grant, lambda version: self._catalog.rows(grant.store, version, grant.queries, mine)
         )
 
-    def _stored(self, grant: Grant) -> Progress | None:
+    def _lengths(self, mix: MixCut) -> list[int]:
+        """What the pod selects of each source of the mix (its policies applied)."""
+
+        def selected(g: Grant) -> int:
+            return len(self._read(g, lambda version: self._catalog.select(g.store, version, g.queries)))
+
+        return [selected(g) for g in mix.parts]
+
+    async def _mix_cut(self, grant: Grant) -> MixCut | None:
+        """Every source's grant when the stream is a mix (each checked as its own request would be)."""
+        if not grant.stream.is_mix:
+            return None
+        parts = [
+            grant if part.name == grant.part.name else await self._grant_pod(grant.who, part.name)
+            for part in grant.stream.parts()
+        ]
+        return MixCut(tuple(parts))
+
+    def _stored(self, grant: Grant, mix: MixCut | None = None) -> Progress | None:
         """The stream's epoch in progress as the last read of the stream has it, if of this pod's cut."""
         stored = grant.stream.status.progress
-        if stored is None or stored.basis != grant.basis():
+        if stored is None or stored.basis != (grant.basis() if mix is None else mix.basis()):
             return None
         return stored.core()
 
@@ -437,18 +494,17 @@ class Broker:
             stream = fresh
         raise Refused(503, "busy", f"the progress of DatasetStream {ns}/{name} kept changing; retry")
 
-    async def _plan_progress(self, grant: Grant) -> Progress | None:
+    async def _plan_progress(self, grant: Grant, mix: MixCut | None) -> Progress | None:
         """The stream's progress this pod's plan continues, written first when the plan changes it (a
-        re-cut for the pod's world size, the pod taking over its rank). A mix keeps none (below)."""
-        if grant.stream.is_mix:
-            return None
+        re-cut for the pod's world size, the pod taking over its rank)."""
         decided: progress_rules.PlanProgress | None = None
+        basis = grant.basis() if mix is None else mix.basis()
 
         async def decide(stream: DatasetStream) -> StreamProgress | None:
             nonlocal decided
             decided = progress_rules.for_plan(
                 stream.status.progress,
-                basis=grant.basis(),
+                basis=basis,
                 rank=grant.rank,
                 world_size=grant.world_size,
                 pod=grant.who.pod_uid,
@@ -460,19 +516,14 @@ class Broker:
         return decided.progress
 
     async def _progress(self, grant: Grant, report: ProgressReport) -> bytes:
-        if grant.stream.is_mix:
-            # One position in a mix's epoch moves every source's: kept per source, a re-cut could not
-            # keep the interleave. A mix resumes from the trainer's own state_dict, at the same world size.
-            raise Refused(
-                409,
-                "mix_progress",
-                f"DatasetStream {grant.stream.metadata.namespace}/{grant.stream.metadata.name} is a mix, "
-                "whose epoch progress is not kept; resume it from the trainer's state_dict",
-            )
         spec = grant.spec()
+        mix = await self._mix_cut(grant)
+        basis = grant.basis() if mix is None else mix.basis()
 
         def length(progress: Progress) -> int:
             # The rank's count in the progress' current segment: every rank's is the same.
+            if mix is not None:
+                return segment_length(self._lengths(mix), **mix.arithmetic(), progress=progress)
             if not progress.segment:
                 selected = self._read(
                     grant, lambda version: self._catalog.select(grant.store, version, grant.queries)
@@ -489,7 +540,7 @@ class Broker:
                 return progress_rules.take_report(
                     stream.status.progress,
                     report,
-                    basis=grant.basis(),
+                    basis=basis,
                     rank=grant.rank,
                     world_size=grant.world_size,
                     pod=grant.who.pod_uid,
@@ -561,18 +612,21 @@ class Broker:
                 400, "stream_mismatch", f"this pod streams {stream.metadata.name}, not {request.stream}"
             )
 
-        progress = await self._plan_progress(grant)
+        mix = await self._mix_cut(grant)
+        progress = await self._plan_progress(grant, mix)
 
         def build() -> bytes:
             shard = self._shard(grant)
-            recut = self._recut(grant, progress)
+            recut = self._recut(grant, progress, mix)
             blobs = shard.blobs if recut is None else tuple(dict.fromkeys((*shard.blobs, *recut.blobs)))
             urls, expires = self._presign(grant, blobs if request.presign else ())
             BROKER_ITEMS.inc(shard.items + (recut.items if recut is not None else 0))
             resume = None
             if progress is not None:
                 items = recut.items if recut is not None else 0
-                resume = Resume(progress=progress, first=shard.items, items=items).model_dump(mode="json")
+                resume = Resume(
+                    progress=progress, first=shard.items, items=items, mix=stream.is_mix
+                ).model_dump(mode="json")
             head = PlanResponse.model_validate(
                 {
                     "namespace": stream.metadata.namespace,
@@ -602,18 +656,28 @@ class Broker:
         return await self._catalog.run(build, store=grant.store)
 
     async def _urls(self, grant: Grant, request: UrlsRequest) -> bytes:
-        def build() -> UrlsResponse:
+        def outside(mix: MixCut | None) -> list[str]:
+            """The requested blobs the pod is not served: neither in its shard nor in its re-cut rows."""
             shard = self._shard(grant)
             foreign = [b for b in request.blobs if b not in shard.blob_set]
-            recut = self._recut(grant, self._stored(grant)) if foreign else None
-            if recut is not None:  # a re-cut epoch's rows are the pod's too
-                foreign = [b for b in foreign if b not in recut.blob_set]
-            if foreign:
-                raise Refused(
-                    403,
-                    "not_in_shard",
-                    f"{len(foreign)} requested blob(s) are not in this pod's shard, e.g. {foreign[0]}",
-                )
+            if foreign and (mix is not None or not grant.stream.is_mix):
+                recut = self._recut(grant, self._stored(grant, mix), mix)
+                if recut is not None:  # a re-cut epoch's rows are the pod's too
+                    foreign = [b for b in foreign if b not in recut.blob_set]
+            return foreign
+
+        foreign = await self._catalog.run(lambda: outside(None), store=grant.store)
+        if foreign and grant.stream.is_mix:  # a mix's re-cut takes every source: looked up only when needed
+            mix = await self._mix_cut(grant)
+            foreign = await self._catalog.run(lambda: outside(mix), store=grant.store)
+        if foreign:
+            raise Refused(
+                403,
+                "not_in_shard",
+                f"{len(foreign)} requested blob(s) are not in this pod's shard, e.g. {foreign[0]}",
+            )
+
+        def build() -> UrlsResponse:
             urls, expires = self._presign(grant, list(dict.fromkeys(request.blobs)))
             return UrlsResponse(urls=urls, expires_at=expires)
 

@@ -446,6 +446,14 @@ class Catalog:
 
         return self._memo(key, make, _shard_cost)
 
+    def rows(self, handle: Handle, version: int, queries: tuple[str, ...], positions: Positions) -> Shard:
+        """The rows at ``positions`` of the selection, in that order, serialised (a mix's re-cut: the
+        source's part of a rank's block, which depends on every source; not cached)."""
+        queries = tuple(q for q in queries if q.strip())
+        manifest = self.manifest(handle, version)
+        selected = self.select(handle, version, queries)
+        return _serialised(manifest.table.take(pa.array(selected[positions], pa.int64())), len(selected))
+
 
 def _shard_cost(shard: Shard) -> int:
     return len(shard.rows_json) + 80 * len(shard.blobs)

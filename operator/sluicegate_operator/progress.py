@@ -32,6 +32,12 @@ def basis(version: int, queries: Sequence[str], spec: ShardSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def mix_basis(parts: Sequence[str], weights: Sequence[float], epoch_length: object) -> str:
+    """The basis of a mix's progress: every source's (:func:`basis`), the weights and the epoch length."""
+    text = "\0".join(["mix", *parts, *(repr(float(w)) for w in weights), str(epoch_length)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class PlanProgress:
     """What a plan continues (``progress``; None: a fresh epoch) and what to write first (None: nothing)."""

@@ -52,7 +52,7 @@ def connect(
     ds = Dataset(source, seed=source.seed, prefetch=prefetch, ledger=recording)
     if env.local_world_size > 1:
         ds = ds.shard(env.local_rank, env.local_world_size)
-    elif source.resume is not None:
+    elif source.resume is not None and not source.resume.mix:
         # The stream kept its epoch's progress: start where it stands (ds.epoch), nothing repeated.
         ds._epoch = source.resume.progress.epoch
     return ds
@@ -90,4 +90,14 @@ def _connect_mix(
         return Mix(views, spec, seed=wanted.seed).shard(env.local_rank, env.local_world_size)
     first = sources[0].shard_spec
     shard = ShardSpec(rank=first.rank, world_size=first.world_size, remainder=first.remainder)
-    return Mix(views, spec, seed=wanted.seed, shard=shard)
+    mixed = Mix(views, spec, seed=wanted.seed, shard=shard)
+    progress = {s.resume.progress for s in sources if s.resume is not None}
+    if len(progress) > 1 or (progress and None in (s.resume for s in sources)):
+        raise ConfigError(
+            "the sidecars of this mix's sources continue different epochs: restart the pod (each asks "
+            "the broker for the stream's progress again)"
+        )
+    if progress:
+        # The stream kept its epoch's progress: the mix starts where it stands, nothing repeated.
+        mixed._epoch, mixed._progress = next(iter(progress)).epoch, next(iter(progress))
+    return mixed

@@ -143,6 +143,47 @@ class _Epochs(ABC):
             step = (self._position,)
         return base.after(spec.rank, len(plan.rank.order), step)
 
+    @abstractmethod
+    def _reporter(self) -> Source | None:
+        """Where this view's progress reports go (its sidecar), or None: it reports none."""
+
+    def _report(self, step: Pass | None = None) -> None:
+        """Tell the sidecar how far this rank got (fire and forget: a report never fails the trainer)."""
+        source = self._reporter()
+        if source is None:
+            return
+        try:
+            progress = self._consumed(step)
+        except ConfigError:
+            return
+        rank = self._rank_spec().rank
+        source.report_progress(
+            ProgressReport(
+                epoch=progress.epoch,
+                segment=progress.segment,
+                world_size=progress.current.world_size,
+                rank=rank,
+                consumed=progress.current.consumed[rank],
+            )
+        )
+
+    def _passing(self, items: Iterator[Item]) -> Iterator[Item]:
+        """``items`` (what the epoch has left) handed out by ``__iter__``: counted, reported to a sidecar
+        at most every second and when the pass ends; a complete pass moves to the next epoch."""
+        reports = self._reporter() is not None
+        last = time.monotonic()
+        try:
+            for item in items:
+                self._position += 1
+                if reports and not self._position % 64 and time.monotonic() - last >= _REPORT_S:
+                    self._report()
+                    last = time.monotonic()
+                yield item
+        finally:
+            if reports:
+                self._report()
+        self._next_epoch()
+
     def _adopt(self, epoch: int, progress: Progress | None) -> None:
         """Continue ``progress`` of ``epoch``, or stay as it was if the plan cannot: a progress that does
         not fit fails at the load, not mid-epoch."""
@@ -298,7 +339,7 @@ class Dataset(_Epochs):
         if self._progress is not None and self._progress.epoch == self._epoch:
             return self._progress
         resume = self._source.resume
-        if resume is not None and resume.progress.epoch == self._epoch:
+        if resume is not None and not resume.mix and resume.progress.epoch == self._epoch:
             cut = self._cut()
             if cut.selected is None and not cut.whole:
                 return resume.progress
@@ -476,19 +517,7 @@ class Dataset(_Epochs):
 
         Over a sidecar, how far it got is reported to the sidecar (at most every second, and when the
         pass ends), which keeps its DatasetStream's progress in broker mode."""
-        reports = self._reports()
-        last = time.monotonic()
-        try:
-            for item in self._iter_epoch(start=self._position):
-                self._position += 1
-                if reports and not self._position % 64 and time.monotonic() - last >= _REPORT_S:
-                    self._report()
-                    last = time.monotonic()
-                yield item
-        finally:
-            if reports:
-                self._report()
-        self._next_epoch()
+        yield from self._passing(self._iter_epoch(start=self._position))
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -575,29 +604,10 @@ class Dataset(_Epochs):
         takes as ``--progress`` to serve that epoch's rest at its world size. None: a fresh epoch."""
         return _State.model_validate(dict(state)).continued()
 
-    # -- progress reports (to a sidecar) ------------------------------------------------------
-
-    def _reports(self) -> bool:
-        """Whether this view reports progress: it reads its sidecar's shard as it is."""
+    def _reporter(self) -> Source | None:
+        """The sidecar, when this view reads its shard as it is."""
         cut = self._cut()
-        return cut.selected is None and not cut.whole
-
-    def _report(self, step: Pass | None = None) -> None:
-        """Tell the source how far this rank got (fire and forget: a report never fails the trainer)."""
-        try:
-            progress = self._consumed(step)
-        except ConfigError:
-            return
-        rank = self._cut().spec.rank
-        self._source.report_progress(
-            ProgressReport(
-                epoch=progress.epoch,
-                segment=progress.segment,
-                world_size=progress.current.world_size,
-                rank=rank,
-                consumed=progress.current.consumed[rank],
-            )
-        )
+        return self._source if cut.selected is None and not cut.whole else None
 
     # -- adapters and lifecycle ----------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from pydantic import Field
 from sluicegate import _ledger
 from sluicegate._dataset import Dataset, _adapter, _Epochs, _Planned
 from sluicegate._exceptions import ConfigError
-from sluicegate._source import Item
+from sluicegate._source import Item, Source
 from sluicegate.core import partition as _partition
 from sluicegate.core.ledger import Order, Reading
 from sluicegate.core.mix import EpochLength, MixPlan, MixSpec, Stop, recut_keys, source_seed, split_keys
@@ -46,6 +46,10 @@ class Readable(Protocol):
     def _consumed(self, step: Pass | None = None) -> Progress: ...
 
     def _state(self, step: Pass | None = None) -> RankState: ...
+
+    def _reporter(self) -> Source | None: ...
+
+    def _report(self, step: Pass | None = None) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -90,10 +94,11 @@ class _MixEpoch:
 
     rank: RankPlan
     progress: Progress | None
-
-    @property
-    def recut(self) -> bool:
-        return self.rank.segment > 0
+    # A re-cut epoch: each assignment entry's source and its index into what reads it there (the source's
+    # whole view: its selection; a sidecar: the re-cut rows it serves after its shard).
+    sources: Positions | None = None
+    within: Positions | None = None
+    sidecars: bool = False
 
 
 class Mix(_Epochs):
@@ -251,11 +256,11 @@ class Mix(_Epochs):
             plan = self._planned()
             order = plan.visit_order(seed=self._seed, epoch=self._epoch, rank=cut.rank)
             assignment = np.arange(plan.length, dtype=np.int64)
+            sources = within = None
         else:
-            selected = self._selected()
-            assert selected is not None  # load_state_dict re-cuts only a mix that cuts its sources
+            lengths = self._selected() or [ds._source.total for ds in self._sources]
             assignment = recut_keys(
-                selected,
+                lengths,
                 self._spec.weights,
                 seed=self._seed,
                 remainder=cut.remainder,
@@ -264,12 +269,37 @@ class Mix(_Epochs):
                 rank=cut.rank,
             )
             order = np.arange(len(assignment), dtype=np.int64)
+            sources, within = split_keys(assignment, lengths)
+            if not self._recuttable():
+                within = self._sidecar_rows(sources, progress)
         passes = () if progress is None else progress.current.consumed[cut.rank]
         segment = 0 if progress is None else progress.segment
         rank = RankPlan(assignment, order, _partition.remaining(len(order), passes), segment)
-        planned = _MixEpoch(rank, progress)
+        planned = _MixEpoch(rank, progress, sources, within, sidecars=not self._recuttable())
         self._epochs = (key, planned)
         return planned
+
+    def _sidecar_rows(self, sources: Positions, progress: Progress) -> Positions:
+        """Where each source's sidecar serves its entries of this rank's re-cut block: the rows after its
+        shard, in block order (the broker cut them from the stream's progress, as this mix does)."""
+        rows = np.empty(len(sources), dtype=np.int64)
+        for i, ds in enumerate(self._sources):
+            resume, picked = ds._source.resume, sources == i
+            count = int(picked.sum())
+            closed = None if resume is None else resume.progress.segments[:-1]
+            if resume is None or closed != progress.segments[:-1] or resume.items != count:
+                raise ConfigError(
+                    f"epoch {progress.epoch} of this mix was re-cut for world size "
+                    f"{progress.current.world_size}, but the sidecar of source {self._spec.names[i]!r} does "
+                    "not serve that re-cut: restart the pod, so that each sidecar asks its stream again"
+                )
+            if ds._ledger is not None:
+                raise ConfigError(
+                    "a mix's epoch re-cut through its sidecars is not recorded in the ledger: connect "
+                    "without ledger= for the rest of this epoch"
+                )
+            rows[picked] = resume.first + np.arange(count, dtype=np.int64)
+        return rows
 
     def locate(self, indexes: Sequence[SupportsIndex] | Positions) -> list[tuple[str, int]]:
         """For each index, in this epoch: its source's name and the index into that source's view."""
@@ -317,15 +347,17 @@ class Mix(_Epochs):
     def iter_positions(self, indexes: Sequence[SupportsIndex] | Positions) -> Iterator[Item]:
         """Items at ``indexes`` (of this epoch) in that order, each source read ahead of the consumer."""
         sources, within = self._resolve(self._indexes(indexes))
-        return self._interleave(sources, within, self._sources)
+        views, epoch = self._sources, self._epoch
+        return self._interleave(sources, within, lambda i, at: _source_items(views[i], at, epoch))
 
     def _interleave(
-        self, sources: Positions, within: Positions, views: tuple[Dataset, ...]
+        self, sources: Positions, within: Positions, read: Callable[[int, Positions], Iterator[Item]]
     ) -> Iterator[Item]:
-        """Items ``within[k]`` of ``views[sources[k]]`` in turn, each source read ahead."""
+        """Items ``within[k]`` of source ``sources[k]`` in turn, each source read ahead (``read(i, at)``
+        reads source ``i`` at ``at``, in that order)."""
         readers = [
-            _source_items(ds, within[sources == i], self._epoch) if bool((sources == i).any()) else iter(())
-            for i, ds in enumerate(views)
+            read(i, within[sources == i]) if bool((sources == i).any()) else iter(())
+            for i in range(len(self._sources))
         ]
         names, served = self._spec.names, self._served
         try:
@@ -348,18 +380,25 @@ class Mix(_Epochs):
         plan = self._epoch_plan()
         if order is None:
             order = plan.rank.visit(worker, num_workers)
-        entries = plan.rank.assignment[order[start:]]
-        if not plan.recut:
-            return self.iter_positions(entries)
-        sources, within = split_keys(entries, [len(ds) for ds in self._whole_views()])
-        return self._interleave(sources, within, self._whole_views())
+        entries = order[start:]
+        if plan.sources is None or plan.within is None:
+            return self.iter_positions(plan.rank.assignment[entries])
+        sources, within = plan.sources[entries], plan.within[entries]
+        if plan.sidecars:
+            return self._interleave(sources, within, lambda i, rows: self._sources[i]._iter_source(rows))
+        wholes = self._whole_views()
+        return self._interleave(sources, within, lambda i, at: _source_items(wholes[i], at, self._epoch))
 
     def __iter__(self) -> Iterator[Item]:
-        """This epoch's items from the saved position on; a complete pass moves to the next epoch."""
-        for item in self._iter_epoch(start=self._position):
-            self._position += 1
-            yield item
-        self._next_epoch()
+        """This epoch's items from the saved position on; a complete pass moves to the next epoch. A mix
+        of sidecars reports how far it got through its first source's sidecar (its stream keeps it)."""
+        yield from self._passing(self._iter_epoch(start=self._position))
+
+    def _reporter(self) -> Source | None:
+        if self._recuttable() or self._shard is None:
+            return None
+        sidecars = [ds._reporter() for ds in self._sources]
+        return sidecars[0] if None not in sidecars else None
 
     # -- resume --------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
 from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
-from sluicegate._dataset import Dataset, Item
+from sluicegate._dataset import Item
 from sluicegate._exceptions import ConfigError
 from sluicegate._mix import Readable
 from sluicegate.core.partition import Pass, pass_of
@@ -324,12 +324,11 @@ class IterDataset(_Loadable, tud.IterableDataset[Any]):
     def _report(self) -> None:
         """Tell a sidecar how far the trainer got (every second at most, and at the end of a pass)."""
         seen = self._seen
-        if seen is None or seen.broken is not None or not isinstance(self.source, Dataset):
+        if seen is None or seen.broken is not None or self.source._reporter() is None:
             return
         seen.reported = time.monotonic()
-        if self.source._reports():
-            self._at_epoch()
-            self.source._report(seen.step(self.source))
+        source = self._at_epoch()
+        source._report(seen.step(source))
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch and exactly what the trainer consumed of it: the samples a :class:`DataLoader` over

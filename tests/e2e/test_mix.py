@@ -155,8 +155,96 @@ def test_a_job_over_a_mix_reads_each_source_through_its_own_sidecar(cp: ControlP
     assert "is a mix" in no_source.text
     other = cp.broker(BrokerPaths.PLAN + "?source=other", token, {})
     assert other.status_code == 404, other.text
-    assert cp.broker(BrokerPaths.PROGRESS + "?source=web", token, {"epoch": 0, "segment": 0, "world_size": 2,
-        "rank": 0, "consumed": [[1]]}).status_code == 409  # fmt: skip
+
+
+PARTLY = """
+import json, sluicegate
+ds = sluicegate.connect(timeout=45)
+got = []
+for item in ds:
+    got.append([item.source, item.id])
+    if len(got) == TAKE:
+        break
+ds.close()  # the last progress report on its way to the sidecar
+print(json.dumps(got))
+"""
+
+
+def _run_job(cp: ControlPlane, job: str, stream: str, world: int, script: str, tmp: Path) -> list[Any]:
+    """Each pod of an Indexed Job of ``world`` pods runs ``script`` through its two sidecars (left running:
+    they pass the trainer's last progress report on); what each trainer printed, by rank."""
+    pods = cp.indexed_job(job, stream, completions=world)
+    outputs = []
+    with contextlib.ExitStack() as stack:
+        for rank, pod in enumerate(pods):
+            token = cp.pod_token(pod)
+            sidecars = []
+            for name in ("sluicegate-sidecar-coco", "sluicegate-sidecar-web"):
+                root = tmp / f"{job}-{rank}{name[-4:]}"
+                root.mkdir()
+                local = LocalPod.of(pod, cp, root, container=name)
+                stack.callback(local.stop)
+                sidecars.append(local.start(token))
+            for local in sidecars:
+                wait_for(local.ready, timeout_s=40, what=f"sidecar {local.root.name} ready")
+            env = env_of(pod["spec"]["containers"][0])
+            for local in sidecars:
+                env = local.moved(env)
+            trainer = sidecars[0].train(script, env=env)
+            out, err = trainer.communicate(timeout=90)
+            assert trainer.returncode == 0, f"{err}\n{sidecars[0].logs()}\n{sidecars[1].logs()}"
+            outputs.append(json.loads(out))
+        if script is not TRAINER_REST:
+            # Every rank's report reached the stream (a sidecar passes the last one on within a second).
+            wait_for(
+                lambda: (
+                    (progress := cp.get("datasetstreams", stream, "-n", cp.team_ns)["status"].get("progress"))
+                    and all(c for c in progress["segments"][-1]["consumed"])
+                ),
+                timeout_s=30,
+                what="the stream's progress from every rank",
+            )
+    cp.kubectl("delete", "job", job, "-n", cp.team_ns, "--cascade=foreground", "--wait=true")
+    return outputs
+
+
+TRAINER_REST = """
+import json, sluicegate
+ds = sluicegate.connect(timeout=45)
+epoch = ds.epoch
+got = [[item.source, item.id] for item in ds]
+print(json.dumps({"epoch": epoch, "got": got}))
+"""
+
+
+def test_a_mix_job_recreated_at_another_parallelism_continues_the_epoch(cp: ControlPlane) -> None:
+    """2 pods read 7 items each of the mix's epoch 0 and stop; the stream keeps what they consumed. The
+    Job re-created with 3 pods reads the rest of that epoch, each pod through its two sidecars: together
+    every item the 2-rank epoch picked, once (but the re-cut's pad), and the 3 ranks read equal amounts."""
+    devcluster.apply_admitted(cp.testbed, _mix_stream(cp, "elastic-mix"))
+    cp.wait_ready("datasetstreams", cp.team_ns, "elastic-mix")
+    take = 7
+    with tempfile.TemporaryDirectory(prefix="sg-") as tmp:
+        first = _run_job(cp, "first-mix", "elastic-mix", 2, PARTLY.replace("TAKE", str(take)), Path(tmp))
+        assert [len(got) for got in first] == [take, take]
+        progress = cp.get("datasetstreams", "elastic-mix", "-n", cp.team_ns)["status"]["progress"]
+        assert progress["segments"] == [{"worldSize": 2, "consumed": [[[take]], [[take]]]}]
+        second = _run_job(cp, "second-mix", "elastic-mix", 3, TRAINER_REST, Path(tmp))
+    assert [out["epoch"] for out in second] == [0, 0, 0], "the re-created pods continue epoch 0"
+    rest = [out["got"] for out in second]
+    assert len({len(got) for got in rest}) == 1, "equal ranks in the re-cut"
+    picked: set[tuple[str, str]] = set()
+    for rank in range(WORLD):
+        expected = _embedded(cp, rank)
+        expected.set_epoch(0)
+        picked |= {(i.source, i.id) for i in expected}
+    done = {(s, i) for got in first for s, i in got}
+    later = [(s, i) for got in rest for s, i in got]
+    assert not done & set(later), "nothing read before is read again"
+    assert done | set(later) == picked, "every item the epoch picked, and nothing else"
+    assert len(later) - len(set(later)) == -len(picked - done) % 3, "repeats: the re-cut's pad only"
+    progress = cp.get("datasetstreams", "elastic-mix", "-n", cp.team_ns)["status"]["progress"]
+    assert [s["worldSize"] for s in progress["segments"]] == [2, 3]
 
 
 def test_a_pod_that_may_not_stream_every_source_is_refused(cp: ControlPlane) -> None:

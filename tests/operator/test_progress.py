@@ -92,3 +92,18 @@ def test_progress_stays_bounded() -> None:
     many = [f"{i:036d}" for i in range(4096)]
     with pytest.raises(Refused, match="bytes"):
         rules._bounded(stored.model_copy(update={"owners": many}))
+
+
+def test_a_mix_basis_changes_with_any_source_weight_or_epoch_length() -> None:
+    spec = ShardSpec(seed=3)
+    parts = [rules.basis(1, ("labels.car > 0",), spec), rules.basis(2, ("",), spec)]
+    base = rules.mix_basis(parts, [0.75, 0.25], "first_exhausted")
+    assert base == rules.mix_basis(list(parts), [0.75, 0.25], "first_exhausted")
+    changed = [
+        rules.mix_basis([parts[0], rules.basis(3, ("",), spec)], [0.75, 0.25], "first_exhausted"),
+        rules.mix_basis(parts, [0.7, 0.3], "first_exhausted"),
+        rules.mix_basis(parts, [0.75, 0.25], "all_exhausted"),
+        rules.mix_basis(parts[::-1], [0.75, 0.25], "first_exhausted"),
+    ]
+    assert base not in changed
+    assert len(set(changed)) == len(changed)

@@ -66,7 +66,9 @@ __all__ = [
     "layout",
     "mix_length",
     "recut_keys",
+    "recut_rest",
     "seam",
+    "segment_length",
     "source_seed",
     "split_keys",
     "weight_fractions",
@@ -446,7 +448,13 @@ def split_keys(keys: Positions, lengths: Sequence[int]) -> tuple[Positions, Posi
     return sources.astype(np.int64), (keys - offsets[sources]).astype(np.int64)
 
 
-def recut_keys(
+def _spec(seed: int | None, remainder: Remainder, rank: int, world_size: int) -> ShardSpec:
+    return ShardSpec(
+        rank=rank, world_size=world_size, seed=seed or 0, shuffle=seed is not None, remainder=remainder
+    )
+
+
+def recut_rest(
     lengths: Sequence[int],
     weights: Sequence[float],
     *,
@@ -454,17 +462,8 @@ def recut_keys(
     remainder: Remainder,
     epoch_length: EpochLength,
     progress: Progress,
-    rank: int,
 ) -> Positions:
-    """Rank ``rank``'s keys in ``progress``'s current segment (one after segment 0: a re-cut), in the
-    order it reads them: its block of what the closed segments left."""
-    spec = ShardSpec(
-        rank=rank,
-        world_size=progress.current.world_size,
-        seed=seed or 0,
-        shuffle=seed is not None,
-        remainder=remainder,
-    )
+    """The keys the closed segments of ``progress`` left, in the order the current segment cuts them."""
 
     def first(r: int, world: int) -> Positions:
         return epoch_keys(
@@ -478,5 +477,44 @@ def recut_keys(
             epoch_length=epoch_length,
         )
 
-    rest = _partition.remainder_after(int(sum(lengths)), spec, progress.epoch, progress.segments[:-1], first)
-    return _partition.recut_assignment(rest, spec)
+    spec = _spec(seed, remainder, 0, 1)
+    return _partition.remainder_after(int(sum(lengths)), spec, progress.epoch, progress.segments[:-1], first)
+
+
+def recut_keys(
+    lengths: Sequence[int],
+    weights: Sequence[float],
+    *,
+    seed: int | None,
+    remainder: Remainder,
+    epoch_length: EpochLength,
+    progress: Progress,
+    rank: int,
+) -> Positions:
+    """Rank ``rank``'s keys in ``progress``'s current segment (one after segment 0: a re-cut), in the
+    order it reads them: its block of what the closed segments left."""
+    rest = recut_rest(
+        lengths, weights, seed=seed, remainder=remainder, epoch_length=epoch_length, progress=progress
+    )
+    return _partition.recut_assignment(rest, _spec(seed, remainder, rank, progress.current.world_size))
+
+
+def segment_length(
+    lengths: Sequence[int],
+    weights: Sequence[float],
+    *,
+    seed: int | None,
+    remainder: Remainder,
+    epoch_length: EpochLength,
+    progress: Progress,
+) -> int:
+    """What each rank reads of ``progress``'s current segment: the mix's epoch on a rank in segment 0,
+    its block of the re-cut after."""
+    world = progress.current.world_size
+    if not progress.segment:
+        per_rank = [_partition.per_rank(int(n), world, remainder) for n in lengths]
+        return _length_checked(per_rank, weight_fractions(weights), epoch_length)
+    rest = recut_rest(
+        lengths, weights, seed=seed, remainder=remainder, epoch_length=epoch_length, progress=progress
+    )
+    return _partition.per_rank(len(rest), world, remainder)

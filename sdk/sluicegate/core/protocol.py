@@ -111,6 +111,11 @@ class Resume(BaseModel):
     progress: Progress
     first: int = Field(ge=0, description="plan index of the re-cut assignment's first row")
     items: int = Field(ge=0, description="rows in this rank's re-cut assignment (0 in segment 0)")
+    mix: bool = Field(
+        default=False,
+        description="the progress is of a mix's order (a DatasetStream's spec.sources), whose re-cut rows of "
+        "this source are these: the trainer's mix continues it, not this source alone",
+    )
 
 
 class Info(ShardSpec):

@@ -22,6 +22,7 @@ from sluicegate.core.mix import (
     layout,
     mix_length,
     recut_keys,
+    segment_length,
     source_seed,
     split_keys,
     weight_fractions,
@@ -332,6 +333,14 @@ def test_re_cuts_over_any_world_sizes_read_the_epoch_once(
                 for r in range(next_world)
             ]
         assert len({len(k) for k in sequences}) == 1, "equal ranks"
+        assert len(sequences[0]) == segment_length(
+            lengths,
+            weights,
+            seed=seed,
+            remainder=remainder,
+            epoch_length=Stop.FIRST_EXHAUSTED,
+            progress=progress,
+        )
         final = step == len(restarts)
         for r, keys in enumerate(sequences):
             before = progress.current.consumed[r]
