@@ -14,13 +14,13 @@ import json
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sluicegate
-from sluicegate.core.broker_protocol import BrokerPaths, MixEnv, TrainerEnv
+from sluicegate.core.broker_protocol import BrokerPaths, MixEnv, PlanResponse, TrainerEnv
 
 from tests.e2e.conftest import ControlPlane, control_plane
 from tests.e2e.localpod import LocalPod, env_of
@@ -170,9 +170,18 @@ print(json.dumps(got))
 """
 
 
-def _run_job(cp: ControlPlane, job: str, stream: str, world: int, script: str, tmp: Path) -> list[Any]:
+def _run_job(
+    cp: ControlPlane,
+    job: str,
+    stream: str,
+    world: int,
+    script: str,
+    tmp: Path,
+    then: Callable[[list[dict[str, Any]]], None] = lambda pods: None,
+) -> list[Any]:
     """Each pod of an Indexed Job of ``world`` pods runs ``script`` through its two sidecars (left running:
-    they pass the trainer's last progress report on); what each trainer printed, by rank."""
+    they pass the trainer's last progress report on); what each trainer printed, by rank. ``then(pods)``
+    runs before the Job is deleted."""
     pods = cp.indexed_job(job, stream, completions=world)
     outputs = []
     with contextlib.ExitStack() as stack:
@@ -194,16 +203,16 @@ def _run_job(cp: ControlPlane, job: str, stream: str, world: int, script: str, t
             out, err = trainer.communicate(timeout=90)
             assert trainer.returncode == 0, f"{err}\n{sidecars[0].logs()}\n{sidecars[1].logs()}"
             outputs.append(json.loads(out))
-        if script is not TRAINER_REST:
-            # Every rank's report reached the stream (a sidecar passes the last one on within a second).
-            wait_for(
-                lambda: (
-                    (progress := cp.get("datasetstreams", stream, "-n", cp.team_ns)["status"].get("progress"))
-                    and all(c for c in progress["segments"][-1]["consumed"])
-                ),
-                timeout_s=30,
-                what="the stream's progress from every rank",
-            )
+        # Every rank's report reached the stream (a sidecar passes the last one on within a second).
+        wait_for(
+            lambda: (
+                (progress := cp.get("datasetstreams", stream, "-n", cp.team_ns)["status"].get("progress"))
+                and all(c for c in progress["segments"][-1]["consumed"])
+            ),
+            timeout_s=30,
+            what="the stream's progress from every rank",
+        )
+        then(pods)
     cp.kubectl("delete", "job", job, "-n", cp.team_ns, "--cascade=foreground", "--wait=true")
     return outputs
 
@@ -213,6 +222,7 @@ import json, sluicegate
 ds = sluicegate.connect(timeout=45)
 epoch = ds.epoch
 got = [[item.source, item.id] for item in ds]
+ds.close()
 print(json.dumps({"epoch": epoch, "got": got}))
 """
 
@@ -229,11 +239,13 @@ def test_a_mix_job_recreated_at_another_parallelism_continues_the_epoch(cp: Cont
         assert [len(got) for got in first] == [take, take]
         progress = cp.get("datasetstreams", "elastic-mix", "-n", cp.team_ns)["status"]["progress"]
         assert progress["segments"] == [{"worldSize": 2, "consumed": [[[take]], [[take]]]}]
-        second = _run_job(cp, "second-mix", "elastic-mix", 3, TRAINER_REST, Path(tmp))
+        second = _run_job(
+            cp, "second-mix", "elastic-mix", 3, TRAINER_REST, Path(tmp), then=lambda pods: _attacks(cp, pods)
+        )
     assert [out["epoch"] for out in second] == [0, 0, 0], "the re-created pods continue epoch 0"
     rest = [out["got"] for out in second]
     assert len({len(got) for got in rest}) == 1, "equal ranks in the re-cut"
-    picked: set[tuple[str, str]] = set()
+    picked: set[tuple[str | None, str]] = set()
     for rank in range(WORLD):
         expected = _embedded(cp, rank)
         expected.set_epoch(0)
@@ -245,6 +257,36 @@ def test_a_mix_job_recreated_at_another_parallelism_continues_the_epoch(cp: Cont
     assert len(later) - len(set(later)) == -len(picked - done) % 3, "repeats: the re-cut's pad only"
     progress = cp.get("datasetstreams", "elastic-mix", "-n", cp.team_ns)["status"]["progress"]
     assert [s["worldSize"] for s in progress["segments"]] == [2, 3]
+
+
+def _attacks(cp: ControlPlane, pods: list[dict[str, Any]]) -> None:
+    """A pod of the re-cut Job, with its own token: it may fetch its re-cut rows, and nothing of another
+    rank's; it cannot report for another rank, for the closed segment, or less than it reported."""
+    tokens = [cp.pod_token(pod) for pod in pods]
+    plans = [
+        PlanResponse.model_validate_json(cp.broker(BrokerPaths.PLAN + "?source=coco", t, {}).content)
+        for t in tokens[:2]
+    ]
+    resume = plans[0].resume
+    assert resume is not None
+    assert (resume.mix, resume.progress.segment) == (True, 1)
+    mine = {row.blob for row in plans[0].rows}
+    recut = plans[0].rows[resume.first : resume.first + resume.items]
+    assert recut, "rank 0 has coco items in its block"
+    urls = BrokerPaths.URLS + "?source=coco"
+    assert cp.broker(urls, tokens[0], {"blobs": [recut[0].blob]}).status_code == 200
+    theirs = [row.blob for row in plans[1].rows if row.blob not in mine]
+    assert theirs, "rank 1 has coco rows rank 0 has not"
+    refused = cp.broker(urls, tokens[0], {"blobs": [theirs[0]]})
+    assert refused.status_code == 403, refused.text
+    progress = BrokerPaths.PROGRESS + "?source=coco"
+    report = {"epoch": 0, "segment": 1, "world_size": 3, "rank": 1, "consumed": [[1]]}
+    assert cp.broker(progress, tokens[0], report).status_code == 403  # another rank
+    closed = cp.broker(progress, tokens[0], {**report, "rank": 0, "segment": 0, "world_size": 2})
+    assert closed.status_code == 403, closed.text  # not its grant's world size either
+    lowered = cp.broker(progress, tokens[0], {**report, "rank": 0, "consumed": [[1]]})
+    assert lowered.status_code == 409, lowered.text
+    assert "consumed less" in lowered.text
 
 
 def test_a_pod_that_may_not_stream_every_source_is_refused(cp: ControlPlane) -> None:
