@@ -47,8 +47,10 @@ print(json.dumps([[item.id, item.blob, hashlib.sha256(item.data).hexdigest()] fo
 """
 # One that records the ledger of run RUN: the sidecar passes its reports on to the broker.
 RUN = "e2e-run"
-LEDGER_TRAINER = TRAINER.replace(
-    "timeout=45)", f"timeout=45, ledger=sluicegate.Ledger(run={RUN!r}, flush_items=3))"
+# It closes the dataset: the ledger's last records are written then, waiting up to 10 s (at exit, 4 s).
+LEDGER_TRAINER = (
+    TRAINER.replace("timeout=45)", f"timeout=45, ledger=sluicegate.Ledger(run={RUN!r}, flush_items=3))")
+    + "ds.close()\n"
 )
 
 
