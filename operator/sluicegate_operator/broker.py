@@ -31,7 +31,7 @@ from sluicegate.core.broker_protocol import (
     UrlsRequest,
     UrlsResponse,
 )
-from sluicegate.core.mix import recut_keys, segment_length, source_seed, split_keys
+from sluicegate.core.mix import MixKeys, source_seed
 from sluicegate.core.partition import Progress, ShardSpec, per_rank
 from sluicegate.core.protocol import Resume
 from sluicegate.core.store import blob_key
@@ -135,15 +135,17 @@ class MixCut:
             [g.basis() for g in self.parts], [g.part.weight for g in self.parts], spec.epoch_length
         )
 
-    def arithmetic(self) -> dict[str, Any]:
-        """The mix's parameters as sluicegate.core.mix takes them (what the pod's sluicegate.mix has)."""
+    def keyed(self, lengths: Sequence[int]) -> MixKeys:
+        """The mix's keys over ``lengths`` (what the pod selects of each source): the arithmetic of the
+        pod's own ``sluicegate.mix``."""
         sharding = self.stream.spec.sharding
-        return {
-            "weights": [g.part.weight for g in self.parts],
-            "seed": sharding.seed if sharding.shuffle else None,
-            "remainder": sharding.remainder,
-            "epoch_length": self.stream.spec.epoch_length,
-        }
+        return MixKeys(
+            tuple(lengths),
+            tuple(g.part.weight for g in self.parts),
+            sharding.seed if sharding.shuffle else None,
+            sharding.remainder,
+            self.stream.spec.epoch_length,
+        )
 
 
 @dataclass(frozen=True)
@@ -436,9 +438,8 @@ class Broker:
                 grant,
                 lambda version: self._catalog.segment(grant.store, version, grant.queries, spec, progress),
             )
-        lengths = self._lengths(mix)
-        keys = recut_keys(lengths, **mix.arithmetic(), progress=progress, rank=grant.rank)
-        sources, positions = split_keys(keys, lengths)
+        keyed = mix.keyed(self._lengths(mix))
+        sources, positions = keyed.split(keyed.recut(progress, grant.rank))
         mine = positions[sources == grant.part.index]
         return self._read(
             grant, lambda version: self._catalog.rows(grant.store, version, grant.queries, mine)
@@ -523,7 +524,7 @@ class Broker:
         def length(progress: Progress) -> int:
             # The rank's count in the progress' current segment: every rank's is the same.
             if mix is not None:
-                return segment_length(self._lengths(mix), **mix.arithmetic(), progress=progress)
+                return mix.keyed(self._lengths(mix)).segment_length(progress)
             if not progress.segment:
                 selected = self._read(
                     grant, lambda version: self._catalog.select(grant.store, version, grant.queries)

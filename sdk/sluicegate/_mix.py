@@ -27,7 +27,7 @@ from sluicegate._exceptions import ConfigError
 from sluicegate._source import Item, Source
 from sluicegate.core import partition as _partition
 from sluicegate.core.ledger import Order, Reading
-from sluicegate.core.mix import EpochLength, MixPlan, MixSpec, Stop, recut_keys, source_seed, split_keys
+from sluicegate.core.mix import EpochLength, MixKeys, MixPlan, MixSpec, Stop, source_seed
 from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, RankState, Remainder, ShardSpec
 
 __all__ = ["Mix", "Readable", "mix"]
@@ -89,7 +89,7 @@ class _MixState(RankState):
 @dataclass(frozen=True)
 class _MixEpoch:
     """One epoch's plan on this rank: ``rank.assignment`` holds the mix's slots (segment 0) or, in an epoch
-    re-cut for another world size, keys (:func:`~sluicegate.core.mix.epoch_keys`) into the sources' whole
+    re-cut for another world size, keys (:class:`~sluicegate.core.mix.MixKeys`) into the sources' whole
     selections; ``progress`` is what the epoch's reading continues (None: a fresh epoch)."""
 
     rank: RankPlan
@@ -258,18 +258,16 @@ class Mix(_Epochs):
             assignment = np.arange(plan.length, dtype=np.int64)
             sources = within = None
         else:
-            lengths = self._selected() or [ds._source.total for ds in self._sources]
-            assignment = recut_keys(
-                lengths,
+            keyed = MixKeys(
+                tuple(self._selected() or [ds._source.total for ds in self._sources]),
                 self._spec.weights,
-                seed=self._seed,
-                remainder=cut.remainder,
-                epoch_length=self._spec.epoch_length,
-                progress=progress,
-                rank=cut.rank,
+                self._seed,
+                cut.remainder,
+                self._spec.epoch_length,
             )
+            assignment = keyed.recut(progress, cut.rank)
             order = np.arange(len(assignment), dtype=np.int64)
-            sources, within = split_keys(assignment, lengths)
+            sources, within = keyed.split(assignment)
             if not self._recuttable():
                 within = self._sidecar_rows(sources, progress)
         passes = () if progress is None else progress.current.consumed[cut.rank]

@@ -28,9 +28,9 @@ pad/drop rule, so each has the same length ``m_i`` on every rank). One *epoch* o
 
 Elastic resume: an epoch saved at one world size goes on at another as a dataset's does
 (:mod:`sluicegate.core.partition`), over *keys*: item ``p`` of source ``i`` (its place in the source's
-selection, before sharding) is ``offset_i + p`` (:func:`epoch_keys`). Segment 0 is the mix's epoch above,
+selection, before sharding) is ``offset_i + p`` (:class:`MixKeys`). Segment 0 is the mix's epoch above,
 every rank's sequence of keys; what its ranks left is re-cut in equal blocks for the next world size
-(:func:`recut_keys`), each block read in the order it has. So over the epoch each item the mix epoch
+(:meth:`MixKeys.recut`), each block read in the order it has. So over the epoch each item the mix epoch
 picked is read once (but pad's repeats), and ranks stay equal. The next epoch is the mix's epoch at the
 new world size: its windows (step 3) are that world size's, so a source larger than its share is read
 round-robin across the epochs of one world size.
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 from typing import Any
@@ -56,21 +57,17 @@ from sluicegate.core.partition import Positions, Progress, Remainder, ShardSpec
 
 __all__ = [
     "EpochLength",
+    "MixKeys",
     "MixPlan",
     "MixSpec",
     "SourceStream",
     "Stop",
     "apportion",
-    "epoch_keys",
     "epoch_pairs",
     "layout",
     "mix_length",
-    "recut_keys",
-    "recut_rest",
     "seam",
-    "segment_length",
     "source_seed",
-    "split_keys",
     "weight_fractions",
 ]
 
@@ -402,119 +399,74 @@ def epoch_pairs(
     return plan.resolve(slots, epoch)
 
 
-def _offsets(lengths: Sequence[int]) -> Positions:
-    return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
+@dataclass(frozen=True)
+class MixKeys:
+    """A mix's epochs as keys, for re-cutting them at another world size (elastic resume): source ``i``'s
+    item ``p`` (its place in the source's selection, before sharding) is ``offset_i + p``, the offsets the
+    running sum of ``lengths``. What a trainer's mix and the broker both compute a re-cut from."""
 
+    lengths: tuple[int, ...]  # each source's selection
+    weights: tuple[float, ...]
+    seed: int | None  # None: not shuffled
+    remainder: Remainder
+    epoch_length: EpochLength
 
-def epoch_keys(
-    lengths: Sequence[int],
-    weights: Sequence[float],
-    *,
-    epoch: int,
-    seed: int | None,
-    rank: int,
-    world_size: int,
-    remainder: Remainder,
-    epoch_length: EpochLength,
-) -> Positions:
-    """Rank ``rank``'s sequence of ``epoch`` (:func:`epoch_pairs`) as keys: source ``i``'s item ``p`` (its
-    place in the source's selection) is ``offset_i + p``, the offsets the running sum of ``lengths``."""
-    sources, within = epoch_pairs(
-        lengths,
-        weights,
-        epoch=epoch,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        remainder=remainder,
-        epoch_length=epoch_length,
-    )
-    offsets = _offsets(lengths)
-    keys = np.empty(len(sources), dtype=np.int64)
-    for i, n in enumerate(lengths):
-        picked = sources == i
-        own = None if seed is None else source_seed(seed, i)
-        cut = _partition.shard(
-            int(n), rank, world_size, seed=own or 0, shuffle=own is not None, remainder=remainder
+    def keys(self, epoch: int, rank: int, world_size: int) -> Positions:
+        """Rank ``rank``'s sequence of ``epoch`` (:func:`epoch_pairs`), as keys."""
+        sources, within = epoch_pairs(
+            self.lengths,
+            self.weights,
+            epoch=epoch,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            remainder=self.remainder,
+            epoch_length=self.epoch_length,
         )
-        keys[picked] = offsets[i] + cut[within[picked]]
-    return keys
+        offsets = self._offsets()
+        keys = np.empty(len(sources), dtype=np.int64)
+        for i, n in enumerate(self.lengths):
+            picked = sources == i
+            cut = self._spec(rank, world_size, source_seed(self.seed, i) if self.seed is not None else None)
+            keys[picked] = offsets[i] + cut.positions(int(n))[within[picked]]
+        return keys
 
+    def split(self, keys: Positions) -> tuple[Positions, Positions]:
+        """Each key's source and its place in that source's selection (the inverse of :meth:`keys`)."""
+        offsets = self._offsets()
+        sources = np.searchsorted(offsets, keys, side="right") - 1
+        return sources.astype(np.int64), (keys - offsets[sources]).astype(np.int64)
 
-def split_keys(keys: Positions, lengths: Sequence[int]) -> tuple[Positions, Positions]:
-    """Each key's source and its place in that source's selection (the inverse of :func:`epoch_keys`)."""
-    offsets = _offsets(lengths)
-    sources = np.searchsorted(offsets, keys, side="right") - 1
-    return sources.astype(np.int64), (keys - offsets[sources]).astype(np.int64)
-
-
-def _spec(seed: int | None, remainder: Remainder, rank: int, world_size: int) -> ShardSpec:
-    return ShardSpec(
-        rank=rank, world_size=world_size, seed=seed or 0, shuffle=seed is not None, remainder=remainder
-    )
-
-
-def recut_rest(
-    lengths: Sequence[int],
-    weights: Sequence[float],
-    *,
-    seed: int | None,
-    remainder: Remainder,
-    epoch_length: EpochLength,
-    progress: Progress,
-) -> Positions:
-    """The keys the closed segments of ``progress`` left, in the order the current segment cuts them."""
-
-    def first(r: int, world: int) -> Positions:
-        return epoch_keys(
-            lengths,
-            weights,
-            epoch=progress.epoch,
-            seed=seed,
-            rank=r,
-            world_size=world,
-            remainder=remainder,
-            epoch_length=epoch_length,
+    def rest(self, progress: Progress) -> Positions:
+        """The keys the closed segments of ``progress`` left, in the order the current segment cuts them."""
+        return _partition.remainder_after(
+            int(sum(self.lengths)),
+            self._spec(0, 1, self.seed),
+            progress.epoch,
+            progress.segments[:-1],
+            lambda rank, world: self.keys(progress.epoch, rank, world),
         )
 
-    spec = _spec(seed, remainder, 0, 1)
-    return _partition.remainder_after(int(sum(lengths)), spec, progress.epoch, progress.segments[:-1], first)
+    def recut(self, progress: Progress, rank: int) -> Positions:
+        """Rank ``rank``'s keys in ``progress``'s current segment (one after segment 0: a re-cut), in the
+        order it reads them: its block of what the closed segments left."""
+        spec = self._spec(rank, progress.current.world_size, self.seed)
+        return _partition.recut_assignment(self.rest(progress), spec)
 
+    def segment_length(self, progress: Progress) -> int:
+        """What each rank reads of ``progress``'s current segment: the mix's epoch on a rank in segment 0,
+        its block of the re-cut after."""
+        world = progress.current.world_size
+        if not progress.segment:
+            per_rank = [_partition.per_rank(int(n), world, self.remainder) for n in self.lengths]
+            return _length_checked(per_rank, weight_fractions(self.weights), self.epoch_length)
+        return _partition.per_rank(len(self.rest(progress)), world, self.remainder)
 
-def recut_keys(
-    lengths: Sequence[int],
-    weights: Sequence[float],
-    *,
-    seed: int | None,
-    remainder: Remainder,
-    epoch_length: EpochLength,
-    progress: Progress,
-    rank: int,
-) -> Positions:
-    """Rank ``rank``'s keys in ``progress``'s current segment (one after segment 0: a re-cut), in the
-    order it reads them: its block of what the closed segments left."""
-    rest = recut_rest(
-        lengths, weights, seed=seed, remainder=remainder, epoch_length=epoch_length, progress=progress
-    )
-    return _partition.recut_assignment(rest, _spec(seed, remainder, rank, progress.current.world_size))
+    def _offsets(self) -> Positions:
+        return np.concatenate([[0], np.cumsum(np.asarray(self.lengths, dtype=np.int64))]).astype(np.int64)
 
-
-def segment_length(
-    lengths: Sequence[int],
-    weights: Sequence[float],
-    *,
-    seed: int | None,
-    remainder: Remainder,
-    epoch_length: EpochLength,
-    progress: Progress,
-) -> int:
-    """What each rank reads of ``progress``'s current segment: the mix's epoch on a rank in segment 0,
-    its block of the re-cut after."""
-    world = progress.current.world_size
-    if not progress.segment:
-        per_rank = [_partition.per_rank(int(n), world, remainder) for n in lengths]
-        return _length_checked(per_rank, weight_fractions(weights), epoch_length)
-    rest = recut_rest(
-        lengths, weights, seed=seed, remainder=remainder, epoch_length=epoch_length, progress=progress
-    )
-    return _partition.per_rank(len(rest), world, remainder)
+    def _spec(self, rank: int, world_size: int, seed: int | None) -> ShardSpec:
+        shuffled = seed is not None
+        return ShardSpec(
+            rank=rank, world_size=world_size, seed=seed or 0, shuffle=shuffled, remainder=self.remainder
+        )

@@ -12,19 +12,16 @@ from hypothesis import strategies as st
 from sluicegate import ConfigError, Remainder
 from sluicegate.core import partition
 from sluicegate.core.mix import (
+    MixKeys,
     MixPlan,
     MixSpec,
     SourceStream,
     Stop,
     apportion,
-    epoch_keys,
     epoch_pairs,
     layout,
     mix_length,
-    recut_keys,
-    segment_length,
     source_seed,
-    split_keys,
     weight_fractions,
 )
 
@@ -249,22 +246,15 @@ def test_empty_sources_and_epochs_are_config_errors() -> None:
         epoch_pairs([5, 5], [1, 1], epoch=0, rank=2, world_size=2)
 
 
+def _keyed(lengths: list[int], weights: list[float], remainder: Remainder, seed: int | None) -> MixKeys:
+    return MixKeys(tuple(lengths), tuple(weights), seed, remainder, Stop.FIRST_EXHAUSTED)
+
+
 def _keys(
     lengths: list[int], weights: list[float], world: int, remainder: Remainder, seed: int | None, epoch: int
 ) -> list[np.ndarray]:
-    return [
-        epoch_keys(
-            lengths,
-            weights,
-            epoch=epoch,
-            seed=seed,
-            rank=r,
-            world_size=world,
-            remainder=remainder,
-            epoch_length=Stop.FIRST_EXHAUSTED,
-        )
-        for r in range(world)
-    ]
+    keyed = _keyed(lengths, weights, remainder, seed)
+    return [keyed.keys(epoch, r, world) for r in range(world)]
 
 
 @SETTINGS
@@ -279,7 +269,7 @@ def test_keys_name_each_entrys_source_and_item(
         sources, within = epoch_pairs(
             lengths, weights, epoch=epoch, seed=seed, rank=r, world_size=world, remainder=remainder
         )
-        got_sources, positions = split_keys(keys, lengths)
+        got_sources, positions = _keyed(lengths, weights, remainder, seed).split(keys)
         assert (got_sources == sources).all()
         for i, n in enumerate(lengths):
             own = None if seed is None else source_seed(seed, i)
@@ -320,27 +310,10 @@ def test_re_cuts_over_any_world_sizes_read_the_epoch_once(
             sequences = _keys(lengths, weights, next_world, remainder, seed, epoch)
             picked = np.concatenate(sequences)
         else:
-            sequences = [
-                recut_keys(
-                    lengths,
-                    weights,
-                    seed=seed,
-                    remainder=remainder,
-                    epoch_length=Stop.FIRST_EXHAUSTED,
-                    progress=progress,
-                    rank=r,
-                )
-                for r in range(next_world)
-            ]
+            keyed = _keyed(lengths, weights, remainder, seed)
+            sequences = [keyed.recut(progress, r) for r in range(next_world)]
         assert len({len(k) for k in sequences}) == 1, "equal ranks"
-        assert len(sequences[0]) == segment_length(
-            lengths,
-            weights,
-            seed=seed,
-            remainder=remainder,
-            epoch_length=Stop.FIRST_EXHAUSTED,
-            progress=progress,
-        )
+        assert len(sequences[0]) == _keyed(lengths, weights, remainder, seed).segment_length(progress)
         final = step == len(restarts)
         for r, keys in enumerate(sequences):
             before = progress.current.consumed[r]
