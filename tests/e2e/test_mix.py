@@ -115,25 +115,9 @@ def test_a_job_over_a_mix_reads_each_source_through_its_own_sidecar(cp: ControlP
         for rank, pod in enumerate(pods):
             names = [c["name"] for c in pod["spec"]["initContainers"]]
             assert names == ["sluicegate-sidecar-coco", "sluicegate-sidecar-web"]
-            token = cp.pod_token(pod)
-            sidecars = []
-            for name in names:
-                root = Path(tmp) / f"{rank}{name[-4:]}"
-                root.mkdir()
-                local = LocalPod.of(pod, cp, root, container=name)
-                stack.callback(local.stop)
-                sidecars.append(local.start(token))
-            for local in sidecars:
-                wait_for(local.ready, timeout_s=40, what=f"sidecar {local.root.name} ready")
-            env = env_of(pod["spec"]["containers"][0])
-            mix = MixEnv.model_validate_json(env[TrainerEnv.MIX])
+            mix = MixEnv.model_validate_json(env_of(pod["spec"]["containers"][0])[TrainerEnv.MIX])
             assert (mix.seed, [s.weight for s in mix.sources]) == (SEED, list(WEIGHTS.values()))
-            for local in sidecars:  # the trainer's environment names both moved sockets
-                env = local.moved(env)
-            trainer = sidecars[0].train(TRAINER, env=env)
-            out, err = trainer.communicate(timeout=90)
-            assert trainer.returncode == 0, f"{err}\n{sidecars[0].logs()}\n{sidecars[1].logs()}"
-            got = json.loads(out)
+            got = _train(cp, pod, TRAINER, Path(tmp) / str(rank), stack)
             expected = embedded[rank]
             assert got["len"] == len(expected)
             assert got["counts"] == expected.counts()
@@ -170,6 +154,30 @@ print(json.dumps(got))
 """
 
 
+def _train(
+    cp: ControlPlane, pod: dict[str, Any], script: str, root: Path, stack: contextlib.ExitStack
+) -> Any:
+    """``pod``'s two sidecars started here (stopped by ``stack``; left running until then) and its trainer
+    run through them: what the trainer printed, as JSON."""
+    token = cp.pod_token(pod)
+    sidecars = []
+    for name in ("sluicegate-sidecar-coco", "sluicegate-sidecar-web"):
+        where = root.with_name(f"{root.name}{name[-4:]}")
+        where.mkdir()
+        local = LocalPod.of(pod, cp, where, container=name)
+        stack.callback(local.stop)
+        sidecars.append(local.start(token))
+    for local in sidecars:
+        wait_for(local.ready, timeout_s=40, what=f"sidecar {local.root.name} ready")
+    env = env_of(pod["spec"]["containers"][0])
+    for local in sidecars:  # the trainer's environment names both moved sockets
+        env = local.moved(env)
+    trainer = sidecars[0].train(script, env=env)
+    out, err = trainer.communicate(timeout=90)
+    assert trainer.returncode == 0, f"{err}\n{sidecars[0].logs()}\n{sidecars[1].logs()}"
+    return json.loads(out)
+
+
 def _run_job(
     cp: ControlPlane,
     job: str,
@@ -186,23 +194,7 @@ def _run_job(
     outputs = []
     with contextlib.ExitStack() as stack:
         for rank, pod in enumerate(pods):
-            token = cp.pod_token(pod)
-            sidecars = []
-            for name in ("sluicegate-sidecar-coco", "sluicegate-sidecar-web"):
-                root = tmp / f"{job}-{rank}{name[-4:]}"
-                root.mkdir()
-                local = LocalPod.of(pod, cp, root, container=name)
-                stack.callback(local.stop)
-                sidecars.append(local.start(token))
-            for local in sidecars:
-                wait_for(local.ready, timeout_s=40, what=f"sidecar {local.root.name} ready")
-            env = env_of(pod["spec"]["containers"][0])
-            for local in sidecars:
-                env = local.moved(env)
-            trainer = sidecars[0].train(script, env=env)
-            out, err = trainer.communicate(timeout=90)
-            assert trainer.returncode == 0, f"{err}\n{sidecars[0].logs()}\n{sidecars[1].logs()}"
-            outputs.append(json.loads(out))
+            outputs.append(_train(cp, pod, script, tmp / f"{job}-{rank}", stack))
         # Every rank's report reached the stream (a sidecar passes the last one on within a second).
         wait_for(
             lambda: (
