@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, SupportsIndex
+from typing import Any, ClassVar, Protocol, Self, SupportsIndex
 
 import numpy as np
 from pydantic import Field
@@ -113,8 +113,19 @@ class _Epochs(ABC):
         self._position = 0  # items __iter__ handed out of what the epoch's plan had left
         self._progress: Progress | None = None  # the epoch resumed (load_state_dict), when it is _epoch's
 
+    # What state_dict() saves, and the fields every rank's state must share to be merged.
+    _STATE: ClassVar[type[RankState]]
+    _MERGED_SAME: ClassVar[tuple[str, ...]]
+
     @abstractmethod
     def _epoch_plan(self) -> _Planned: ...
+
+    @classmethod
+    def merge_states(cls, states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One state out of every rank's (``state_dict()`` of ranks ``0..world_size-1``, saved at one point
+        of one epoch): what each rank really consumed, for ranks that did not move in lockstep."""
+        parsed = [cls._STATE.model_validate(dict(s)) for s in states]
+        return _partition.merge(parsed, cls._MERGED_SAME).model_dump(mode="json")
 
     @abstractmethod
     def _rank_spec(self) -> ShardSpec:
@@ -202,6 +213,9 @@ class Dataset(_Epochs):
     ``prefetch`` is the read-ahead budget in bytes: iteration keeps that much requested ahead of the item
     it hands out. ``ledger``: record what this view hands out in the store's ledger (see :class:`Ledger`).
     """
+
+    _STATE = _State
+    _MERGED_SAME = ("length", "seed", "version", "selected", "sharded", "remainder")
 
     def __init__(
         self,
@@ -589,14 +603,6 @@ class Dataset(_Epochs):
             "sharded views on both sides: ds.shard(rank, world_size) (shard(0, 1) for one process)",
         )
         self._adopt(saved.epoch, progress)
-
-    @staticmethod
-    def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """One state out of every rank's (``state_dict()`` of ranks ``0..world_size-1``, saved at one point
-        of one epoch): what each rank really consumed, for ranks that did not move in lockstep."""
-        parsed = [_State.model_validate(dict(s)) for s in states]
-        same = ("length", "seed", "version", "selected", "sharded", "remainder")
-        return _partition.merge(parsed, same).model_dump(mode="json")
 
     @staticmethod
     def progress_of(state: Mapping[str, Any]) -> Progress | None:

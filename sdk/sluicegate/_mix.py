@@ -110,6 +110,9 @@ class Mix(_Epochs):
     where it came from: ``item.source`` is its source's name.
     """
 
+    _STATE = _MixState
+    _MERGED_SAME = ("length", "seed", "names", "counts", "versions", "weights", "selected", "remainder")
+
     def __init__(
         self,
         sources: tuple[Dataset, ...],
@@ -467,14 +470,6 @@ class Mix(_Epochs):
             "sidecars resumes at its own world size)",
         )
         self._adopt(saved.epoch, progress)
-
-    @staticmethod
-    def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """One state out of every rank's (``state_dict()`` of ranks ``0..world_size-1``, saved at one point
-        of one epoch): what each rank really consumed, for ranks that did not move in lockstep."""
-        parsed = [_MixState.model_validate(dict(s)) for s in states]
-        same = ("length", "seed", "names", "counts", "versions", "weights", "selected", "remainder")
-        return _partition.merge(parsed, same).model_dump(mode="json")
 
     # -- adapters and lifecycle ----------------------------------------------------------------
 
