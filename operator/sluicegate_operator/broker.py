@@ -32,7 +32,7 @@ from sluicegate.core.broker_protocol import (
     UrlsResponse,
 )
 from sluicegate.core.mix import MixKeys, source_seed
-from sluicegate.core.partition import Progress, ShardSpec, per_rank
+from sluicegate.core.partition import Positions, Progress, ShardSpec, per_rank
 from sluicegate.core.protocol import Resume
 from sluicegate.core.store import blob_key
 
@@ -438,12 +438,33 @@ class Broker:
                 grant,
                 lambda version: self._catalog.segment(grant.store, version, grant.queries, spec, progress),
             )
-        keyed = mix.keyed(self._lengths(mix))
-        sources, positions = keyed.split(keyed.recut(progress, grant.rank))
-        mine = positions[sources == grant.part.index]
+        mine = self._mix_block(grant, progress, mix)
         return self._read(
             grant, lambda version: self._catalog.rows(grant.store, version, grant.queries, mine)
         )
+
+    def _mix_block(self, grant: Grant, progress: Progress, mix: MixCut) -> Positions:
+        """Where the rank's block of a mix's re-cut epoch takes this source's items: positions in the pod's
+        selection of it, in block order (what its sidecar serves after the shard's rows)."""
+        keyed = mix.keyed(self._lengths(mix))
+        sources, positions = keyed.split(keyed.recut(progress, grant.rank))
+        mine: Positions = positions[sources == grant.part.index]
+        return mine
+
+    async def _recut_rows(self, grant: Grant, reported: Progress) -> Positions | None:
+        """What a report of a mix's re-cut rows indexes: the pod's :meth:`_mix_block` of the re-cut the
+        stream keeps, if the report is of that re-cut (None: of none the pod is served now)."""
+        mix = await self._mix_cut(grant)
+        stored = None if mix is None else self._stored(grant, mix)
+        if (
+            mix is None
+            or stored is None
+            or not stored.segment
+            or stored.current.world_size != grant.world_size
+            or not stored.cuts_as(reported)
+        ):
+            return None
+        return await self._catalog.run(self._mix_block, grant, stored, mix, store=grant.store)
 
     def _lengths(self, mix: MixCut) -> list[int]:
         """What the pod selects of each source of the mix (its policies applied)."""
@@ -560,9 +581,15 @@ class Broker:
         Any replica may take any report (each record is placed by its number, after the one before it)."""
         version = grant.version
         mine = ledger.View(queries=tuple(q for q in grant.queries if q.strip()), shard=grant.spec())
+        reported = report.consumed.recut
+        recut = None if reported is None else await self._recut_rows(grant, reported)
         try:
             consumed, who = report.recorded(
-                mine, namespace=grant.who.namespace, stream=grant.stream.metadata.name, pod=grant.who.pod_name
+                mine,
+                namespace=grant.who.namespace,
+                stream=grant.stream.metadata.name,
+                pod=grant.who.pod_name,
+                recut=recut,
             )
         except ConfigError as exc:
             raise Refused(400, "bad_request", str(exc)) from exc

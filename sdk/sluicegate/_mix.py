@@ -28,7 +28,16 @@ from sluicegate._source import Item, Source
 from sluicegate.core import partition as _partition
 from sluicegate.core.ledger import Order, Reading
 from sluicegate.core.mix import EpochLength, MixKeys, MixPlan, MixSpec, Stop, source_seed
-from sluicegate.core.partition import Pass, Positions, Progress, RankPlan, RankState, Remainder, ShardSpec
+from sluicegate.core.partition import (
+    Pass,
+    Positions,
+    Progress,
+    RankPlan,
+    RankState,
+    Remainder,
+    Segment,
+    ShardSpec,
+)
 
 __all__ = ["Mix", "Readable", "mix"]
 
@@ -287,17 +296,16 @@ class Mix(_Epochs):
         for i, ds in enumerate(self._sources):
             resume, picked = ds._source.resume, sources == i
             count = int(picked.sum())
-            closed = None if resume is None else resume.progress.segments[:-1]
-            if resume is None or closed != progress.segments[:-1] or resume.items != count:
+            if (
+                resume is None
+                or not resume.mix
+                or not resume.progress.cuts_as(progress)
+                or resume.items != count
+            ):
                 raise ConfigError(
                     f"epoch {progress.epoch} of this mix was re-cut for world size "
                     f"{progress.current.world_size}, but the sidecar of source {self._spec.names[i]!r} does "
                     "not serve that re-cut: restart the pod, so that each sidecar asks its stream again"
-                )
-            if ds._ledger is not None:
-                raise ConfigError(
-                    "a mix's epoch re-cut through its sidecars is not recorded in the ledger: connect "
-                    "without ledger= for the rest of this epoch"
                 )
             rows[picked] = resume.first + np.arange(count, dtype=np.int64)
         return rows
@@ -386,7 +394,10 @@ class Mix(_Epochs):
             return self.iter_positions(plan.rank.assignment[entries])
         sources, within = plan.sources[entries], plan.within[entries]
         if plan.sidecars:
-            return self._interleave(sources, within, lambda i, rows: self._sources[i]._iter_source(rows))
+            views = self._sources
+            return self._interleave(
+                sources, within, lambda i, rows: _recut_items(views[i], rows, self._epoch)
+            )
         wholes = self._whole_views()
         return self._interleave(sources, within, lambda i, at: _source_items(wholes[i], at, self._epoch))
 
@@ -537,6 +548,20 @@ def _source_items(view: Dataset, indexes: Positions, epoch: int) -> Iterator[Ite
         return items
     reading = view._reading(Order.INDEX).model_copy(update={"epoch": epoch})
     return _noted(items, indexes, recorder, reading, view._ledger)
+
+
+def _recut_items(view: Dataset, rows: Positions, epoch: int) -> Iterator[Item]:
+    """``view``'s sidecar rows ``rows`` of a re-cut mix epoch read ahead, noted in its ledger when it
+    records: as picks of the sidecar's re-cut rows (0 = its first), with the re-cut's progress, which the
+    serving side records as the selection positions it serves in those rows (``Consumed.recut_as``)."""
+    items = view._iter_source(rows)
+    recorder, resume = view._recorder(), view._source.resume
+    if recorder is None or view._ledger is None or resume is None:
+        return items
+    cut = resume.progress
+    fresh = cut.model_copy(update={"segments": (*cut.segments[:-1], Segment.fresh(cut.current.world_size))})
+    reading = view._reading(Order.INDEX, progress=fresh).model_copy(update={"epoch": epoch})
+    return _noted(items, rows - resume.first, recorder, reading, view._ledger)
 
 
 def _noted(

@@ -11,6 +11,7 @@ from sluicegate import Ledger, Store
 from sluicegate.core import ledger
 from sluicegate.core import protocol as proto
 from sluicegate.core.ledger import Consumed, Order, Reading, View, Writer
+from sluicegate.core.partition import Progress
 
 from tests.sidecar.helpers import InProcessSidecar, make_dataset
 
@@ -80,5 +81,19 @@ def test_a_report_sent_again_is_recorded_once_and_one_out_of_order_refused(tmp_p
         assert refused.status_code == 400
         assert "came before report 2" in refused.json()["message"]
         assert post("{}").status_code == 400
+        # A report of a mix's re-cut rows: this sidecar serves no mix, so there is nothing to record it as.
+        recut = reading.model_copy(
+            update={"order": Order.INDEX, "progress": Progress.start(0, 2).lockstep(((1,),)).recut(3)}
+        )
+        forged = proto.LedgerReport(
+            run="run-1",
+            chain="trainer",
+            number=2,
+            consumed=Consumed(reading=recut, ranges=((0, 1),)),
+            writer=Writer(host="h", pid=1),
+        )
+        refused = post(forged.model_dump_json())
+        assert refused.status_code == 400
+        assert "serves no re-cut of a mix" in refused.json()["message"]
     [chain] = ledger.read_run(Store(uri), "run-1")
     assert [r.ranges for r in chain.records] == [((0, 1),), ((1, 2),)]

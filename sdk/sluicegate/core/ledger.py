@@ -241,6 +241,40 @@ class Consumed(BaseModel):
             ) from exc
         return self.model_copy(update={"reading": reading})
 
+    @property
+    def recut(self) -> Progress | None:
+        """The re-cut epoch whose rows this stretch indexes, when it is of a mix's re-cut rows: a trainer's
+        mix reads each source's re-cut rows (0 = the first of them) from that source's sidecar, and reports
+        them in index order with the re-cut's progress (what random access never states)."""
+        return self.reading.progress if self.reading.order is Order.INDEX else None
+
+    def recut_as(self, cut: View, rows: Positions) -> Consumed:
+        """This stretch of re-cut rows (:attr:`recut`) as the selection positions ``rows`` they are (row
+        ``k`` is selection position ``rows[k]``): one plain view of ``cut``'s queries, in index order, as
+        an embedded mix records its re-cut epoch. :class:`ConfigError` for a row outside ``rows`` or a
+        reading that cuts the rows again."""
+        reading = self.reading
+        if reading.views != (View(),):
+            raise ConfigError(
+                "a report of a re-cut mix epoch's rows reads them as served: its reading has one plain view"
+            )
+        for start, end in self.ranges:  # checked before expanding: a range costs its length in memory
+            if end > len(rows):
+                raise ConfigError(
+                    f"re-cut row range [{start}, {end}) is outside the {len(rows)} re-cut rows served"
+                )
+        recorded = Reading(
+            views=(View(queries=cut.queries),),
+            seed=None,
+            rank=cut.shard.rank if cut.shard is not None else 0,
+            epoch=reading.epoch,
+            order=Order.INDEX,
+        )
+        ranges = to_ranges(rows[expand(self.ranges)])
+        if len(ranges) > MAX_RANGES:
+            raise ConfigError(f"a report of {len(ranges)} selection ranges is more than a record holds")
+        return Consumed(reading=recorded, ranges=tuple(ranges))
+
 
 class Record(BaseModel):
     """One record of a chain, as stored (``ledger/<run>/<chain>/<seq>.json``): the single source of truth

@@ -228,6 +228,15 @@ class Progress(BaseModel):
         """The index of the segment being read."""
         return len(self.segments) - 1
 
+    def cuts_as(self, other: Progress) -> bool:
+        """Whether ``other`` cuts its current segment as this does (one epoch, the same closed segments,
+        the same world size): then both give every rank the same assignment in it."""
+        return (self.epoch, self.segments[:-1], self.current.world_size) == (
+            other.epoch,
+            other.segments[:-1],
+            other.current.world_size,
+        )
+
     def recut(self, world_size: int) -> Progress:
         """This progress continued at ``world_size``: the current segment closes (as it stands) and a new
         one cuts what is left; unchanged at the same world size. A segment nobody read from is replaced

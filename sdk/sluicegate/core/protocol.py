@@ -32,8 +32,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluicegate._exceptions import ConfigError
 from sluicegate.core.ledger import NAME_PATTERN, Consumed, View, Writer
-from sluicegate.core.partition import Pass, Progress, ShardSpec
+from sluicegate.core.partition import Pass, Positions, Progress, ShardSpec
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
@@ -186,13 +187,28 @@ class LedgerReport(BaseModel):
     writer: Writer
 
     def recorded(
-        self, cut: View, *, namespace: str | None, stream: str | None, pod: str | None
+        self,
+        cut: View,
+        *,
+        namespace: str | None,
+        stream: str | None,
+        pod: str | None,
+        recut: Positions | None = None,
     ) -> tuple[Consumed, Writer]:
         """What the record of this report holds: the reading under the ``cut`` its recorder served
         (:class:`ConfigError` if it cannot take one more view), and the writer as the recorder knows it,
-        whatever the body says of namespace, stream and pod."""
+        whatever the body says of namespace, stream and pod. A report of a mix's re-cut rows
+        (``consumed.recut``) is recorded as the selection positions ``recut`` its recorder serves in those
+        rows (:meth:`~sluicegate.core.ledger.Consumed.recut_as`); :class:`ConfigError` without them."""
         who = self.writer.model_copy(update={"namespace": namespace, "stream": stream, "pod": pod})
-        return self.consumed.under(cut), who
+        if self.consumed.recut is None:
+            return self.consumed.under(cut), who
+        if recut is None:
+            raise ConfigError(
+                "this report is of a mix's re-cut epoch, but its sidecar serves no re-cut of a mix for that "
+                "epoch: restart the pod, so that its sidecars ask their stream again"
+            )
+        return self.consumed.recut_as(cut, recut), who
 
 
 class ProgressReport(BaseModel):

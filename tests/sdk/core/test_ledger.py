@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sluicegate import ConfigError, ConflictError, IntegrityError, NotFoundError, Store, StoreError
 from sluicegate.core import ledger
 from sluicegate.core.ledger import ChainWriter, Consumed, Order, Reading, Resolver, View, Writer
-from sluicegate.core.partition import ShardSpec, assign, visit_order
+from sluicegate.core.partition import Progress, ShardSpec, assign, visit_order
 from sluicegate.core.query import Query, select_rows
 
 from tests.conftest import Backend
@@ -155,6 +155,28 @@ def test_a_cut_in_front_of_a_reading_keeps_it_within_what_a_record_holds() -> No
     full = Consumed(reading=_reading(views=(View(),) * ledger.MAX_VIEWS), ranges=((0, 1),))
     with pytest.raises(ConfigError, match="report at most 3"):
         full.under(cut)
+
+
+def test_a_report_of_recut_mix_rows_is_recorded_as_the_selection_positions_served() -> None:
+    progress = Progress.start(0, 2).lockstep(((4,),)).recut(3)
+    reading = Reading(views=(View(),), seed=None, rank=0, epoch=0, order=Order.INDEX, progress=progress)
+    consumed = Consumed(reading=reading, ranges=((0, 2), (3, 4)))
+    assert consumed.recut == progress
+    assert Consumed(reading=_reading(), ranges=((0, 1),)).recut is None, "iteration is not of re-cut rows"
+    cut = View(queries=("labels.car > 0",), shard=ShardSpec(rank=2, world_size=3, seed=1))
+    rows = np.asarray([17, 4, 5, 9, 10], dtype=np.int64)  # row k of the re-cut block is selection rows[k]
+    recorded = consumed.recut_as(cut, rows)
+    assert recorded.reading == Reading(
+        views=(View(queries=cut.queries),), seed=None, rank=2, epoch=0, order=Order.INDEX
+    )
+    assert recorded.ranges == ((17, 18), (4, 5), (9, 10))
+    with pytest.raises(ConfigError, match=r"\[3, 6\) is outside the 5 re-cut rows"):
+        Consumed(reading=reading, ranges=((3, 6),)).recut_as(cut, rows)
+    with pytest.raises(ConfigError, match="outside"):  # refused before any range is expanded
+        Consumed(reading=reading, ranges=((0, 10**15),)).recut_as(cut, rows)
+    cut_again = reading.model_copy(update={"views": (View(queries=("labels.car > 1",)),)})
+    with pytest.raises(ConfigError, match="one plain view"):
+        Consumed(reading=cut_again, ranges=((0, 1),)).recut_as(cut, rows)
 
 
 def test_records_are_written_create_only_and_a_landed_retry_is_recognised(tmp_path: Path) -> None:

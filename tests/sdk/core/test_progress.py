@@ -222,6 +222,15 @@ def test_resuming_is_deterministic_and_segments_are_bounded() -> None:
         grown.lockstep(((1,),)).recut(7)
 
 
+def test_progress_cuts_as_another_when_only_the_current_segments_consumption_differs() -> None:
+    recut = Progress.start(2, 4).lockstep(((3, 2),)).recut(3)
+    assert recut.cuts_as(recut.lockstep(((5,),))), "reading on in the current segment changes no block"
+    assert not recut.cuts_as(recut.model_copy(update={"epoch": 3}))
+    assert not recut.cuts_as(Progress.start(2, 4).lockstep(((3, 3),)).recut(3)), "another closed segment"
+    assert not recut.cuts_as(Progress.start(2, 4).lockstep(((3, 2),)).recut(2)), "another world size"
+    assert not recut.cuts_as(recut.lockstep(((1,),)).recut(2).recut(3)), "one more segment"
+
+
 def test_malformed_progress_is_refused() -> None:
     with pytest.raises(ValidationError, match="world size"):
         Segment(world_size=2, consumed=((),))
