@@ -398,8 +398,10 @@ class Mix(_Epochs):
             return self._interleave(
                 sources, within, lambda i, rows: _recut_items(views[i], rows, self._epoch)
             )
-        wholes = self._whole_views()
-        return self._interleave(sources, within, lambda i, at: _source_items(wholes[i], at, self._epoch))
+        wholes, rank = self._whole_views(), self._rank_spec().rank
+        return self._interleave(
+            sources, within, lambda i, at: _source_items(wholes[i], at, self._epoch, rank)
+        )
 
     def __iter__(self) -> Iterator[Item]:
         """This epoch's items from the saved position on; a complete pass moves to the next epoch. A mix
@@ -539,14 +541,16 @@ def _epoch_orders(view: Dataset) -> Callable[[int], Positions]:
     return order
 
 
-def _source_items(view: Dataset, indexes: Positions, epoch: int) -> Iterator[Item]:
+def _source_items(view: Dataset, indexes: Positions, epoch: int, rank: int | None = None) -> Iterator[Item]:
     """``view``'s items at ``indexes`` read ahead, noted in its ledger when it records: as picks of the
-    view's own indexes, under the mix's ``epoch``."""
+    view's own indexes, under the mix's ``epoch`` (for ``rank``: a re-cut epoch reads sources whole)."""
     items = view.iter_positions(indexes)
     recorder = view._recorder()
     if recorder is None or view._ledger is None:
         return items
-    reading = view._reading(Order.INDEX).model_copy(update={"epoch": epoch})
+    reading = view._reading(Order.INDEX).model_copy(
+        update={"epoch": epoch} if rank is None else {"epoch": epoch, "rank": rank}
+    )
     return _noted(items, indexes, recorder, reading, view._ledger)
 
 

@@ -97,6 +97,11 @@ class LocalPod:
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def trainer_logs(self) -> str:
+        """What the last trainer collected with :func:`shard_of` wrote to stderr."""
+        path = self.root / "trainer.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def train(self, script: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """The trainer ``script``, started with the trainer's environment (or ``env``); collect it with
         :func:`shard_of`."""
@@ -115,5 +120,6 @@ class LocalPod:
 
 def shard_of(trainer: subprocess.Popen[str], pod: LocalPod) -> list[tuple[str, str, str]]:
     out, err = trainer.communicate(timeout=90)
+    (pod.root / "trainer.log").write_text(err)
     assert trainer.returncode == 0, f"trainer of {pod.name} failed:\n{err}\nsidecar log:\n{pod.logs()}"
     return [(i, blob, sha) for i, blob, sha in json.loads(out)]

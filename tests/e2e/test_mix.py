@@ -20,7 +20,11 @@ from typing import Any
 
 import pytest
 import sluicegate
+from sluicegate import Store
+from sluicegate.core import ledger
+from sluicegate.core import protocol as proto
 from sluicegate.core.broker_protocol import BrokerPaths, MixEnv, PlanResponse, TrainerEnv
+from sluicegate.core.ledger import Consumed, Order, Reading, View, Writer
 
 from tests.e2e.conftest import ControlPlane, control_plane
 from tests.e2e.localpod import LocalPod, env_of
@@ -141,9 +145,11 @@ def test_a_job_over_a_mix_reads_each_source_through_its_own_sidecar(cp: ControlP
     assert other.status_code == 404, other.text
 
 
-PARTLY = """
+RUN = "elastic-mix-run"
+RECORDED = f"ledger=sluicegate.Ledger(run={RUN!r}, flush_items=3)"
+PARTLY = f"""
 import json, sluicegate
-ds = sluicegate.connect(timeout=45)
+ds = sluicegate.connect(timeout=45, {RECORDED})
 got = []
 for item in ds:
     got.append([item.source, item.id])
@@ -209,13 +215,13 @@ def _run_job(
     return outputs
 
 
-TRAINER_REST = """
+TRAINER_REST = f"""
 import json, sluicegate
-ds = sluicegate.connect(timeout=45)
+ds = sluicegate.connect(timeout=45, {RECORDED})
 epoch = ds.epoch
 got = [[item.source, item.id] for item in ds]
 ds.close()
-print(json.dumps({"epoch": epoch, "got": got}))
+print(json.dumps({{"epoch": epoch, "got": got}}))
 """
 
 
@@ -250,6 +256,22 @@ def test_a_mix_job_recreated_at_another_parallelism_continues_the_epoch(cp: Cont
     progress = cp.get("datasetstreams", "elastic-mix", "-n", cp.team_ns)["status"]["progress"]
     assert [s["worldSize"] for s in progress["segments"]] == [2, 3]
 
+    # The ledger of each source says what each pod read, re-cut rows included, as the pod's own rank.
+    stores = {"coco": Store(cp.uri, cp.s3_options), "web": Store(WEB_URI[cp.team_ns], cp.s3_options)}
+    for name, store in stores.items():
+        recorded = Counter(i for p in ledger.run_items(store, RUN, epoch=0) for i in p.ids)
+        assert recorded == Counter(i for s, i in [*done, *later] if s == name), name
+        for rank, got in enumerate(rest):
+            passages = ledger.run_items(store, RUN, rank=str(rank), epoch=0)
+            before = [i for s, i in (first[rank] if rank < WORLD else []) if s == name]
+            recut = [i for s, i in got if s == name]
+            assert sorted(i for p in passages for i in p.ids) == sorted(before + recut), (name, rank)
+            assert recut in [p.ids for p in passages], f"{name}: rank {rank}'s re-cut reads, in order"
+        records = [r for c in ledger.read_run(store, RUN) for r in c.records]
+        assert all(c.broken is None for c in ledger.read_run(store, RUN))
+        recut_views = {r.reading.views for r in records if r.reading.views[0].shard is None}
+        assert recut_views == {(View(queries=(QUERIES[name],) if QUERIES[name] else ()),)}, name
+
 
 def _attacks(cp: ControlPlane, pods: list[dict[str, Any]]) -> None:
     """A pod of the re-cut Job, with its own token: it may fetch its re-cut rows, and nothing of another
@@ -279,6 +301,43 @@ def _attacks(cp: ControlPlane, pods: list[dict[str, Any]]) -> None:
     lowered = cp.broker(progress, tokens[0], {**report, "rank": 0, "consumed": [[1]]})
     assert lowered.status_code == 409, lowered.text
     assert "consumed less" in lowered.text
+    _ledger_attacks(cp, tokens[0], plans[0])
+
+
+def _ledger_attacks(cp: ControlPlane, token: str, plan: PlanResponse) -> None:
+    """Reports of re-cut rows, written to the broker with the pod's own token: what is recorded is the
+    selection the broker serves that pod in its block, whatever the body claims; rows past the block, or
+    a re-cut the stream does not keep, are refused and nothing is written."""
+    resume = plan.resume
+    assert resume is not None
+    recut_rows = plan.rows[resume.first : resume.first + resume.items]
+    ledger_path = BrokerPaths.LEDGER + "?source=coco"
+
+    def report(number: int, ranges: tuple[tuple[int, int], ...], progress: Any = resume.progress) -> Any:
+        reading = Reading(views=(View(),), seed=None, rank=0, epoch=0, order=Order.INDEX, progress=progress)
+        body = proto.LedgerReport(
+            run="forged-recut",
+            chain="x",
+            number=number,
+            consumed=Consumed(reading=reading, ranges=ranges),
+            writer=Writer(host="h", pid=1),
+        )
+        return cp.broker(ledger_path, token, json.loads(body.model_dump_json()))
+
+    past = report(0, ((0, resume.items + 1),))
+    assert past.status_code == 400, past.text
+    assert "outside" in past.text
+    stale = report(0, ((0, 1),), progress=resume.progress.recut(2))  # a re-cut the stream does not keep
+    assert stale.status_code == 400, stale.text
+    assert "serves no re-cut" in stale.text
+    assert report(0, ((0, 1),), progress=resume.progress.lockstep(((5,),))).status_code == 200
+    store = Store(cp.uri, cp.s3_options)
+    [chain] = ledger.read_run(store, "forged-recut")
+    [record] = chain.records
+    assert record.reading.views == (View(queries=(QUERIES["coco"],)),)
+    assert record.reading.ranks == "0"
+    [passage] = ledger.run_items(store, "forged-recut")
+    assert passage.ids == [recut_rows[0].id], "recorded as the row the broker serves the pod"
 
 
 def test_a_pod_that_may_not_stream_every_source_is_refused(cp: ControlPlane) -> None:

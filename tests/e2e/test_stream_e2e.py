@@ -180,7 +180,8 @@ def test_the_broker_records_each_pods_ledger_as_that_pod(
     shards = {rank: shard_of(local_pods[rank].train(LEDGER_TRAINER), local_pods[rank]) for rank in (0, 1)}
     store = Store(cp.uri, cp.s3_options)
     chains = ledger.read_run(store, RUN)
-    assert len(chains) == 2, chains
+    told = "\n".join(f"{p.name}: trainer:\n{p.trainer_logs()}\nsidecar:\n{p.logs()}" for p in local_pods[:2])
+    assert len(chains) == 2, f"{chains}\n{told}"
     assert all(c.broken is None for c in chains), chains
     by_pod = {c.records[0].writer.pod: c for c in chains}
     assert set(by_pod) == {pods[0]["metadata"]["name"], pods[1]["metadata"]["name"]}

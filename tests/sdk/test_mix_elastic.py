@@ -211,14 +211,18 @@ def test_a_recut_mix_epoch_is_recorded_exactly_in_each_sources_ledger(tmp_path: 
     state = views[0].state_dict()
     for view in views:
         view.close()
-    rest: list[Key] = []
+    rests: list[list[Key]] = []
     for rank in range(2):
         with ranked(rank, 2) as view:
             view.load_state_dict(state)
-            rest += [(i.source, i.id) for i in view]
+            rests.append([(i.source, i.id) for i in view])
+    rest = rests[0] + rests[1]
     for name in ("a", "b"):
         passages = ledger.run_items(Store(tmp_path / name), "run-2", epoch=0)
         assert sorted(i for p in passages for i in p.ids) == sorted(i for s, i in rest if s == name)
+        for rank in ("0", "1"):  # each rank's re-cut reads, said as that rank's
+            [mine] = ledger.run_items(Store(tmp_path / name), "run-2", rank=rank, epoch=0)
+            assert mine.ids == [i for s, i in rests[int(rank)] if s == name]
 
 
 def test_a_state_saved_before_elastic_resume_loads_at_its_own_rank(sources: tuple[Dataset, Dataset]) -> None:

@@ -191,8 +191,9 @@ class Reading(BaseModel):
 
     @property
     def ranks(self) -> str:
-        """The reader's rank as its views cut it: ``"3"``, or ``"3.1"`` for local rank 1 of pod rank 3."""
-        return ".".join(str(v.shard.rank) for v in self.views if v.shard is not None) or "0"
+        """The reader's rank as its views cut it: ``"3"``, or ``"3.1"`` for local rank 1 of pod rank 3; with
+        no shard, the rank it read for (a re-cut mix epoch reads each source whole, by key)."""
+        return ".".join(str(v.shard.rank) for v in self.views if v.shard is not None) or str(self.rank)
 
 
 class Writer(BaseModel):
