@@ -15,6 +15,7 @@ BENCHMARKS = {
     "import_speed": "bench.import_speed",
     "admission_flood": "bench.admission_flood",
     "ledger": "bench.ledger",
+    "gil": "bench.gil",
 }
 
 

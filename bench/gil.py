@@ -1,0 +1,221 @@
+"""The GIL's toll on a verified read: what one CPython process can read and BLAKE3-verify per second on a
+worker thread, alone and beside a thread running Python, against processes that share no GIL.
+
+Every read and every hash in the engine's worker (``_read_files``: open, read, close, BLAKE3) releases the
+GIL and must take it back. Alone, taking it back is free. Beside a thread that runs Python (a training
+loop between its waits, the engine's own loop, a transform), each take-back waits for that thread to give
+the GIL up, which CPython forces only every switch interval (5 ms). This benchmark measures that ceiling
+on the engine's own function, so the stream benchmark's figures can be read against it.
+
+``GIL_ITEMS`` (3,000) blobs of ``GIL_ITEM_KB`` (100) KiB of random bytes are written to a temporary
+directory, laid out as a store's ``blobs/``, and read once before the cases (page cache warm). Each case
+runs in a fresh process, ``GIL_ROUNDS`` (3) rounds in alternating order, best round kept:
+
+* ``verified read, 1 thread`` (the baseline), ``2 threads``, ``2 processes`` (one thread each, half the
+  blobs each): the engine's ``_read_files`` over batches of 64 blobs;
+* ``... beside a busy thread``: the same with one more thread counting in a Python loop;
+* ``read only`` and ``hash only`` (BLAKE3 of bytes already in memory), alone and beside a busy thread: which
+  of the two GIL-releasing halves suffers.
+
+Cases beside a busy thread read a tenth of the blobs (at least 320). Results: ``bench/results/gil.json``
+and ``gil.md``. About two minutes on 2 cores::
+
+    python -m bench gil
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sluicegate.core.engine.upstream import BlobRef, _read_files
+from sluicegate.core.manifest import blake3_hex
+from sluicegate.core.store import blob_key
+
+from bench import machine, write_results
+
+ITEMS = int(os.environ.get("GIL_ITEMS", "3000"))
+ITEM_KB = float(os.environ.get("GIL_ITEM_KB", "100"))
+ROUNDS = int(os.environ.get("GIL_ROUNDS", "3"))
+BATCH = 64  # blobs per worker hand-off, as a read-ahead flight splits them
+BASELINE = "verified read, 1 thread"
+
+# name -> (work, threads, processes, busy thread beside it)
+CASES: dict[str, tuple[str, int, int, bool]] = {
+    BASELINE: ("verified", 1, 1, False),
+    "verified read, 2 threads": ("verified", 2, 1, False),
+    "verified read, 2 processes": ("verified", 1, 2, False),
+    "verified read, 1 thread beside a busy thread": ("verified", 1, 1, True),
+    "verified read, 2 threads beside a busy thread": ("verified", 2, 1, True),
+    "read only, 1 thread": ("read", 1, 1, False),
+    "read only, 1 thread beside a busy thread": ("read", 1, 1, True),
+    "hash only, 1 thread": ("hash", 1, 1, False),
+    "hash only, 1 thread beside a busy thread": ("hash", 1, 1, True),
+}
+
+
+def _write_blobs(root: Path) -> list[BlobRef]:
+    (root / "blobs").mkdir(parents=True)
+    size = int(ITEM_KB * 1024)
+    refs = []
+    for i in range(ITEMS):
+        data = os.urandom(size)
+        sha = hashlib.sha256(data).hexdigest()
+        (root / blob_key(sha)).write_bytes(data)
+        refs.append(BlobRef(sha, size, f"item{i:06d}", blake3=blake3_hex(data)))
+    return refs
+
+
+def _job(work: str, root: str, refs: list[BlobRef]) -> Callable[[list[BlobRef]], None]:
+    if work == "verified":
+
+        def verified(batch: list[BlobRef]) -> None:
+            for ref, got in zip(batch, _read_files(root, batch), strict=True):
+                if isinstance(got, BaseException) or got.digest != ref.check:
+                    raise RuntimeError(f"blob {ref.sha} did not verify: {got!r}")
+
+        return verified
+    if work == "read":
+
+        def read(batch: list[BlobRef]) -> None:
+            for ref in batch:
+                fd = os.open(f"{root}/{blob_key(ref.sha)}", os.O_RDONLY)
+                try:
+                    os.read(fd, ref.size + 1)
+                finally:
+                    os.close(fd)
+
+        return read
+    # hash only: the bytes are read before the clock starts (a few batches' worth, reused)
+    held = {r.sha: Path(root, blob_key(r.sha)).read_bytes() for r in refs[: BATCH * 4]}
+    pool = list(held.values())
+
+    def hash_only(batch: list[BlobRef]) -> None:
+        for i in range(len(batch)):
+            blake3_hex(pool[i % len(pool)])
+
+    return hash_only
+
+
+def _measure(
+    work: str, threads: int, busy: bool, root: str, refs: list[BlobRef], start: Any, out: Any
+) -> None:
+    """In a fresh process: ``threads`` threads take batches of ``refs`` until none is left."""
+    job = _job(work, root, refs)
+    batches = iter([refs[i : i + BATCH] for i in range(0, len(refs), BATCH)])
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                batch = next(batches, None)
+            if batch is None:
+                return
+            job(batch)
+
+    def spin() -> None:  # Python running between waits, as a training loop's own code does
+        n = 0
+        while not stop.is_set():
+            for _ in range(1000):
+                n += 1
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    if busy:
+        spinner.start()
+    start.wait()
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    out.put(time.perf_counter() - started)
+    stop.set()
+
+
+def _case(name: str, root: str, refs: list[BlobRef]) -> dict[str, Any]:
+    work, threads, processes, busy = CASES[name]
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(processes), ctx.Queue()
+    if busy:  # a few hundred items per second there: a tenth of the blobs measures the rate as well
+        refs = refs[: max(5 * BATCH, len(refs) // 10)]
+    load = round(os.getloadavg()[0], 2)
+    shares = [refs[i::processes] for i in range(processes)]
+    procs = [ctx.Process(target=_measure, args=(work, threads, busy, root, s, start, out)) for s in shares]
+    for p in procs:
+        p.start()
+    seconds = max(out.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(60)
+        if p.exitcode != 0:
+            raise RuntimeError(f"case {name!r} failed in its process (exit code {p.exitcode})")
+    nbytes = sum(r.size for r in refs)
+    return {
+        "items_per_s": len(refs) / seconds,
+        "mb_per_s": nbytes / seconds / 1e6,
+        "seconds": round(seconds, 3),
+        "load_average_before": load,
+    }
+
+
+def run() -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="sg-bench-gil-"))
+    try:
+        refs = _write_blobs(work)
+        for ref in refs:  # page cache warm for every case
+            (work / blob_key(ref.sha)).read_bytes()
+        best: dict[str, dict[str, Any]] = {}
+        names = list(CASES)
+        for rnd in range(ROUNDS):
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                got = _case(name, str(work), refs)
+                if name not in best or got["items_per_s"] > best[name]["items_per_s"]:
+                    best[name] = got
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = best[BASELINE]["items_per_s"]
+    for got in best.values():
+        got["x"] = round(got["items_per_s"] / base, 3)
+    result = {
+        "items": ITEMS,
+        "item_kb": ITEM_KB,
+        "rounds": ROUNDS,
+        "switch_interval_s": sys.getswitchinterval(),
+        "cases": best,
+        "machine": machine(),
+    }
+    write_results("gil", result, _markdown(result))
+    return result
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        "# The GIL's toll on a verified read (`python -m bench gil`)",
+        "",
+        f"{r['items']:,} blobs of {r['item_kb']:g} KiB, page cache warm; the engine's own read-and-verify "
+        f"function (open, read, close, BLAKE3) over batches of {BATCH}. Each case in a fresh process, "
+        f"best of {r['rounds']} rounds. Switch interval {r['switch_interval_s'] * 1000:g} ms. "
+        f"{m['cpus']} CPUs, load {m['load_average_1m']} at the end, {m['date_utc']}, Python {m['python']}.",
+        "",
+        f"x: the ratio to `{BASELINE}`.",
+        "",
+        "| case | items/s | MB/s | x | load avg before |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, c in r["cases"].items():
+        lines.append(
+            f"| {name} | {c['items_per_s']:,.0f} | {c['mb_per_s']:,.0f} | {c['x']:.3f} "
+            f"| {c['load_average_before']} |"
+        )
+    return "\n".join(lines)
