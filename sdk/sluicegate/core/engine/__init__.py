@@ -2,12 +2,10 @@
 
 One module per job: :mod:`.config` (settings, counters), :mod:`.upstream` (where blobs come from),
 :mod:`.plan` (which manifest rows a consumer reads), :mod:`.cache` (memory and disk tiers), :mod:`.core`
-(the engine), :mod:`.loop` (its loop thread and worker threads), :mod:`.heap` (freed blob memory kept
-in the heap while engines run). The sidecar is an HTTP server around
+(the engine), :mod:`.loop` (its loop thread and worker threads). The sidecar is an HTTP server around
 the same :class:`Engine` that embedded mode runs in-process, so both paths share every guarantee.
 """
 
-from sluicegate.core.engine import heap
 from sluicegate.core.engine.cache import DiskCache, MemoryCache
 from sluicegate.core.engine.config import EngineConfig, EngineStats
 from sluicegate.core.engine.core import Engine
@@ -49,6 +47,5 @@ __all__ = [
     "engine_store",
     "fetch_each",
     "forked",
-    "heap",
     "read_manifest",
 ]

@@ -18,7 +18,6 @@ from typing import Any
 
 from sluicegate._exceptions import IntegrityError, StoreError
 from sluicegate.core import backoff
-from sluicegate.core.engine import heap
 from sluicegate.core.engine.cache import DiskCache, MemoryCache
 from sluicegate.core.engine.config import EngineConfig, EngineStats
 from sluicegate.core.engine.loop import Workers
@@ -78,7 +77,6 @@ class Engine:
         self._flying: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()  # spills
         self._closed = False
-        self._heap_held = False
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -155,9 +153,6 @@ class Engine:
         task.add_done_callback(self._flying.discard)
 
     async def _fly(self, flight: _Flight, readahead: bool) -> None:
-        if not self._heap_held:  # on first use, not in __init__: an engine never run changes nothing
-            self._heap_held = True
-            heap.hold(self.config.memory_bytes)
         results = flight.results
         try:
             todo = flight.refs
@@ -340,6 +335,3 @@ class Engine:
         with contextlib.suppress(Exception):
             await self.upstream.aclose()
         self.workers.close()
-        if self._heap_held:
-            self._heap_held = False
-            heap.release(self.config.memory_bytes)
