@@ -14,6 +14,8 @@ runs in a fresh process, ``GIL_ROUNDS`` (3) rounds in alternating order, best ro
 * ``verified read, 1 thread`` (the baseline), ``2 threads``, ``2 processes`` (one thread each, half the
   blobs each): the engine's ``_read_files`` over batches of 64 blobs;
 * ``... beside a busy thread``: the same with one more thread counting in a Python loop;
+* ``verified read, 1 thread, freed heap kept``: with glibc's mmap and trim thresholds raised (``mallopt``), so
+  new blobs reuse freed heap rather than fault in fresh pages (glibc only);
 * ``read only`` and ``hash only`` (BLAKE3 of bytes already in memory), alone and beside a busy thread: which
   of the two GIL-releasing halves suffers.
 
@@ -25,6 +27,7 @@ and ``gil.md``. About two minutes on 2 cores::
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing
 import os
@@ -33,11 +36,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sluicegate.core.engine.upstream import BlobRef, _read_files
+from sluicegate.core.engine.upstream import BlobRef, Outcome, _read_files
 from sluicegate.core.manifest import blake3_hex
 from sluicegate.core.store import blob_key
 
@@ -49,17 +53,18 @@ ROUNDS = int(os.environ.get("GIL_ROUNDS", "3"))
 BATCH = 64  # blobs per worker hand-off, as a read-ahead flight splits them
 BASELINE = "verified read, 1 thread"
 
-# name -> (work, threads, processes, busy thread beside it)
-CASES: dict[str, tuple[str, int, int, bool]] = {
-    BASELINE: ("verified", 1, 1, False),
-    "verified read, 2 threads": ("verified", 2, 1, False),
-    "verified read, 2 processes": ("verified", 1, 2, False),
-    "verified read, 1 thread beside a busy thread": ("verified", 1, 1, True),
-    "verified read, 2 threads beside a busy thread": ("verified", 2, 1, True),
-    "read only, 1 thread": ("read", 1, 1, False),
-    "read only, 1 thread beside a busy thread": ("read", 1, 1, True),
-    "hash only, 1 thread": ("hash", 1, 1, False),
-    "hash only, 1 thread beside a busy thread": ("hash", 1, 1, True),
+# name -> (work, threads, processes, busy thread beside it, freed heap kept)
+CASES: dict[str, tuple[str, int, int, bool, bool]] = {
+    BASELINE: ("verified", 1, 1, False, False),
+    "verified read, 1 thread, freed heap kept": ("verified", 1, 1, False, True),
+    "verified read, 2 threads": ("verified", 2, 1, False, False),
+    "verified read, 2 processes": ("verified", 1, 2, False, False),
+    "verified read, 1 thread beside a busy thread": ("verified", 1, 1, True, False),
+    "verified read, 2 threads beside a busy thread": ("verified", 2, 1, True, False),
+    "read only, 1 thread": ("read", 1, 1, False, False),
+    "read only, 1 thread beside a busy thread": ("read", 1, 1, True, False),
+    "hash only, 1 thread": ("hash", 1, 1, False, False),
+    "hash only, 1 thread beside a busy thread": ("hash", 1, 1, True, False),
 }
 
 
@@ -75,53 +80,67 @@ def _write_blobs(root: Path) -> list[BlobRef]:
     return refs
 
 
-def _job(work: str, root: str, refs: list[BlobRef]) -> Callable[[list[BlobRef]], None]:
+def _job(work: str, root: str, refs: list[BlobRef]) -> Callable[[list[BlobRef]], list[Any]]:
     if work == "verified":
 
-        def verified(batch: list[BlobRef]) -> None:
-            for ref, got in zip(batch, _read_files(root, batch), strict=True):
+        def verified(batch: list[BlobRef]) -> list[Outcome]:
+            outcomes = _read_files(root, batch)
+            for ref, got in zip(batch, outcomes, strict=True):
                 if isinstance(got, BaseException) or got.digest != ref.check:
                     raise RuntimeError(f"blob {ref.sha} did not verify: {got!r}")
+            return outcomes
 
         return verified
     if work == "read":
 
-        def read(batch: list[BlobRef]) -> None:
+        def read(batch: list[BlobRef]) -> list[bytes]:
+            out = []
             for ref in batch:
                 fd = os.open(f"{root}/{blob_key(ref.sha)}", os.O_RDONLY)
                 try:
-                    os.read(fd, ref.size + 1)
+                    out.append(os.read(fd, ref.size + 1))
                 finally:
                     os.close(fd)
+            return out
 
         return read
     # hash only: the bytes are read before the clock starts (a few batches' worth, reused)
     held = {r.sha: Path(root, blob_key(r.sha)).read_bytes() for r in refs[: BATCH * 4]}
     pool = list(held.values())
 
-    def hash_only(batch: list[BlobRef]) -> None:
-        for i in range(len(batch)):
-            blake3_hex(pool[i % len(pool)])
+    def hash_only(batch: list[BlobRef]) -> list[str]:
+        return [blake3_hex(pool[i % len(pool)]) for i in range(len(batch))]
 
     return hash_only
 
 
+def _keep_freed_heap() -> None:
+    """Raise glibc's mmap and trim thresholds: new blobs reuse freed heap rather than fault in fresh pages."""
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD (glibc's ceiling for it)
+    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
+
+
 def _measure(
-    work: str, threads: int, busy: bool, root: str, refs: list[BlobRef], start: Any, out: Any
+    work: str, threads: int, busy: bool, kept: bool, root: str, refs: list[BlobRef], start: Any, out: Any
 ) -> None:
-    """In a fresh process: ``threads`` threads take batches of ``refs`` until none is left."""
+    """In a fresh process: ``threads`` threads take batches of ``refs`` until none is left, each batch's
+    bytes held until 20 batches later (as the memory tier holds blobs until it evicts them)."""
+    if kept:
+        _keep_freed_heap()
     job = _job(work, root, refs)
     batches = iter([refs[i : i + BATCH] for i in range(0, len(refs), BATCH)])
     lock = threading.Lock()
     stop = threading.Event()
 
     def worker() -> None:
+        held: deque[Any] = deque(maxlen=20)
         while True:
             with lock:
                 batch = next(batches, None)
             if batch is None:
                 return
-            job(batch)
+            held.append(job(batch))
 
     def spin() -> None:  # Python running between waits, as a training loop's own code does
         n = 0
@@ -144,14 +163,15 @@ def _measure(
 
 
 def _case(name: str, root: str, refs: list[BlobRef]) -> dict[str, Any]:
-    work, threads, processes, busy = CASES[name]
+    work, threads, processes, busy, kept = CASES[name]
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(processes), ctx.Queue()
     if busy:  # a few hundred items per second there: a tenth of the blobs measures the rate as well
         refs = refs[: max(5 * BATCH, len(refs) // 10)]
     load = round(os.getloadavg()[0], 2)
     shares = [refs[i::processes] for i in range(processes)]
-    procs = [ctx.Process(target=_measure, args=(work, threads, busy, root, s, start, out)) for s in shares]
+    args = [(work, threads, busy, kept, root, share, start, out) for share in shares]
+    procs = [ctx.Process(target=_measure, args=a) for a in args]
     for p in procs:
         p.start()
     seconds = max(out.get(timeout=600) for _ in procs)
@@ -204,7 +224,8 @@ def _markdown(r: dict[str, Any]) -> str:
         "# The GIL's toll on a verified read (`python -m bench gil`)",
         "",
         f"{r['items']:,} blobs of {r['item_kb']:g} KiB, page cache warm; the engine's own read-and-verify "
-        f"function (open, read, close, BLAKE3) over batches of {BATCH}. Each case in a fresh process, "
+        f"function (open, read, close, BLAKE3) over batches of {BATCH}, each held for 20 batches as the "
+        "memory tier holds blobs. Each case in a fresh process, "
         f"best of {r['rounds']} rounds. Switch interval {r['switch_interval_s'] * 1000:g} ms. "
         f"{m['cpus']} CPUs, load {m['load_average_1m']} at the end, {m['date_utc']}, Python {m['python']}.",
         "",
