@@ -28,7 +28,6 @@ and ``gil.md``. About two minutes on 2 cores::
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -41,9 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sluicegate.core.engine.upstream import BlobRef, Outcome, _read_files
+from sluicegate.core.engine.upstream import BlobRef, Outcome, _read_fd, _read_files
 from sluicegate.core.manifest import blake3_hex
-from sluicegate.core.store import blob_key
+from sluicegate.core.store import blob_key, sha256_hex
 
 from bench import machine, write_results
 
@@ -51,6 +50,7 @@ ITEMS = int(os.environ.get("GIL_ITEMS", "3000"))
 ITEM_KB = float(os.environ.get("GIL_ITEM_KB", "100"))
 ROUNDS = int(os.environ.get("GIL_ROUNDS", "3"))
 BATCH = 64  # blobs per worker hand-off, as a read-ahead flight splits them
+HELD = 20  # batches whose bytes stay alive, as the memory tier holds blobs until it evicts them
 BASELINE = "verified read, 1 thread"
 
 # name -> (work, threads, processes, busy thread beside it, freed heap kept)
@@ -74,7 +74,7 @@ def _write_blobs(root: Path) -> list[BlobRef]:
     refs = []
     for i in range(ITEMS):
         data = os.urandom(size)
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256_hex(data)
         (root / blob_key(sha)).write_bytes(data)
         refs.append(BlobRef(sha, size, f"item{i:06d}", blake3=blake3_hex(data)))
     return refs
@@ -98,7 +98,7 @@ def _job(work: str, root: str, refs: list[BlobRef]) -> Callable[[list[BlobRef]],
             for ref in batch:
                 fd = os.open(f"{root}/{blob_key(ref.sha)}", os.O_RDONLY)
                 try:
-                    out.append(os.read(fd, ref.size + 1))
+                    out.append(_read_fd(fd, ref.size))
                 finally:
                     os.close(fd)
             return out
@@ -124,7 +124,7 @@ def _measure(
     work: str, threads: int, busy: bool, kept: bool, root: str, refs: list[BlobRef], start: Any, out: Any
 ) -> None:
     """In a fresh process: ``threads`` threads take batches of ``refs`` until none is left, each batch's
-    bytes held until 20 batches later (as the memory tier holds blobs until it evicts them)."""
+    bytes held for HELD batches."""
     if kept:
         _keep_freed_heap()
     job = _job(work, root, refs)
@@ -133,7 +133,7 @@ def _measure(
     stop = threading.Event()
 
     def worker() -> None:
-        held: deque[Any] = deque(maxlen=20)
+        held: deque[Any] = deque(maxlen=HELD)
         while True:
             with lock:
                 batch = next(batches, None)
@@ -147,9 +147,8 @@ def _measure(
             for _ in range(1000):
                 n += 1
 
-    spinner = threading.Thread(target=spin, daemon=True)
     if busy:
-        spinner.start()
+        threading.Thread(target=spin, daemon=True).start()
     start.wait()
     started = time.perf_counter()
     pool = [threading.Thread(target=worker) for _ in range(threads)]
@@ -223,7 +222,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "# The GIL's toll on a verified read (`python -m bench gil`)",
         "",
         f"{r['items']:,} blobs of {r['item_kb']:g} KiB, page cache warm; the engine's own read-and-verify "
-        f"function (open, read, close, BLAKE3) over batches of {BATCH}, each held for 20 batches as the "
+        f"function (open, read, close, BLAKE3) over batches of {BATCH}, each held for {HELD} batches as the "
         "memory tier holds blobs. Each case in a fresh process, "
         f"best of {r['rounds']} rounds. Switch interval {r['switch_interval_s'] * 1000:g} ms. "
         f"{m['cpus']} CPUs, load {m['load_average_1m']} at the end, {m['date_utc']}, Python {m['python']}.",
