@@ -6,17 +6,22 @@
 #   docker build -t ghcr.io/sluicegate/sluicegate:0.1.0 .
 
 ARG PYTHON=python:3.11-slim-bookworm
+# The same Python with a C compiler and its headers, for the engine's native reader; only the venv it
+# builds is copied into the final image.
+ARG BUILD=python:3.11-bookworm
 
-FROM ${PYTHON} AS build
+FROM ${BUILD} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/sluicegate
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt README.md hatch_build.py ./
+COPY native ./native
 COPY sdk ./sdk
 COPY sidecar ./sidecar
 COPY operator ./operator
 # Versions pinned by the same constraints file the tests run with; no torch or TensorFlow in this image.
-RUN /opt/sluicegate/bin/pip install -c constraints.txt ".[sidecar,operator]"
+# SLUICEGATE_NATIVE=1: a failed native build fails the image rather than shipping the slower reader.
+RUN SLUICEGATE_NATIVE=1 /opt/sluicegate/bin/pip install -c constraints.txt ".[sidecar,operator]"
 
 FROM ${PYTHON}
 LABEL org.opencontainers.image.title="sluicegate" \

@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test lint servers unit e2e bench testbed testbed-build testbed-down dev-cluster crds clean
 
-$(INSTALLED): pyproject.toml constraints.txt
+$(INSTALLED): pyproject.toml constraints.txt hatch_build.py $(wildcard native/*.c native/blake3/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'

@@ -1,26 +1,29 @@
 """The GIL's toll on a verified read: what one CPython process can read and BLAKE3-verify per second on a
-worker thread, alone and beside a thread running Python, against processes that share no GIL.
+worker thread, alone and beside a thread running Python, in Python and with the native reader.
 
-Every read and every hash in the engine's worker (``_read_files``: open, read, close, BLAKE3) releases the
-GIL and must take it back. Alone, taking it back is free. Beside a thread that runs Python (a training
-loop between its waits, the engine's own loop, a transform), each take-back waits for that thread to give
-the GIL up, which CPython forces only every switch interval (5 ms). This benchmark measures that ceiling
-on the engine's own function, so the stream benchmark's figures can be read against it.
+In Python, every read and every hash in the engine's worker (open, read, close, BLAKE3) releases the GIL
+and must take it back. Alone, taking it back is free. Beside a thread that runs Python (a training loop
+between its waits, the engine's own loop, a transform), each take-back waits for that thread to give the
+GIL up, which CPython forces only every switch interval (5 ms). The native reader
+(``sluicegate.core.engine._native``, native/read_blobs.c) releases it once per batch. This benchmark
+measures both on the engine's own function (``_read_files``), so the stream benchmark's figures can be read
+against them.
 
 ``GIL_ITEMS`` (3,000) blobs of ``GIL_ITEM_KB`` (100) KiB of random bytes are written to a temporary
 directory, laid out as a store's ``blobs/``, and read once before the cases (page cache warm). Each case
 runs in a fresh process, ``GIL_ROUNDS`` (3) rounds in alternating order, best round kept:
 
-* ``verified read, 1 thread`` (the baseline), ``2 threads``, ``2 processes`` (one thread each, half the
-  blobs each): the engine's ``_read_files`` over batches of 64 blobs;
+* ``verified read in Python, 1 thread`` (the baseline), ``2 threads``, ``2 processes`` (one thread each,
+  half the blobs each): ``_read_files`` with the native reader switched off, over batches of 64 blobs;
+* ``verified read natively``: the same with the native reader (the engine's default where it is built);
 * ``... beside a busy thread``: the same with one more thread counting in a Python loop;
-* ``verified read, 1 thread, freed heap kept``: with glibc's mmap and trim thresholds raised (``mallopt``), so
-  new blobs reuse freed heap rather than fault in fresh pages (glibc only);
+* ``... freed heap kept``: with glibc's mmap and trim thresholds raised (``mallopt``), so new blobs reuse
+  freed heap rather than fault in fresh pages (glibc only);
 * ``read only`` and ``hash only`` (BLAKE3 of bytes already in memory), alone and beside a busy thread: which
-  of the two GIL-releasing halves suffers.
+  of the two GIL-releasing halves of the Python read suffers.
 
-Cases beside a busy thread read a tenth of the blobs (at least 320). Results: ``bench/results/gil.json``
-and ``gil.md``. About two minutes on 2 cores::
+Python cases beside a busy thread read a tenth of the blobs (at least 320). Results:
+``bench/results/gil.json`` and ``gil.md``. About two minutes on 2 cores, from a checkout::
 
     python -m bench gil
 """
@@ -40,7 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sluicegate.core.engine.upstream import BlobRef, Outcome, _read_fd, _read_files
+from sluicegate.core.engine import upstream
+from sluicegate.core.engine.upstream import BlobRef, Outcome, _read_fd
 from sluicegate.core.manifest import blake3_hex
 from sluicegate.core.store import blob_key, sha256_hex
 
@@ -51,18 +55,22 @@ ITEM_KB = float(os.environ.get("GIL_ITEM_KB", "100"))
 ROUNDS = int(os.environ.get("GIL_ROUNDS", "3"))
 BATCH = 64  # blobs per worker hand-off, as a read-ahead flight splits them
 HELD = 20  # batches whose bytes stay alive, as the memory tier holds blobs until it evicts them
-BASELINE = "verified read, 1 thread"
+BASELINE = "verified read in Python, 1 thread"
 
 # name -> (work, threads, processes, busy thread beside it, freed heap kept)
 CASES: dict[str, tuple[str, int, int, bool, bool]] = {
-    BASELINE: ("verified", 1, 1, False, False),
-    "verified read, 1 thread, freed heap kept": ("verified", 1, 1, False, True),
-    "verified read, 2 threads": ("verified", 2, 1, False, False),
-    "verified read, 2 processes": ("verified", 1, 2, False, False),
-    "verified read, 1 thread beside a busy thread": ("verified", 1, 1, True, False),
-    "verified read, 2 threads beside a busy thread": ("verified", 2, 1, True, False),
-    "read only, 1 thread": ("read", 1, 1, False, False),
-    "read only, 1 thread beside a busy thread": ("read", 1, 1, True, False),
+    BASELINE: ("python", 1, 1, False, False),
+    "verified read in Python, 1 thread, freed heap kept": ("python", 1, 1, False, True),
+    "verified read in Python, 2 threads": ("python", 2, 1, False, False),
+    "verified read in Python, 2 processes": ("python", 1, 2, False, False),
+    "verified read in Python, 1 thread beside a busy thread": ("python", 1, 1, True, False),
+    "verified read in Python, 2 threads beside a busy thread": ("python", 2, 1, True, False),
+    "verified read natively, 1 thread": ("native", 1, 1, False, False),
+    "verified read natively, 2 threads": ("native", 2, 1, False, False),
+    "verified read natively, 1 thread beside a busy thread": ("native", 1, 1, True, False),
+    "verified read natively, 2 threads beside a busy thread": ("native", 2, 1, True, False),
+    "read only (Python), 1 thread": ("read", 1, 1, False, False),
+    "read only (Python), 1 thread beside a busy thread": ("read", 1, 1, True, False),
     "hash only, 1 thread": ("hash", 1, 1, False, False),
     "hash only, 1 thread beside a busy thread": ("hash", 1, 1, True, False),
 }
@@ -81,10 +89,14 @@ def _write_blobs(root: Path) -> list[BlobRef]:
 
 
 def _job(work: str, root: str, refs: list[BlobRef]) -> Callable[[list[BlobRef]], list[Any]]:
-    if work == "verified":
+    if work in ("python", "native"):
+        if work == "python":
+            upstream._native = None  # this process only: the engine's pure-Python read
+        elif upstream._native is None:
+            raise RuntimeError("the native reader is not built (see hatch_build.py)")
 
         def verified(batch: list[BlobRef]) -> list[Outcome]:
-            outcomes = _read_files(root, batch)
+            outcomes = upstream._read_files(root, batch)
             for ref, got in zip(batch, outcomes, strict=True):
                 if isinstance(got, BaseException) or got.digest != ref.check:
                     raise RuntimeError(f"blob {ref.sha} did not verify: {got!r}")
@@ -164,7 +176,7 @@ def _case(name: str, root: str, refs: list[BlobRef]) -> dict[str, Any]:
     work, threads, processes, busy, kept = CASES[name]
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(processes), ctx.Queue()
-    if busy:  # a few hundred items per second there: a tenth of the blobs measures the rate as well
+    if busy and work != "native":  # a few hundred items per second: a tenth of the blobs tells the rate
         refs = refs[: max(5 * BATCH, len(refs) // 10)]
     load = round(os.getloadavg()[0], 2)
     shares = [refs[i::processes] for i in range(processes)]

@@ -31,6 +31,7 @@ print(json.dumps({
     "gid": os.getgid(),
     "compilers": [c for c in ("gcc", "cc", "c++", "clang", "make") if shutil.which(c)],
     "frameworks": [m for m in ("torch", "tensorflow") if importlib.util.find_spec(m)],
+    "native": importlib.util.find_spec("sluicegate.core.engine._native") is not None,
     "entrypoints": {e: shutil.which(e) for e in ("sluicegate", "sluicegate-sidecar", "sluicegate-operator")},
 }))
 """
@@ -45,7 +46,7 @@ def test_archive_is_tagged_with_the_image_name(image: Image) -> None:
     assert image.name.startswith("localhost/sluicegate:")
 
 
-def test_non_root_without_compilers_or_ml_frameworks(image: Image) -> None:
+def test_non_root_with_the_native_reader_without_compilers_or_ml_frameworks(image: Image) -> None:
     assert image.user == f"{NON_ROOT}:{NON_ROOT}"
     result = run_in_image(image, ["python", "-c", _INSPECT])
     assert result.returncode == 0, result.stdout
@@ -53,6 +54,8 @@ def test_non_root_without_compilers_or_ml_frameworks(image: Image) -> None:
     assert (found["uid"], found["gid"]) == (NON_ROOT, NON_ROOT)
     assert found["compilers"] == []
     assert found["frameworks"] == []
+    # Built in the Dockerfile's build stage, whose compiler stays behind.
+    assert found["native"]
     assert found["entrypoints"] == {
         e: f"/opt/sluicegate/bin/{e}" for e in ("sluicegate", "sluicegate-sidecar", "sluicegate-operator")
     }

@@ -2,14 +2,16 @@
 
 The base is Debian bookworm made by mmdebstrap (no registry is reachable, so `python:3.11-slim-bookworm`
 cannot be pulled), imported into a private containers storage under <cache>/image/ and passed to the
-Dockerfile as its `PYTHON` build arg; `buildah bud` then builds the Dockerfile users build with
+Dockerfile as its `PYTHON` build arg; a second base with a C compiler and Python's headers stands in for
+`python:3.11-bookworm` as its `BUILD` arg. `buildah bud` then builds the Dockerfile users build with
 `docker build`. The result is pushed to a docker-archive, which keeps the tag through
 `ctr -n k8s.io images import`.
 
-Both steps are cached by content: the base under base-<digest>/ keyed on its mmdebstrap recipe, the image
-under sluicegate-<version>-<digest>/ keyed on the Dockerfile, the packaging files, every file the image
-copies from sdk/, sidecar/ and operator/, the build flags and the base's digest. The storage driver is
-overlay as root, vfs otherwise. `python -m tests.testbed.image` prebuilds (`make servers` runs it).
+Both steps are cached by content: each base under base-<digest>/ keyed on its mmdebstrap recipe, the
+image under sluicegate-<version>-<digest>/ keyed on the Dockerfile, the packaging files, every file the
+image copies from native/, sdk/, sidecar/ and operator/, the build flags and the bases' digests. The
+storage driver is overlay as root, vfs otherwise. `python -m tests.testbed.image` prebuilds (`make servers`
+runs it).
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ _DPKG_EXCLUDES = (
     *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale", "lintian")),
     "--dpkgopt=path-include=/usr/share/doc/*/copyright",
 )
-BASE_RECIPE = (
-    "mmdebstrap",
-    "--variant=minbase",
-    f"--include={','.join(BASE_PACKAGES)}",
-    *_DPKG_EXCLUDES,
-    SUITE,
-)
+# The Dockerfile's build stage (its `BUILD` arg): the same, with what compiling the native reader needs.
+BUILD_PACKAGES = (*BASE_PACKAGES, "gcc", "libc6-dev", "python3-dev")
+
+
+def _recipe(packages: Sequence[str]) -> tuple[str, ...]:
+    return ("mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", *_DPKG_EXCLUDES, SUITE)
+
+
 # The environment Debian's own container images declare; a scratch image has none, and the Dockerfile
 # extends PATH.
 BASE_CONFIG = (
@@ -58,8 +61,15 @@ BASE_CONFIG = (
     "--env=LANG=C.UTF-8",
     "--cmd=python3",
 )
-IMAGE_INPUTS = ("Dockerfile", ".dockerignore", "pyproject.toml", "constraints.txt", "README.md")
-IMAGE_TREES = ("sdk", "sidecar", "operator")
+IMAGE_INPUTS = (
+    "Dockerfile",
+    ".dockerignore",
+    "pyproject.toml",
+    "constraints.txt",
+    "README.md",
+    "hatch_build.py",
+)
+IMAGE_TREES = ("native", "sdk", "sidecar", "operator")
 # `buildah bud` raises its RUN steps' rlimits (nproc to 32768 by default), which fails where that exceeds
 # the machine's hard limit; these fit any machine and are plenty for pip.
 ULIMITS = ("--ulimit=nofile=1024:1024", "--ulimit=nproc=4096:4096")
@@ -161,8 +171,8 @@ def _git_files(*trees: str) -> list[str]:
     return sorted(listed)
 
 
-def _image_key(base_digest: str) -> str:
-    digest = hashlib.sha256("\0".join((base_digest, *BUD_FLAGS, ARCHIVE_TRANSPORT)).encode())
+def _image_key(*base_digests: str) -> str:
+    digest = hashlib.sha256("\0".join((*base_digests, *BUD_FLAGS, ARCHIVE_TRANSPORT)).encode())
     for rel in (*IMAGE_INPUTS, *_git_files(*IMAGE_TREES)):
         path = REPO_ROOT / rel
         # Deleted but still tracked: the build context lacks it as well.
@@ -194,16 +204,17 @@ def _staging(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _base() -> tuple[str, str]:
-    """The base image's reference in the private storage and its rootfs digest."""
-    key = hashlib.sha256("\0".join(BASE_RECIPE + BASE_CONFIG).encode()).hexdigest()[:12]
+def _base(packages: Sequence[str]) -> tuple[str, str]:
+    """A base image with ``packages``: its reference in the private storage and its rootfs digest."""
+    recipe = _recipe(packages)
+    key = hashlib.sha256("\0".join(recipe + BASE_CONFIG).encode()).hexdigest()[:12]
     directory = _image_dir() / f"base-{SUITE}-{key}"
     if not directory.is_dir():
         with _staging(directory) as staging:
-            _log(f"building the {SUITE} base with mmdebstrap ({', '.join(BASE_PACKAGES)}); first run only")
+            _log(f"building a {SUITE} base with mmdebstrap ({', '.join(packages)}); first run only")
             started = time.monotonic()
             result = subprocess.run(
-                [*BASE_RECIPE, "--quiet", str(staging / "rootfs.tar")], capture_output=True, text=True
+                [*recipe, "--quiet", str(staging / "rootfs.tar")], capture_output=True, text=True
             )
             if result.returncode != 0:
                 raise ImageBuildFailed(f"mmdebstrap exited {result.returncode}:\n{result.stderr[-4000:]}")
@@ -242,7 +253,7 @@ def _trust_host_cas(staging: Path) -> list[str]:
     return [f"--volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro", f"--volume={pip_conf}:/etc/pip.conf:ro"]
 
 
-def _build(base: str, directory: Path, name: str) -> None:
+def _build(base: str, build_base: str, directory: Path, name: str) -> None:
     with _staging(directory) as staging:
         _log(f"building {name} from the Dockerfile on {base}")
         started = time.monotonic()
@@ -252,6 +263,7 @@ def _build(base: str, directory: Path, name: str) -> None:
             *BUD_FLAGS,
             *_trust_host_cas(staging),
             f"--build-arg=PYTHON={base}",
+            f"--build-arg=BUILD={build_base}",
             f"--tag={name}",
             f"--iidfile={iidfile}",
             str(REPO_ROOT),
@@ -302,12 +314,13 @@ def ensure_image() -> Image:
     with (_image_dir() / "build.lock").open("w") as lock:
         # Two sessions on a cold machine must not both spend minutes building the same image.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        base, base_digest = _base()
-        key = _image_key(base_digest)[:12]
+        base, base_digest = _base(BASE_PACKAGES)
+        build_base, build_digest = _base(BUILD_PACKAGES)
+        key = _image_key(base_digest, build_digest)[:12]
         name = f"{NAME}:{version()}"
         directory = _image_dir() / f"sluicegate-{version()}-{key}"
         if not directory.is_dir():
-            _build(base, directory, name)
+            _build(base, build_base, directory, name)
             _prune(keep=directory)
         archive = directory / "sluicegate.tar"
         meta_file = directory / "image.json"

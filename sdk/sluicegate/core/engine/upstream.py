@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import time
+import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,12 @@ from sluicegate._exceptions import IntegrityError, NotFoundError, StoreError
 from sluicegate.core.engine.loop import Workers
 from sluicegate.core.manifest import blake3_hex
 from sluicegate.core.store import S3Options, Store, blob_key, forked
+
+_native: types.ModuleType | None
+try:
+    from sluicegate.core.engine import _native
+except ImportError:  # installed without a C compiler: the pure-Python read, slower beside a busy thread
+    _native = None
 
 __all__ = [
     "BlobRef",
@@ -128,29 +135,41 @@ def engine_store(uri: str | os.PathLike[str], s3: S3Options | None) -> Store:
 
 
 def _read_files(root: str, refs: Sequence[BlobRef]) -> list[Outcome]:
-    """Read and hash local blobs (runs on a worker thread)."""
+    """Read and hash local blobs (runs on a worker thread): natively when the extension is built, with the
+    GIL released once for the batch rather than four times per blob."""
+    paths = [f"{root}/{blob_key(ref.sha)}" for ref in refs]
+    if _native is None:
+        return [_read_file(ref, path) for ref, path in zip(refs, paths, strict=True)]
+    raws = _native.read_blobs(paths, [ref.size for ref in refs], any(ref.blake3 for ref in refs))
     out: list[Outcome] = []
-    clock = time.perf_counter
-    for ref in refs:
-        started = clock()
-        path = f"{root}/{blob_key(ref.sha)}"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            out.append(NotFoundError(f"blob {ref.sha} of item {ref.item_id!r} is missing ({path})"))
-            continue
-        except OSError as exc:
-            out.append(StoreError(f"cannot read blob {ref.sha} of item {ref.item_id!r}: {exc}"))
-            continue
-        try:
-            data = _read_fd(fd, ref.size)
-        except OSError as exc:
-            out.append(StoreError(f"cannot read blob {ref.sha} of item {ref.item_id!r}: {exc}"))
-            continue
-        finally:
-            os.close(fd)
-        out.append(Fetched(data, ref.digest(data), clock() - started))
+    for ref, path, raw in zip(refs, paths, raws, strict=True):
+        if isinstance(raw, int):
+            out.append(_read_error(ref, path, OSError(raw, os.strerror(raw), path)))
+        else:
+            data, blake3, seconds = raw
+            out.append(Fetched(data, ref.digest(data) if ref.blake3 is None else blake3, seconds))
     return out
+
+
+def _read_file(ref: BlobRef, path: str) -> Outcome:
+    started = time.perf_counter()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return _read_error(ref, path, exc)
+    try:
+        data = _read_fd(fd, ref.size)
+    except OSError as exc:
+        return _read_error(ref, path, exc)
+    finally:
+        os.close(fd)
+    return Fetched(data, ref.digest(data), time.perf_counter() - started)
+
+
+def _read_error(ref: BlobRef, path: str, exc: OSError) -> StoreError:
+    if isinstance(exc, FileNotFoundError):
+        return NotFoundError(f"blob {ref.sha} of item {ref.item_id!r} is missing ({path})")
+    return StoreError(f"cannot read blob {ref.sha} of item {ref.item_id!r}: {exc}")
 
 
 def _read_fd(fd: int, size: int) -> bytes:
