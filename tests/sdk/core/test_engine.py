@@ -314,10 +314,11 @@ def test_disk_tier_counts_blocks_and_sweeps_what_a_crash_left(tmp_path: Path) ->
         cache.put(_sha(data), data)
     # 100-byte files still take a block each: a volume sized to the budget never fills.
     assert cache.nbytes == 3 * 4096
-    assert cache.get(_sha(small[0])) is None  # evicted to stay within three blocks
+    refs = [BlobRef(_sha(data), len(data), f"item{i}") for i, data in enumerate(small)]
+    assert cache.get_many(refs[:1]) == [None]  # evicted to stay within three blocks
     (root / f".{_sha(b'x')}.123.456").write_bytes(b"half a write")
     again = DiskCache(root, budget=3 * 4096)
-    assert again.get(_sha(small[3])) == small[3]
+    assert again.get_many(refs[3:]) == [small[3]]
     assert again.nbytes == 3 * 4096
     assert sorted(p.name for p in root.iterdir()) == sorted(_sha(d) for d in small[1:])
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from sluicegate.core.engine.upstream import BlobRef
+from sluicegate.core.engine.upstream import BlobRef, Fetched, read_verifiable
 
 __all__ = ["DiskCache", "MemoryCache"]
 
@@ -87,16 +86,9 @@ def _on_disk(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
-def _checker(ref: BlobRef) -> Callable[[bytes], bool]:
-    def intact(data: bytes) -> bool:
-        return ref.digest(data) == ref.check
-
-    return intact
-
-
 class DiskCache:
     """Blobs as files ``<dir>/<sha256>`` under a byte budget (LRU) counted in disk blocks, so a volume
-    sized to the budget never fills; re-verified on every read.
+    sized to the budget never fills; re-verified on every read (natively, as the store's blobs are).
 
     Blocking; the engine calls it from worker threads. Files left by an earlier run are adopted, and the
     temporary files of writes it did not finish (a crash) are removed.
@@ -125,26 +117,6 @@ class DiskCache:
             self.nbytes = sum(self._index.values())
         return self._index
 
-    def get(self, sha: str, check: Callable[[bytes], bool] | None = None) -> bytes | None:
-        """The blob, if held and intact: ``check`` (default: its sha256 matches) passes on what was read."""
-        with self._lock:
-            if sha not in self._entries():
-                return None
-            self._entries().move_to_end(sha)
-        try:
-            fd = os.open(f"{self.root}/{sha}", os.O_RDONLY)
-            try:
-                data = os.read(fd, os.fstat(fd).st_size)
-            finally:
-                os.close(fd)
-        except OSError:
-            data = b""
-        intact = check(data) if check is not None else hashlib.sha256(data).hexdigest() == sha
-        if not intact:
-            self._drop(sha)  # torn write or bit rot: the caller fetches it again
-            return None
-        return data
-
     def put(self, sha: str, data: bytes) -> int:
         """Store ``data``; returns how many files were evicted."""
         size = _on_disk(len(data))
@@ -169,8 +141,25 @@ class DiskCache:
         return len(victims)
 
     def get_many(self, refs: Sequence[BlobRef]) -> list[bytes | None]:
-        """:meth:`get` for a batch (one worker hand-off for all of them), each checked as its ref says."""
-        return [self.get(ref.sha, _checker(ref)) for ref in refs]
+        """Each blob, if held and intact (its digest is what its ref checks), read in one batch; a file that
+        fails its check (a torn write, bit rot) is dropped, so the caller fetches it again."""
+        with self._lock:
+            entries = self._entries()
+            held = [ref for ref in refs if ref.sha in entries]
+            for ref in held:
+                entries.move_to_end(ref.sha)
+        read = read_verifiable([f"{self.root}/{ref.sha}" for ref in held], held)
+        found = {ref.sha: got for ref, got in zip(held, read, strict=True)}
+        out: list[bytes | None] = []
+        for ref in refs:
+            got = found.get(ref.sha)
+            if isinstance(got, Fetched) and got.digest == ref.check:
+                out.append(got.data)
+                continue
+            if got is not None:
+                self._drop(ref.sha)
+            out.append(None)
+        return out
 
     def put_many(self, blobs: Sequence[tuple[str, bytes]]) -> int:
         """:meth:`put` for a batch; returns how many files were evicted."""

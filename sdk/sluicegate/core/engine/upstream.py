@@ -45,6 +45,7 @@ __all__ = [
     "engine_store",
     "fetch_each",
     "forked",
+    "read_verifiable",
     "transient",
 ]
 
@@ -135,12 +136,16 @@ def engine_store(uri: str | os.PathLike[str], s3: S3Options | None) -> Store:
 
 
 def _read_files(root: str, refs: Sequence[BlobRef]) -> list[Outcome]:
-    """Read and hash local blobs (runs on a worker thread): natively when the extension is built, with the
-    GIL released once for the batch rather than four times per blob."""
-    paths = [f"{root}/{blob_key(ref.sha)}" for ref in refs]
+    """Read and hash a store's local blobs (runs on a worker thread)."""
+    return read_verifiable([f"{root}/{blob_key(ref.sha)}" for ref in refs], refs)
+
+
+def read_verifiable(paths: Sequence[str], refs: Sequence[BlobRef]) -> list[Outcome]:
+    """Each file whole, with its digest of the kind its ref checks (runs on a worker thread): natively when
+    the extension is built, with the GIL released once for the batch rather than four times per file."""
     if _native is None:
         return [_read_file(ref, path) for ref, path in zip(refs, paths, strict=True)]
-    raws = _native.read_blobs(paths, [ref.size for ref in refs], any(ref.blake3 for ref in refs))
+    raws = _native.read_blobs(list(paths), [ref.size for ref in refs], any(ref.blake3 for ref in refs))
     out: list[Outcome] = []
     for ref, path, raw in zip(refs, paths, raws, strict=True):
         if isinstance(raw, int):
