@@ -125,3 +125,30 @@ def test_every_size_digests_as_blake3_of_what_the_file_holds(
         got = _fetched(outcome)
         assert got.data == stored
         assert got.digest == blake3_hex(stored)
+
+
+@pytest.mark.usefixtures("read")
+def test_fetched_bytes_are_hashed_by_the_kind_each_ref_checks_errors_kept_in_place() -> None:
+    blobs = [os.urandom(n) for n in (0, 1, 70_000, 3_000)]
+    refs = [
+        BlobRef(hashlib.sha256(b).hexdigest(), len(b), f"i{i}", blake3=blake3_hex(b) if i != 1 else None)
+        for i, b in enumerate(blobs)
+    ]
+    failed = StoreError("a fault upstream")
+    raws: list[tuple[bytes, float] | BaseException] = [
+        (blobs[0], 0.1),
+        (blobs[1], 0.2),
+        failed,
+        (blobs[3], 0.3),
+    ]
+    outcomes = upstream._hash_all(list(zip(refs, raws, strict=True)))
+    assert outcomes[2] is failed
+    for i in (0, 1, 3):
+        got = _fetched(outcomes[i])
+        assert (got.data, got.digest) == (blobs[i], refs[i].check)
+    # A buffer that is not bytes (a remote client's own type) hashes the same.
+    if upstream._native is not None:
+        assert upstream._native.hash_blobs([bytearray(blobs[2]), memoryview(blobs[3])]) == [
+            refs[2].check,
+            refs[3].check,
+        ]

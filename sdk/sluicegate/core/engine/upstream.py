@@ -201,7 +201,19 @@ async def read_files(root: str, refs: Sequence[BlobRef], workers: Workers) -> li
 
 
 def _hash_all(pairs: Sequence[tuple[BlobRef, tuple[bytes, float] | BaseException]]) -> list[Outcome]:
-    return [r if isinstance(r, BaseException) else Fetched(r[0], ref.digest(r[0]), r[1]) for ref, r in pairs]
+    """Fetched bytes with their digests: BLAKE3 in one native call for the batch where it is built."""
+    if _native is None:
+        return [
+            r if isinstance(r, BaseException) else Fetched(r[0], ref.digest(r[0]), r[1]) for ref, r in pairs
+        ]
+    native = [r[0] for ref, r in pairs if ref.blake3 is not None and not isinstance(r, BaseException)]
+    digests = iter(_native.hash_blobs(native))
+    return [
+        r
+        if isinstance(r, BaseException)
+        else Fetched(r[0], ref.digest(r[0]) if ref.blake3 is None else next(digests), r[1])
+        for ref, r in pairs
+    ]
 
 
 async def fetch_each(
