@@ -1,9 +1,11 @@
 """Where blobs come from: the dataset store (local files or an object store) or presigned URLs.
 
 An upstream fetches a *batch* of blobs and returns one outcome per blob: its bytes with their check
-digest (the manifest's BLAKE3, else the sha256) already computed in worker threads (both hashes drop the
-GIL), or the error that blob met. It never verifies or retries: the engine compares digests, retries
-transient faults and refetches corrupt blobs.
+digest (the manifest's BLAKE3, else the sha256) already computed in worker threads, or the error that blob
+met. Where the native extension is built (``_native``, native/read_blobs.c), a batch of local files is
+read and hashed, and a batch of fetched bytes hashed, with the GIL released once for the whole batch. It
+never verifies or retries: the engine compares digests, retries transient faults and refetches corrupt
+blobs.
 """
 
 from __future__ import annotations
