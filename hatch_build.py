@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sysconfig
 import tempfile
@@ -74,8 +75,10 @@ class NativeBuildHook(BuildHookInterface):
         if self.target_name != "wheel" or mode == "0":
             return
         root = Path(self.root)
-        # An editable install imports from the source tree, so the module is built there.
-        out_dir = root / "sdk" / PACKAGE_DIR if version == "editable" else Path(tempfile.mkdtemp())
+        # An editable install imports from the source tree, so the module is built there; a wheel takes it
+        # from a scratch directory that finalize removes.
+        self._scratch = None if version == "editable" else Path(tempfile.mkdtemp(prefix="sluicegate-native-"))
+        out_dir = root / "sdk" / PACKAGE_DIR if self._scratch is None else self._scratch
         try:
             built = compile_native(root, out_dir)
         except RuntimeError as exc:
@@ -87,3 +90,7 @@ class NativeBuildHook(BuildHookInterface):
         build_data["infer_tag"] = True
         if version != "editable":
             build_data["force_include"][str(built)] = f"{PACKAGE_DIR}/{built.name}"
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        if getattr(self, "_scratch", None) is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)

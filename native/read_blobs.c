@@ -33,6 +33,13 @@ static double now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static void blake3_of(const void *buf, size_t len, uint8_t out[BLAKE3_OUT_LEN]) {
+    blake3_hasher h;
+    blake3_hasher_init(&h);
+    blake3_hasher_update(&h, buf, len);
+    blake3_hasher_finalize(&h, out, BLAKE3_OUT_LEN);
+}
+
 static void read_one(blob *b, int hash) {
     double started = now();
     int fd = open(b->path, O_RDONLY | O_CLOEXEC);
@@ -51,12 +58,7 @@ static void read_one(blob *b, int hash) {
         b->got += n;
     }
     close(fd);
-    if (b->err == 0 && hash) {
-        blake3_hasher h;
-        blake3_hasher_init(&h);
-        blake3_hasher_update(&h, b->buf, (size_t)b->got);
-        blake3_hasher_finalize(&h, b->digest, BLAKE3_OUT_LEN);
-    }
+    if (b->err == 0 && hash) blake3_of(b->buf, (size_t)b->got, b->digest);
     b->seconds = now() - started;
 }
 
@@ -149,12 +151,7 @@ static PyObject *hash_blobs(PyObject *self, PyObject *args) {
     for (; held < n; held++)
         if (PyObject_GetBuffer(PyList_GET_ITEM(datas, held), &views[held], PyBUF_SIMPLE) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        blake3_hasher h;
-        blake3_hasher_init(&h);
-        blake3_hasher_update(&h, views[i].buf, (size_t)views[i].len);
-        blake3_hasher_finalize(&h, digests[i], BLAKE3_OUT_LEN);
-    }
+    for (Py_ssize_t i = 0; i < n; i++) blake3_of(views[i].buf, (size_t)views[i].len, digests[i]);
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
     if (result == NULL) goto done;
