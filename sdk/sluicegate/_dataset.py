@@ -515,7 +515,7 @@ class Dataset(_Epochs):
                 head, count = pending.popleft()
                 with METER.blocked():
                     items = head.result()
-                total = sum(len(it.data) for it in items)
+                total = sum(len(it) for it in items)
                 item_bytes = total / count if not item_bytes else 0.8 * item_bytes + 0.2 * total / count
                 if item_bytes >= _LARGE_ITEM:
                     keep_freed_memory()

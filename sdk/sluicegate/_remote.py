@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -238,18 +239,55 @@ class _RemotePending(Pending):
         self._future.cancel()
 
 
-class _FdPool:
-    """Idle blocking connections to a sidecar's fd socket (see :mod:`._protocol`), for this process only.
+class _MemoryFile:
+    """A memory file of this process's that sidecars write answers into, kept mapped between batches.
 
-    Each request owns a connection until its answer is read, so requests kept in flight ahead of the
-    consumer each hold one; no loop thread is involved.
+    The sidecar overwrites its pages in place, so once mapped the next batches cost no page faults and
+    no mapping; it only grows (and is mapped again) when a batch outgrows it.
     """
+
+    __slots__ = ("_mapped", "fd")
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("sluicegate-batch", os.MFD_CLOEXEC)
+        self._mapped: mmap.mmap | None = None
+
+    def view(self, total: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """The first ``total`` bytes, as a read-only array: the batch's items are views of it, and it is
+        what tells the pool when the last of them is gone."""
+        if self._mapped is None or len(self._mapped) < total:
+            if self._mapped is not None:
+                self._mapped.close()  # free: nothing views it
+            size = max(total, os.fstat(self.fd).st_size)
+            self._mapped = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+        return np.frombuffer(self._mapped, dtype=np.uint8, count=total)
+
+    def close(self) -> None:
+        if self._mapped is not None:
+            with contextlib.suppress(BufferError):  # still viewed: unmapped when the views go
+                self._mapped.close()
+            self._mapped = None
+        os.close(self.fd)
+
+
+class _FdPool:
+    """Idle blocking connections to a sidecar's fd socket (see :mod:`._protocol`), and the memory files
+    answers are written into, for this process only.
+
+    Each request owns a connection and a memory file until its answer is read, so requests kept in flight
+    ahead of the consumer each hold one; a memory file comes back once no item of its batch is referenced
+    any more. No loop thread is involved.
+    """
+
+    _IDLE_FILES = 8  # memory files kept for the next requests; more are closed as they come back
 
     def __init__(self, path: str, timeout_s: float) -> None:
         self.path = path
         self._timeout_s = timeout_s
         self._idle: list[socket.socket] = []
+        self._files: list[_MemoryFile] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def take(self) -> socket.socket:
         with self._lock:
@@ -268,15 +306,41 @@ class _FdPool:
         with self._lock:
             self._idle.append(sock)
 
-    def close(self) -> None:
+    def take_file(self) -> _MemoryFile:
+        with self._lock:
+            if self._files:
+                return self._files.pop()
+        return _MemoryFile()
+
+    def give_file(self, file: _MemoryFile) -> None:
+        with self._lock:
+            if not self._closed and len(self._files) < self._IDLE_FILES:
+                self._files.append(file)
+                return
+        file.close()
+
+    def close_idle(self) -> None:
+        """Close the idle connections (one failed: the others went the same way)."""
         with self._lock:
             idle, self._idle = self._idle, []
         for sock in idle:
             sock.close()
 
+    def close(self) -> None:
+        self.close_idle()
+        with self._lock:
+            files, self._files = self._files, []
+            self._closed = True
+        for file in files:
+            file.close()
+
 
 class _FdPending(Pending):
-    """A batch request on the fd socket; :meth:`result` reads the answer and the memory file.
+    """A batch request on the fd socket; :meth:`result` reads the answer and the items in the memory file.
+
+    The request carries a memory file of this process's, which the sidecar writes the batch into, and the
+    items are views of it. A sidecar that predates that answers with a memory file of its own instead,
+    which is copied out of.
 
     Like every request, it rides out a sidecar that restarts: a refused or broken connection, or a
     sidecar that is not ready, is retried (the request is a read, so it can be sent again) with backoff,
@@ -286,17 +350,27 @@ class _FdPending(Pending):
     def __init__(self, source: RemoteSource, pool: _FdPool, body: bytes) -> None:
         self._source, self._pool, self._body = source, pool, body
         self._sock: socket.socket | None = None
+        self._file: _MemoryFile | None = None
         with contextlib.suppress(OSError):  # sent again, and reported, by result()
-            self._sock = self._send()
+            self._send()
 
-    def _send(self) -> socket.socket:
+    def _send(self) -> None:
         sock = self._pool.take()
+        if self._file is None:
+            self._file = self._pool.take_file()
         try:
-            sock.sendall(proto.frame(self._body))
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self._file.fd]))]
+            sock.sendmsg([proto.frame(self._body)], rights)  # a frame this small goes in one message
         except BaseException:
             sock.close()
             raise
-        return sock
+        self._sock = sock
+
+    def _drop_file(self) -> None:
+        """Close the request's memory file: a sidecar that lost the connection may still be writing it."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
     def result(self) -> list[Item]:
         deadline = backoff.Deadline(self._source.timeout)
@@ -304,15 +378,17 @@ class _FdPending(Pending):
         while True:
             try:
                 if self._sock is None:
-                    self._sock = self._send()
+                    self._send()
                 answer, fd, sock = self._receive()
             except TimeoutError:  # not retried: a stalled sidecar would stall again
+                self._drop_file()
                 raise self._source.stalled(f"a batch on {self._pool.path}") from None
             except OSError as exc:
-                self._pool.close()  # the other idle connections went the same way
+                self._pool.close_idle()  # the other idle connections went the same way
+                self._drop_file()
                 reason = f"{type(exc).__name__}: {exc}"
             else:
-                if answer.header is not None and fd is not None:
+                if answer.header is not None:
                     return self._items(answer.header, fd, sock)
                 self._pool.give(sock)
                 reason = _retry_reason(
@@ -322,11 +398,17 @@ class _FdPending(Pending):
                     )
                 )
             if deadline.passed():
+                self._give_file()
                 raise _gave_up(
                     self._source.address, f"a batch on {self._pool.path}", self._source.timeout, reason
                 )
             time.sleep(backoff.delay(attempt, first_s=_RETRY_FIRST_S, max_s=_RETRY_MAX_S))
             attempt += 1
+
+    def _give_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            self._pool.give_file(file)
 
     def _receive(self) -> tuple[proto.FdAnswer, int | None, socket.socket]:
         """The answer on this request's connection; OSError when the connection failed (closed here)."""
@@ -351,46 +433,77 @@ class _FdPending(Pending):
             if fd is not None:
                 os.close(fd)
             if isinstance(exc, ValueError | ValidationError):
+                self._drop_file()
                 raise StreamError(
                     f"malformed answer from the sidecar's fd socket {self._pool.path}: {exc}"
                 ) from exc
             raise
         return answer, fd, sock
 
-    def _items(self, header: proto.BatchHeader, fd: int, sock: socket.socket) -> list[Item]:
-        """The items, copied out of the answer's memory file; then the connection may take the next
-        request (the sidecar rewrites that file for it)."""
+    def _items(self, header: proto.BatchHeader, fd: int | None, sock: socket.socket) -> list[Item]:
+        """The items: views of this request's memory file, or (``fd``: a sidecar's own memory file)
+        copied out of that; then the connection may take the next request."""
         try:
             self._source.check_version(header.version)
             total = sum(row.size for row in header.rows)
-            blobs = []
-            if total:
-                # One mapping, populated up front, and one copy per item: faster than a read per item.
-                with mmap.mmap(fd, total, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) as mapped:
-                    offset = 0
-                    for row in header.rows:
-                        blobs.append(mapped[offset : offset + row.size])
-                        offset += row.size
+            if fd is None:
+                blobs = self._views(header, total)
             else:
-                blobs = [b""] * len(header.rows)
+                self._give_file()  # unused: the sidecar wrote its own
+                blobs = _copies(header, fd, total)
         except (OSError, ValueError) as exc:
             sock.close()
+            self._drop_file()
             where = self._source.address
             raise StreamError(
                 f"cannot read the memory file of a batch from the sidecar at {where}: {exc}"
             ) from exc
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._pool.give(sock)
         rows = _WireRows(header.rows)
         return [
             Item(row.id, data, rows, i) for i, (row, data) in enumerate(zip(header.rows, blobs, strict=True))
         ]
 
+    def _views(self, header: proto.BatchHeader, total: int) -> Sequence[bytes | memoryview]:
+        if not total:
+            self._give_file()
+            return [memoryview(b"")] * len(header.rows)
+        assert self._file is not None
+        array_ = self._file.view(total)
+        file, self._file = self._file, None
+        # The file goes back to the pool when the array does: when the last item's view of it is gone.
+        weakref.finalize(array_, self._pool.give_file, file)
+        whole = array_.data  # a view that keeps the array alive, as its slices do
+        views, offset = [], 0
+        for row in header.rows:
+            views.append(whole[offset : offset + row.size])
+            offset += row.size
+        return views
+
     def cancel(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()  # its answer is unread: the connection cannot be reused
+            self._drop_file()
+        else:
+            self._give_file()
+
+
+def _copies(header: proto.BatchHeader, fd: int, total: int) -> Sequence[bytes | memoryview]:
+    """The items' bytes copied out of a sidecar's memory file: one mapping, populated up front, and one
+    copy per item, faster than a read per item."""
+    if not total:
+        return [b""] * len(header.rows)
+    blobs = []
+    with mmap.mmap(fd, total, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) as mapped:
+        offset = 0
+        for row in header.rows:
+            blobs.append(mapped[offset : offset + row.size])
+            offset += row.size
+    return blobs
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

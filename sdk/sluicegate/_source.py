@@ -51,17 +51,37 @@ class ListRows(Rows):
 class Item:
     """One item: its bytes and its manifest row (annotations, labels, metadata) built on first access.
 
+    ``data`` is the bytes; ``buffer`` the same bytes as a read-only ``memoryview`` without a copy: items
+    read through a sidecar's fd socket view the batch's shared memory, which ``data`` copies out on first
+    access (and ``buffer`` does not; the batch's memory is reused once no item of it is referenced).
     ``source`` names the source it came from when it was read through a mix (``sluicegate.mix``), else
     None."""
 
-    __slots__ = ("_i", "_record", "_rows", "data", "id", "source")
+    __slots__ = ("_data", "_i", "_record", "_rows", "id", "source")
 
-    def __init__(self, id: str, data: bytes, rows: Rows, i: int, source: str | None = None) -> None:
+    def __init__(
+        self, id: str, data: bytes | memoryview, rows: Rows, i: int, source: str | None = None
+    ) -> None:
         self.id = id
-        self.data = data
+        self._data = data
         self._rows, self._i = rows, i
         self._record: ItemRecord | None = None
         self.source = source
+
+    @property
+    def data(self) -> bytes:
+        """The item's bytes."""
+        data = self._data
+        if isinstance(data, memoryview):
+            # Copied once, and the view dropped: the batch's memory goes back as soon as it can.
+            data = self._data = data.tobytes()
+        return data
+
+    @property
+    def buffer(self) -> memoryview:
+        """The item's bytes as a read-only view, without copying them."""
+        data = self._data
+        return data if isinstance(data, memoryview) else memoryview(data)
 
     @property
     def row(self) -> dict[str, Any]:
@@ -115,7 +135,7 @@ class Item:
         from PIL import Image
 
         try:
-            img = Image.open(io.BytesIO(self.data))
+            img = Image.open(io.BytesIO(self.buffer))
             img.load()
         except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
             raise ConfigError(
@@ -124,11 +144,11 @@ class Item:
         return img
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self._data)
 
     def __repr__(self) -> str:
         source = "" if self.source is None else f", source={self.source!r}"
-        return f"Item(id={self.id!r}{source}, {len(self.data)} bytes)"
+        return f"Item(id={self.id!r}{source}, {len(self._data)} bytes)"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Crossing a process boundary takes the row along, not the batch (or the whole manifest) behind it.

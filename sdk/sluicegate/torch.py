@@ -117,7 +117,7 @@ class _SampleMaker:
         if item.source is not None:
             sample["source"] = item.source  # read through a mix: which of its sources
         if self.decode == "bytes":
-            sample["data"] = _bytes_tensor(item.data)
+            sample["data"] = _bytes_tensor(item.buffer)
         elif self.decode == "image":
             # PIL (libjpeg-turbo, libpng): torchvision's own decoders are deprecated in favour of torchcodec.
             sample["image"] = pil_to_tensor(_decode_pil(item, self.image_mode))

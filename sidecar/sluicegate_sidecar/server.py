@@ -436,8 +436,8 @@ class Sidecar:
         self.requests[(path, 200)] += 1
         return proto.encode_fd_answer(info.version, rows), blobs
 
-    async def _memory_file(self, blobs: Sequence[bytes], fd: int | None) -> int:
-        return await self.engine.workers.run(memory_file, blobs, fd)
+    async def _memory_file(self, blobs: Sequence[bytes], fd: int | None, client: bool) -> int:
+        return await self.engine.workers.run(memory_file, blobs, fd, client)
 
     async def _ledger(self, request: web.Request) -> web.Response:
         report = proto.LedgerReport.model_validate_json(await request.read())

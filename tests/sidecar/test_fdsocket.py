@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -32,11 +33,14 @@ def _start(tmp_path: Path, size: int = 3000) -> tuple[InProcessSidecar, dict[str
     return InProcessSidecar(["--store", uri, "--listen", f"unix://{sock}"]), expected, sock
 
 
-def _ask(path: Path, payload: bytes) -> tuple[proto.FdAnswer, int | None, socket.socket]:
+def _ask(
+    path: Path, payload: bytes, fds: list[int] | None = None
+) -> tuple[proto.FdAnswer, int | None, socket.socket]:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(10)
     conn.connect(str(path))
-    conn.sendall(struct.pack(">I", len(payload)) + payload)
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    conn.sendmsg([struct.pack(">I", len(payload)) + payload], rights)
     data, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4))
     fds = [array.array("i", p[:4])[0] for level, kind, p in ancillary if kind == socket.SCM_RIGHTS]
     while len(data) < 4 + struct.unpack(">I", data[:4])[0]:
@@ -99,6 +103,84 @@ def test_bad_requests_on_the_fd_socket_get_a_clear_answer_and_serving_goes_on(tm
         conn.close()
         assert {i.id for i in ds} == set(expected)
         ds.close()
+
+
+def _batch_files() -> int:
+    """How many of this process's descriptors are the trainer's batch memory files."""
+    return sum(
+        "sluicegate-batch" in os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+def test_items_view_the_trainers_memory_file_which_is_reused_only_once_they_are_gone(
+    tmp_path: Path,
+) -> None:
+    sidecar, expected, sock = _start(tmp_path)
+    with sidecar:
+        ds = sluicegate.connect(f"unix://{sock}")
+        ds.set_epoch(0)
+        held = list(ds)  # every item kept: no batch's memory may be written over by a later batch
+        assert all(isinstance(i.buffer, memoryview) and i.buffer.readonly for i in held)
+        assert {i.id: bytes(i.buffer) for i in held} == expected
+        assert {i.id: i.data for i in held} == expected  # copied out on first access, views dropped
+        del held
+        before = _batch_files()
+        for epoch in range(1, 6):  # items dropped as read: the files come back and are written again
+            ds.set_epoch(epoch)
+            assert {i.id: i.data for i in ds} == expected
+        assert _batch_files() <= max(before, 8 + 4), "memory files were not reused"
+        first = next(iter(ds))
+        view = first.buffer
+        assert bytes(view) == expected[first.id]
+        ds.close()
+
+
+def test_a_descriptor_that_is_not_a_writable_memory_file_is_refused_and_left_untouched(
+    tmp_path: Path,
+) -> None:
+    sidecar, expected, sock = _start(tmp_path)
+    fd_path = sock.parent / (sock.name + proto.FD_SOCKET_SUFFIX)
+    on_disk = tmp_path / "victim.bin"
+    on_disk.write_bytes(b"keep me")
+    read_end, write_end = os.pipe()
+    sealed = os.memfd_create("sealed", os.MFD_ALLOW_SEALING)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+    writable = os.memfd_create("mine")
+    read_only = os.open(f"/proc/self/fd/{writable}", os.O_RDONLY)
+    disk = os.open(on_disk, os.O_RDWR)
+    request = json.dumps({"indexes": [0, 1]}).encode()
+    with sidecar:
+        ds = sluicegate.connect(f"unix://{sock}")
+        len(ds)  # ready
+        for fds, text in [
+            ([disk], "not a memory file"),
+            ([write_end], "not a regular file"),
+            ([sealed], "sealed"),
+            ([read_only], "read-only"),
+            ([writable, writable], "at most one descriptor"),
+        ]:
+            answer, fd, conn = _ask(fd_path, request, fds)
+            conn.close()
+            assert fd is None
+            assert answer.status == 400, (text, answer)
+            assert answer.error is not None
+            assert text in answer.error.message
+        assert on_disk.read_bytes() == b"keep me"
+        assert os.fstat(sealed).st_size == 0
+        # A memory file of the client's own gets the batch, and no descriptor comes back.
+        answer, fd, conn = _ask(fd_path, request, [writable])
+        conn.close()
+        assert fd is None
+        assert answer.header is not None
+        first, second = answer.header.rows
+        assert os.pread(writable, first.size, 0) == expected[first.id]
+        assert os.pread(writable, second.size, first.size) == expected[second.id]
+        assert {i.id for i in ds} == set(expected)  # serving went on
+        ds.close()
+    for fd in (read_end, write_end, sealed, writable, read_only, disk):
+        os.close(fd)
 
 
 def test_a_trainer_that_connects_before_its_sidecar_starts_still_finds_the_fd_socket(tmp_path: Path) -> None:

@@ -11,12 +11,16 @@ up with a training loop (see ARCHITECTURE "Speed"). A batch body (``BATCH_CONTEN
     ...             the items' bytes, concatenated in header order; item i is ``rows[i]["size"]`` long
 
 Beside each unix socket ``PATH`` the sidecar serves, ``PATH`` + :data:`FD_SOCKET_SUFFIX` takes the same
-batch requests without HTTP and answers with the items' bytes in a memory file (``memfd``) whose descriptor
-travels with the answer (``SCM_RIGHTS``): the bytes are copied once into it and once out of it, never
-through the socket. Both directions are frames (``u32`` big-endian length, then JSON): a
-:class:`BatchRequest`, answered by an :class:`FdAnswer`; an answer with a header carries the descriptor in
-its first message, and the file holds the items' bytes concatenated in header order. A trainer that shares
-the pod's volume with its sidecar uses it; everything else (TCP, no ``memfd``) uses HTTP.
+batch requests without HTTP, and the items' bytes travel in a memory file (``memfd``), never through the
+socket. Both directions are frames (``u32`` big-endian length, then JSON): a :class:`BatchRequest`,
+answered by an :class:`FdAnswer`. A request may carry the descriptor of a memory file of the client's own
+(``SCM_RIGHTS``, with its first bytes): the sidecar writes the answer's bytes into it from offset 0,
+growing it if needed and never shrinking it, and answers without a descriptor. The client maps it once
+and keeps reusing it, so the bytes are copied once, by the sidecar, and the client's items are views of
+that memory. A request without one is answered with the descriptor of a memory file of the sidecar's
+(in the answer's first message), rewritten for the connection's next answer, which the client copies out
+of. Either way the file holds the items' bytes concatenated in header order. A trainer that shares the
+pod's volume with its sidecar uses this socket; everything else (TCP, no ``memfd``) uses HTTP.
 
 Indexes on the wire are positions in the sidecar's shard in *assignment* order (``0 .. items-1``); the
 epoch order is computed on both sides by the pure functions of :mod:`sluicegate.core.partition`.
