@@ -117,7 +117,7 @@ def decode_jpeg(data: bytes | bytearray | memoryview) -> torch.Tensor:
 
 def decode_item(item: Any) -> torch.Tensor:
     """sluicegate's ``decode=`` callable: the same :func:`decode_jpeg` on the item's bytes."""
-    return decode_jpeg(item.data)
+    return decode_jpeg(item.buffer)
 
 
 def as_list(batch: list[Any]) -> list[Any]:
@@ -162,7 +162,8 @@ class _Field:
 
 
 class _ItemBatches:
-    """``for item in ds``, handed on in lists of ``batch`` items' data (decoded in jpeg mode)."""
+    """``for item in ds``, handed on in lists of ``batch`` items' bytes (``item.buffer``, which copies
+    nothing; decoded in jpeg mode)."""
 
     def __init__(self, ds: Any, batch: int, jpeg: bool) -> None:
         self.ds, self.batch, self.jpeg = ds, batch, jpeg
@@ -170,7 +171,7 @@ class _ItemBatches:
     def __iter__(self) -> Iterator[list[Any]]:
         group: list[Any] = []
         for item in self.ds:
-            group.append(decode_jpeg(item.data) if self.jpeg else item.data)
+            group.append(decode_jpeg(item.buffer) if self.jpeg else item.buffer)
             if len(group) == self.batch:
                 yield group
                 group = []

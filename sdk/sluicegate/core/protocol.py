@@ -259,8 +259,9 @@ def encode_header(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
     return _LEN.pack(len(raw)) + raw
 
 
-def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[bytes]]:
-    """Split a batch body into its header and the items' bytes; ValueError when it is not well formed."""
+def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[memoryview]]:
+    """Split a batch body into its header and the items' bytes (read-only views of ``body``, which they
+    keep alive); ValueError when it is not well formed."""
     if len(body) < _LEN.size:
         raise ValueError(f"batch body of {len(body)} bytes is too short for its header length")
     (n,) = _LEN.unpack_from(body)
@@ -268,10 +269,10 @@ def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[bytes]]:
     if end > len(body):
         raise ValueError(f"batch header claims {n} bytes but the body has {len(body) - _LEN.size}")
     header = BatchHeader.model_validate_json(body[_LEN.size : end])
-    view = memoryview(body)
+    view = memoryview(body).toreadonly()
     blobs = []
     for row in header.rows:
-        blobs.append(bytes(view[end : end + row.size]))
+        blobs.append(view[end : end + row.size])
         end += row.size
     if end != len(body):
         raise ValueError(f"batch body is {len(body)} bytes but its header accounts for {end}")
