@@ -28,12 +28,12 @@ epoch order is computed on both sides by the pure functions of :mod:`sluicegate.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluicegate._exceptions import ConfigError
@@ -255,7 +255,7 @@ class BatchHeader(BaseModel):
 
 def encode_header(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
     """The framed header of a batch body; rows are plain manifest rows (``Table.to_pylist()``)."""
-    raw = json.dumps({"version": version, "rows": rows}, separators=(",", ":")).encode()
+    raw = pydantic_core.to_json({"version": version, "rows": rows})
     return _LEN.pack(len(raw)) + raw
 
 
@@ -301,5 +301,5 @@ def frame_length(prefix: bytes | bytearray) -> int:
 
 def encode_fd_answer(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
     """A framed successful :class:`FdAnswer` (rows as in :func:`encode_header`)."""
-    raw = json.dumps({"status": 200, "header": {"version": version, "rows": rows}}, separators=(",", ":"))
-    return frame(raw.encode())
+    # pydantic-core's encoder: a third of json.dumps's time, and one is made per batch served.
+    return frame(pydantic_core.to_json({"status": 200, "header": {"version": version, "rows": rows}}))

@@ -20,7 +20,7 @@ import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httpx
 
@@ -52,11 +52,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class BlobRef:
+class BlobRef(NamedTuple):
     """What the engine needs to fetch and verify one item's bytes; ``item_id`` names the item in errors.
 
     ``blake3``: the digest the bytes are verified against when the manifest has one; else the ``sha``.
+    A named tuple: two are built per item served, and a tuple is built in a third of a frozen
+    dataclass's time.
     """
 
     sha: str
