@@ -33,7 +33,8 @@ Plus the cases that need their own set-up:
   MiB memory cache), steady epochs after the first filled it, against ``bytes/w0/dataloader`` (the
   same files from the page cache);
 * ``cached/sluicegate`` and ``cached/dataloader``: a dataset that fits the cache (``STREAM_CACHED_ITEMS``,
-  default half the cache), steady epochs, bytes, no workers;
+  default half the cache), steady epochs, bytes, no workers; ``cached/sluicegate-loop`` reads it with
+  a plain ``for item in ds`` (the loop the 70k items/s target was measured with);
 * ``big/sluicegate-sidecar`` and ``big/dataloader``: ``STREAM_BIG_ITEMS`` (100) items of 4 MiB through
   the sidecar, MB/s, steady epochs;
 * ``first-item``: seconds to the first item of a ``STREAM_MANIFEST_ITEMS`` (1,000,000)-item dataset;
@@ -199,6 +200,13 @@ def all_cases() -> list[Case]:
             "sluicegate",
             "cached-store",
             extra={"cache_bytes": cache},
+            baselines=("cached/dataloader",),
+        ),
+        Case(
+            "cached/sluicegate-loop",
+            "sluicegate",
+            "cached-store",
+            extra={"cache_bytes": cache, "loop": "items"},
             baselines=("cached/dataloader",),
         ),
         Case("big/dataloader", "dataloader", "big-files", batch=8),
@@ -795,14 +803,16 @@ def _targets(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             f"{value}x ({s3 or 0:,.0f} vs {raw or 0:,.0f} MB/s)",
         )
     )
-    cached = _rate(cases, "cached/sluicegate", "steady")
+    cached = _rate(cases, "cached/sluicegate-loop", "steady")
+    loader = _rate(cases, "cached/sluicegate", "steady")
     cached_base = _rate(cases, "cached/dataloader", "steady")
     out.append(
         _target(
-            f"cached epochs >= 70k items/s of {ITEM_KB:g} KiB (embedded, nw=0)",
+            f"cached epochs >= 70k items/s of {ITEM_KB:g} KiB (embedded, `for item in ds`)",
             cached,
             70_000,
-            f"{cached or 0:,.0f} items/s ({_ratio(cached, cached_base)}x DataLoader)",
+            f"{cached or 0:,.0f} items/s; through a DataLoader (nw=0) {loader or 0:,.0f} "
+            f"({_ratio(loader, cached_base)}x the plain DataLoader)",
             "items/s",
         )
     )
@@ -955,7 +965,7 @@ def _extra_sections(r: dict[str, Any]) -> list[str]:
         ),
         (
             f"Cached: {c['cached_items']:,} items that fit the cache, no workers",
-            ["cached/sluicegate", "cached/dataloader"],
+            ["cached/sluicegate-loop", "cached/sluicegate", "cached/dataloader"],
             "steady",
         ),
         (

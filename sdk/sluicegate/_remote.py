@@ -262,6 +262,11 @@ class _MemoryFile:
             self._mapped = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
         return np.frombuffer(self._mapped, dtype=np.uint8, count=total)
 
+    @property
+    def size(self) -> int:
+        """Bytes mapped (what it holds of this process's memory once written)."""
+        return 0 if self._mapped is None else len(self._mapped)
+
     def close(self) -> None:
         if self._mapped is not None:
             with contextlib.suppress(BufferError):  # still viewed: unmapped when the views go
@@ -279,7 +284,9 @@ class _FdPool:
     any more. No loop thread is involved.
     """
 
-    _IDLE_FILES = 8  # memory files kept for the next requests; more are closed as they come back
+    # Memory files kept for the next requests, at most this many and this many bytes; more are closed as
+    # they come back.
+    _IDLE_FILES, _IDLE_BYTES = 8, 128 * 2**20
 
     def __init__(self, path: str, timeout_s: float) -> None:
         self.path = path
@@ -314,7 +321,8 @@ class _FdPool:
 
     def give_file(self, file: _MemoryFile) -> None:
         with self._lock:
-            if not self._closed and len(self._files) < self._IDLE_FILES:
+            idle = sum(f.size for f in self._files) + file.size
+            if not self._closed and len(self._files) < self._IDLE_FILES and idle <= self._IDLE_BYTES:
                 self._files.append(file)
                 return
         file.close()
