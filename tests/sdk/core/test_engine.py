@@ -237,6 +237,25 @@ def test_blob_ref_carries_item_id_for_errors(store: Store) -> None:
     assert ref == BlobRef(ref.sha, 1000, "item000000")
 
 
+def test_rows_of_row_groups_without_annotations_match_those_with(tmp_path: Path) -> None:
+    """A row group whose annotations are all empty skips taking them; its rows must not change."""
+    make_dataset(str(tmp_path / "m"), 50, size=10)
+    full, _ = Store(tmp_path / "m").manifest(1)
+    box = {"label": "car", "bbox": [1.0, 2.0, 3.0, 4.0], "polygon": [], "iscrowd": False, "attributes": "{}"}
+    column = full.schema.field("annotations")
+    annotations = pa.array([[box] if i in (25, 31) else [] for i in range(50)], type=column.type)
+    full = full.set_column(full.schema.get_field_index("annotations"), column, annotations)
+    data = io.BytesIO()
+    footer = pq.read_schema(tmp_path / "m" / "versions" / "1.parquet").metadata
+    pq.write_table(full.replace_schema_metadata(footer), data, row_group_size=20)  # only group 1 has any
+    positions = np.array([49, 0, 25, 20, 19, 31, 5])
+    rows = Manifest(data.getvalue()).rows(positions)
+    assert rows == full.take(pa.array(positions)).to_pylist()
+    assert [len(r["annotations"]) for r in rows] == [0, 0, 1, 0, 0, 1, 0]
+    rows[0]["annotations"].append("mine")  # each row gets its own list
+    assert rows[1]["annotations"] == []
+
+
 def test_manifest_decodes_lazily_and_matches_the_full_table(tmp_path: Path) -> None:
     expected = make_dataset(str(tmp_path / "m"), 50, size=10)
     store = Store(tmp_path / "m")

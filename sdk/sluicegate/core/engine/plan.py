@@ -73,7 +73,7 @@ class Manifest:
         self._where = where
         self._lock = threading.Lock()
         self._columns: dict[str, pa.Array] = {}
-        self._groups: dict[int, pa.Table] = {}
+        self._groups: dict[int, tuple[pa.Table, list[str]]] = {}
         # The Parquet reader holds these bytes anyway; kept here so the digest can be taken when asked.
         self._raw = None if isinstance(source, pa.Table) else source
         self._digest: str | None = None
@@ -140,20 +140,34 @@ class Manifest:
         out: list[dict[str, Any]] = [{}] * len(positions)
         for g in np.unique(group_of).tolist():
             where = np.flatnonzero(group_of == g)
-            part = self._group(g).take(pa.array(positions[where] - self._offsets[g])).to_pylist()
+            table, empty = self._group(g)
+            part = table.take(pa.array(positions[where] - self._offsets[g])).to_pylist()
             for i, row in zip(where.tolist(), part, strict=True):
+                for name in empty:
+                    row[name] = []
                 out[i] = row
         return out
 
-    def _group(self, g: int) -> pa.Table:
+    def _group(self, g: int) -> tuple[pa.Table, list[str]]:
+        """Row group ``g`` without its list columns that hold only empty lists, and their names: taking
+        rows of a nested column (annotations) costs more than all the others together, and a dataset
+        without annotations need not pay it for every batch."""
         with self._lock:
             if g not in self._groups:
                 if self._table is not None:
                     start, stop = int(self._offsets[g]), int(self._offsets[g + 1])
-                    self._groups[g] = self._table.slice(start, stop - start).combine_chunks()
+                    table = self._table.slice(start, stop - start).combine_chunks()
                 else:
                     assert self._file is not None
-                    self._groups[g] = self._file.read_row_group(g).replace_schema_metadata(None)
+                    table = self._file.read_row_group(g).replace_schema_metadata(None)
+                empty = [
+                    name
+                    for name, column in zip(table.column_names, table.columns, strict=True)
+                    if pa.types.is_list(column.type)
+                    and column.null_count == 0
+                    and pc.sum(pc.list_value_length(column)).as_py() in (0, None)
+                ]
+                self._groups[g] = (table.drop_columns(empty), empty)
             return self._groups[g]
 
     def _read(self, columns: list[str]) -> pa.Table:
