@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from sluicegate.core import protocol as proto
+from sluicegate.core.memfd import write_all
 
 __all__ = ["FdServer", "check_client_file", "memory_file"]
 
@@ -30,7 +31,6 @@ log = logging.getLogger("sluicegate.sidecar.fd")
 Serve = Callable[[bytes], Awaitable[tuple[bytes, Sequence[bytes]]]]
 # a batch's bytes, a memory file (or None) and whether it is the client's -> the memory file holding them
 WriteFile = Callable[[Sequence[bytes], int | None, bool], Awaitable[int]]
-_IOV_MAX = 1024
 _MAX_FDS = 4
 _KEEP_BYTES = 64 * 2**20  # a connection's memory file keeps up to this much between batches
 
@@ -44,19 +44,12 @@ def memory_file(blobs: Sequence[bytes], fd: int | None = None, client: bool = Fa
     if fd is None:
         fd = os.memfd_create("sluicegate-batch", os.MFD_CLOEXEC)
     try:
-        views = [memoryview(b) for b in blobs if len(b)]
+        views = [memoryview(b) for b in blobs]
         total = sum(len(v) for v in views)
         if not new and not client and os.fstat(fd).st_size > max(2 * total, _KEEP_BYTES):
             os.ftruncate(fd, total)
         os.lseek(fd, 0, os.SEEK_SET)
-        i = 0
-        while i < len(views):
-            written = os.writev(fd, views[i : i + _IOV_MAX])
-            while i < len(views) and written >= len(views[i]):
-                written -= len(views[i])
-                i += 1
-            if written:  # a short write: the rest of that blob goes next
-                views[i] = views[i][written:]
+        write_all(fd, views)
     except BaseException:
         if new:
             os.close(fd)

@@ -195,3 +195,33 @@ def test_plain_dataloader_works_with_a_transform(images: Dataset) -> None:
     assert float(x.min()) >= 0
     assert float(x.max()) <= 1
     assert y.tolist() == [3] * 6
+
+
+class _Ragged(torch.utils.data.Dataset[torch.Tensor]):
+    """Ragged 1-D tensors: uint8 bytes (the first empty, every other one a strided view) and, in every
+    other batch of two, float32 values (which stay a list)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i % 4 >= 2:
+            return torch.arange(i, dtype=torch.float32) / 3
+        if i % 4 == 1:
+            return torch.arange(i * 2000, dtype=torch.int64).to(torch.uint8)[::2]  # not contiguous
+        return torch.full((i * 1000,), i, dtype=torch.uint8)
+
+
+def test_packed_in_workers_arrives_whole_in_the_trainer() -> None:
+    """In a worker, collate writes the batch into a memory file handed to torch as shared storage."""
+    data = _Ragged()
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, collate_fn=collate)
+    seen = 0
+    for b, batch in enumerate(loader):
+        if isinstance(batch, Packed):
+            assert [t.tolist() for t in batch] == [data[2 * b].tolist(), data[2 * b + 1].tolist()]
+            assert batch.values.untyped_storage().is_shared()
+            seen += 1
+        else:  # a float32 tensor and a uint8 one do not pack together
+            assert [t.tolist() for t in batch] == [data[2 * b].tolist(), data[2 * b + 1].tolist()]
+    assert seen == 3
