@@ -576,15 +576,8 @@ def _pack_buffer(tensors: Sequence[torch.Tensor], *, shared: bool) -> torch.Tens
     nbytes = header + int(lengths.sum()) * _element_size(dtype)
     parts = [t.numpy().view(np.uint8) for t in tensors]
     if shared and _MEMFD:
-        # In a worker, built straight in shared memory (as default_collate does), so the hand-off copies
-        # nothing; written into a memory file rather than through a fresh mapping, which costs a page
-        # fault per 4 KiB (twice the copy's time), and handed to torch as the storage's descriptor.
-        fd = os.memfd_create("sluicegate-collate", os.MFD_CLOEXEC)
-        try:
-            write_all(fd, [np.ascontiguousarray(p).data.cast("B") for p in (offsets, *parts)])
-            storage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
-        finally:
-            os.close(fd)  # the storage holds its own
+        # In a worker, built straight in shared memory (as default_collate does): the hand-off copies nothing.
+        storage = _shared_storage([offsets, *parts], nbytes)
         return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
     storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
     buffer = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
@@ -598,6 +591,50 @@ def _pack_buffer(tensors: Sequence[torch.Tensor], *, shared: bool) -> torch.Tens
 
 # Linux's memory files, and torch's storage over one (the file_descriptor sharing strategy's own).
 _MEMFD = hasattr(os, "memfd_create") and hasattr(torch.UntypedStorage, "_new_shared_fd_cpu")
+# dtypes whose tensors NumPy can view (not bfloat16, say), so their bytes can be written out directly
+_NUMPY_DTYPES = frozenset(
+    [
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    ]
+)
+
+
+def _shared_storage(parts: Sequence[np.ndarray[Any, Any]], nbytes: int) -> torch.UntypedStorage:
+    """Shared memory holding ``parts`` end to end: written into a memory file rather than through a fresh
+    mapping, which costs a page fault per 4 KiB (twice the copy's time), and handed to torch as the
+    storage's descriptor, which is how a worker's batch crosses to the trainer anyway."""
+    fd = os.memfd_create("sluicegate-collate", os.MFD_CLOEXEC)
+    try:
+        write_all(fd, [np.ascontiguousarray(p).data.cast("B") for p in parts])
+        storage: torch.UntypedStorage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)  # the storage holds its own
+    return storage
+
+
+def _stack(batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors of one shape and dtype stacked, as ``default_collate`` does (in shared memory in a worker)."""
+    first = batch[0]
+    nbytes = sum(t.numel() for t in batch) * first.element_size()
+    if _MEMFD and _in_worker() and nbytes and first.device.type == "cpu" and first.dtype in _NUMPY_DTYPES:
+        storage = _shared_storage([t.detach().numpy() for t in batch], nbytes)
+        size = (len(batch), *first.shape)
+        stride = [1] * len(size)
+        for d in range(len(size) - 2, -1, -1):
+            stride[d] = stride[d + 1] * size[d + 1]
+        return torch.empty(0, dtype=first.dtype).set_(storage, 0, size, tuple(stride))
+    stacked: torch.Tensor = default_collate(list(batch))  # type: ignore[no-untyped-call]
+    return stacked
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -627,7 +664,7 @@ def collate(batch: Sequence[Any]) -> Any:
         if first.dtype == torch.uint8 and all(x.dim() == 1 for x in batch):
             return Packed.pack(batch)  # file bytes: ragged by nature, even when a batch happens not to be
         if all(x.shape == first.shape for x in batch):
-            return default_collate(list(batch))  # type: ignore[no-untyped-call]
+            return _stack(batch)
         return list(batch)
     if isinstance(first, Mapping):
         keys = first.keys()

@@ -225,3 +225,27 @@ def test_packed_in_workers_arrives_whole_in_the_trainer() -> None:
         else:  # a float32 tensor and a uint8 one do not pack together
             assert [t.tolist() for t in batch] == [data[2 * b].tolist(), data[2 * b + 1].tolist()]
     assert seen == 3
+
+
+class _Images(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Same-shape tensors as decoders make them (CHW views of HWC arrays, so not contiguous)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        hwc = torch.arange(4 * 5 * 3, dtype=torch.int64).reshape(4, 5, 3) + i
+        return {"image": hwc.permute(2, 0, 1).to(torch.uint8), "weight": torch.tensor([i / 2, i])}
+
+
+def test_stacked_in_workers_match_torchs_own_stack() -> None:
+    data = _Images()
+    loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2, collate_fn=collate)
+    for b, batch in enumerate(loader):
+        samples = [data[3 * b + k] for k in range(3)]
+        for key in ("image", "weight"):
+            want = torch.stack([s[key] for s in samples])
+            assert batch[key].shape == want.shape
+            assert batch[key].dtype == want.dtype
+            assert torch.equal(batch[key], want)
+            assert batch[key].untyped_storage().is_shared()
