@@ -246,10 +246,11 @@ class _MemoryFile:
     no mapping; it only grows (and is mapped again) when a batch outgrows it.
     """
 
-    __slots__ = ("_mapped", "fd")
+    __slots__ = ("__weakref__", "_close_fd", "_mapped", "fd")
 
     def __init__(self) -> None:
         self.fd = os.memfd_create("sluicegate-batch", os.MFD_CLOEXEC)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)  # also when dropped unclosed
         self._mapped: mmap.mmap | None = None
 
     def view(self, total: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -272,7 +273,7 @@ class _MemoryFile:
             with contextlib.suppress(BufferError):  # still viewed: unmapped when the views go
                 self._mapped.close()
             self._mapped = None
-        os.close(self.fd)
+        self._close_fd()
 
 
 class _FdPool:

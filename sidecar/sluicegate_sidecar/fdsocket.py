@@ -1,4 +1,5 @@
-"""The fd socket: batch answers whose bytes travel in a memory file passed with the answer.
+"""The fd socket: batch answers whose bytes travel in a memory file, the client's (sent with the request) or
+the sidecar's (sent with the answer).
 
 The framing and the models are :mod:`sluicegate.core.protocol`'s (see its docstring). The socket sits
 beside the sidecar's unix socket, in the pod-private volume the trainer shares; a memory file holds only
