@@ -40,7 +40,7 @@ from sluicegate import (
 from sluicegate.core import backoff
 from sluicegate.core import partition as _partition
 from sluicegate.core import protocol as proto
-from sluicegate.core.engine import Engine, Plan, StoreUpstream, Upstream, engine_store, read_manifest
+from sluicegate.core.engine import BlobRef, Engine, Plan, StoreUpstream, Upstream, engine_store, read_manifest
 from sluicegate.core.query import Query
 from sluicegate.core.store import Store
 
@@ -147,6 +147,8 @@ class Sidecar:
             )
         )
         self._orders: OrderedDict[tuple[int, int, int], _partition.Positions] = OrderedDict()
+        # per client: the plan, positions and refs its last request announced as read-ahead
+        self._announced: OrderedDict[str, tuple[Plan, list[int], list[BlobRef]]] = OrderedDict()
         self.progress: proto.ProgressReport | None = None  # the trainer's latest report (POST /v1/progress)
         self._progress_sent: proto.ProgressReport | None = None
         self._progress_wake = asyncio.Event()
@@ -385,12 +387,19 @@ class Sidecar:
         if self.broker is not None:
             fetching = len(indexes) + len(readahead)
             self.broker.expect(client, [*indexes, *readahead] if upcoming is None else upcoming, fetching)
+        # A client's next request mostly asks for what its last one announced: those refs are kept.
+        last = self._announced.pop(client, None)
+        refs = last[2] if last is not None and last[0] is plan and last[1] == list(indexes) else None
         ahead = (client, plan.refs(readahead)) if readahead else None
+        if ahead is not None:
+            self._announced[client] = (plan, list(readahead), ahead[1])
+            while len(self._announced) > _ANNOUNCED_CLIENTS:
+                self._announced.popitem(last=False)
         if not indexes:
             if ahead is not None:
                 self.engine.readahead(*ahead)
             return info, [], []
-        blobs = await self.engine.get_many(plan.refs(indexes), ahead)
+        blobs = await self.engine.get_many(plan.refs(indexes) if refs is None else refs, ahead)
         return info, plan.rows(indexes), blobs
 
     async def _serve(
@@ -599,6 +608,7 @@ _WRITE_SLICE = 1 << 20
 _PROGRESS_EVERY_S = 1.0
 _PROGRESS_FLUSH_S = 3.0
 _SOCKET_MODE = 0o666
+_ANNOUNCED_CLIENTS = 16  # clients whose last read-ahead refs are kept (one per trainer process)
 _SOCKET_BUFFER = 4 << 20  # Linux caps it at net.core.wmem_max (4 MiB by default) and doubles it
 
 
