@@ -628,11 +628,7 @@ def _stack(batch: Sequence[torch.Tensor]) -> torch.Tensor:
     nbytes = sum(t.numel() for t in batch) * first.element_size()
     if _MEMFD and _in_worker() and nbytes and first.device.type == "cpu" and first.dtype in _NUMPY_DTYPES:
         storage = _shared_storage([t.detach().numpy() for t in batch], nbytes)
-        size = (len(batch), *first.shape)
-        stride = [1] * len(size)
-        for d in range(len(size) - 2, -1, -1):
-            stride[d] = stride[d + 1] * size[d + 1]
-        return torch.empty(0, dtype=first.dtype).set_(storage, 0, size, tuple(stride))
+        return torch.empty(0, dtype=first.dtype).set_(storage).view(len(batch), *first.shape)
     stacked: torch.Tensor = default_collate(list(batch))  # type: ignore[no-untyped-call]
     return stacked
 
