@@ -7,7 +7,6 @@ backoff until ``timeout``; a sidecar that comes back serving another version is 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import concurrent.futures
 import contextlib
@@ -40,6 +39,7 @@ from sluicegate._source import Item, Live, Pending, Rows, Source, live_here
 from sluicegate.core import backoff
 from sluicegate.core import protocol as proto
 from sluicegate.core.ledger import Consumed, Writer
+from sluicegate.core.memfd import received, rights
 from sluicegate.core.partition import Positions, ShardSpec
 from sluicegate.core.query import Query
 
@@ -368,8 +368,7 @@ class _FdPending(Pending):
         if self._file is None:
             self._file = self._pool.take_file()
         try:
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self._file.fd]))]
-            sock.sendmsg([proto.frame(self._body)], rights)  # a frame this small goes in one message
+            sock.sendmsg([proto.frame(self._body)], rights(self._file.fd))  # this small a frame: one message
         except BaseException:
             sock.close()
             raise
@@ -425,10 +424,8 @@ class _FdPending(Pending):
         assert sock is not None
         fd: int | None = None
         try:
-            data, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fd = int(array.array("i", payload[:4])[0])
+            data, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))  # room for one only
+            fd = next(iter(received(ancillary)), None)
             if not data:
                 raise ConnectionResetError("the sidecar closed the connection")
             if len(data) < 4:

@@ -10,7 +10,6 @@ copy of the descriptor once the answer is written.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import fcntl
@@ -22,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from sluicegate.core import protocol as proto
-from sluicegate.core.memfd import write_all
+from sluicegate.core.memfd import received, rights, write_all
 
 __all__ = ["FdServer", "check_client_file", "memory_file"]
 
@@ -199,9 +198,7 @@ async def _recv_exactly(
         except BlockingIOError:
             await _readable(loop, conn)
             continue
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        fds.extend(received(ancillary))
         if not chunk:
             if got:
                 raise ConnectionResetError(f"the client closed mid-frame ({got} of {n} bytes)")
@@ -214,10 +211,9 @@ async def _recv_exactly(
 async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, fd: int | None) -> None:
     view = memoryview(data)
     if fd is not None:
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
         while True:
             try:
-                sent = conn.sendmsg([view], rights)
+                sent = conn.sendmsg([view], rights(fd))
                 break
             except BlockingIOError:
                 await _writable(loop, conn)
