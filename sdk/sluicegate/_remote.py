@@ -482,12 +482,8 @@ class _FdPending(Pending):
         file, self._file = self._file, None
         # The file goes back to the pool when the array does: when the last item's view of it is gone.
         weakref.finalize(array_, self._pool.give_file, file)
-        whole = array_.data  # a view that keeps the array alive, as its slices do
-        views, offset = [], 0
-        for row in header.rows:
-            views.append(whole[offset : offset + row.size])
-            offset += row.size
-        return views
+        # array_.data: a view that keeps the array alive, as its slices do
+        return proto.item_views(array_.data, header.rows)[0]
 
     def cancel(self) -> None:
         sock, self._sock = self._sock, None

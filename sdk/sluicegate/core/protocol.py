@@ -63,6 +63,7 @@ __all__ = [
     "encode_header",
     "frame",
     "frame_length",
+    "item_views",
 ]
 
 BATCH_CONTENT_TYPE = "application/x-sluicegate-batch"
@@ -259,6 +260,16 @@ def encode_header(version: int, rows: Sequence[dict[str, Any]]) -> bytes:
     return _LEN.pack(len(raw)) + raw
 
 
+def item_views(view: memoryview, rows: Sequence[WireRow], start: int = 0) -> tuple[list[memoryview], int]:
+    """The items' bytes in ``view`` from ``start``, concatenated in header order (item i is ``rows[i].size``
+    long), and the offset after the last."""
+    views = []
+    for row in rows:
+        views.append(view[start : start + row.size])
+        start += row.size
+    return views, start
+
+
 def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[memoryview]]:
     """Split a batch body into its header and the items' bytes (read-only views of ``body``, which they
     keep alive); ValueError when it is not well formed."""
@@ -269,11 +280,7 @@ def decode_batch(body: bytes | bytearray) -> tuple[BatchHeader, list[memoryview]
     if end > len(body):
         raise ValueError(f"batch header claims {n} bytes but the body has {len(body) - _LEN.size}")
     header = BatchHeader.model_validate_json(body[_LEN.size : end])
-    view = memoryview(body).toreadonly()
-    blobs = []
-    for row in header.rows:
-        blobs.append(view[end : end + row.size])
-        end += row.size
+    blobs, end = item_views(memoryview(body).toreadonly(), header.rows, end)
     if end != len(body):
         raise ValueError(f"batch body is {len(body)} bytes but its header accounts for {end}")
     return header, blobs
