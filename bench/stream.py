@@ -825,7 +825,8 @@ def _targets(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     flat = None if "pass" not in rss else float(rss["pass"])
     shown = (
         f"+{rss.get('growth_second_half_mb')} MB over the second half, "
-        f"at most +{rss.get('max_above_start_mb')} MB above the start (budget {rss.get('budget_mb')} MB)"
+        f"at most +{rss.get('max_above_start_mb')} MB above the start "
+        f"(limit: cache + read-ahead + 64 MB = {rss.get('budget_mb', 0) + 64} MB)"
     )
     out.append(
         _target("trainer RSS flat through an epoch that does not fit the cache", flat, 1.0, shown, "bool")
