@@ -89,3 +89,11 @@ def test_a_sidecar_that_stalls_mid_batch_raises_instead_of_hanging(stalled_sidec
         ds[0]
     assert time.monotonic() - started < 10
     ds.close()
+
+
+@pytest.mark.parametrize("address", ["https://sidecar:8080", "tcp://127.0.0.1:80", "http://", "/run/sg.sock"])
+def test_an_address_the_sidecar_does_not_serve_is_refused_before_any_connection(address: str) -> None:
+    # The sidecar speaks plain HTTP on a unix socket or TCP only; the SDK's transports load no TLS context
+    # because nothing else gets through this check.
+    with pytest.raises(sluicegate.StreamError, match=r"neither unix:///PATH nor http://HOST:PORT"):
+        sluicegate.connect(address, timeout=1)
