@@ -898,8 +898,9 @@ def _markdown(r: dict[str, Any]) -> str:
                 f"x: the ratio to {base_label}.",
                 "",
                 f"| system | first epoch (samples/s) | x | steady epochs (samples/s) | x | {mb} "
-                "| first batch (s) | peak RSS trainer / workers / sidecar (MB) | load avg |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "| CPU µs/item, steady: trainer+workers / sidecar | first batch (s) "
+                "| peak RSS trainer / workers / sidecar (MB) | load avg |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for case in rows:
                 lines.append(_row(case, bases))
@@ -935,16 +936,19 @@ def _bases(cases: dict[str, dict[str, Any]], mode: str, w: int) -> tuple[dict[st
 def _row(case: dict[str, Any], bases: dict[str, float | None]) -> str:
     head = f"| {LABEL.get(case['system'], case['system'])} |"
     if "error" in case:
-        return f"{head} error: {' '.join(case['error'])[:160]} | | | | | | | |"
+        return f"{head} error: {' '.join(case['error'])[:160]} | | | | | | | | |"
     cells = []
     for phase in ("first", "steady"):
         ours = case.get(phase, {}).get("samples_per_s")
         theirs = bases.get(phase)
         cells += [_fmt(ours), f"{ours / theirs:.2f}" if ours and theirs else ""]
+    steady = case.get("steady", {})
+    cpu = _fmt(steady.get("trainer_cpu_us_per_item"))
+    cpu += f" / {_fmt(steady['sidecar_cpu_us_per_item'])}" if "sidecar_cpu_us_per_item" in steady else " / -"
     rss = f"{case.get('peak_rss_mb', 0):,.0f} / {case.get('workers_peak_rss_mb', 0):,.0f}"
     rss += f" / {case['sidecar_peak_rss_mb']:,.0f}" if "sidecar_peak_rss_mb" in case else " / -"
     return (
-        f"{head} {' | '.join(cells)} | {_fmt(case.get('steady', {}).get('mb_per_s'))} "
+        f"{head} {' | '.join(cells)} | {_fmt(steady.get('mb_per_s'))} | {cpu} "
         f"| {_fmt(case.get('first_batch_s'), 2)} | {rss} "
         f"| {case.get('load_average_before')} -> {case.get('load_average_1m')} |"
     )

@@ -2,9 +2,10 @@
 
 A fresh process per case keeps peak RSS, import state and caches separate between systems (the page
 cache aside: the parent warms it for every system alike). Prints one JSON line with, separately, the
-first epoch (``first``) and the steady epochs after it (``steady``): items, seconds, samples/s, MB/s;
-plus time to the first batch, peak RSS of the trainer, of its DataLoader workers and of the sidecar,
-the load average before and after, and RSS samples through the last epoch.
+first epoch (``first``) and the steady epochs after it (``steady``): items, seconds, samples/s, MB/s,
+and µs of CPU per item spent by the trainer with its DataLoader workers and by the sidecar; plus time
+to the first batch, peak RSS of the trainer, of its DataLoader workers and of the sidecar, the load
+average before and after, and RSS samples through the last epoch.
 
 Systems (each yields batches of ``batch`` samples; bytes are counted to prove they arrived):
 
@@ -95,6 +96,34 @@ def _descendants(pid: int, skip: frozenset[int] = frozenset()) -> list[int]:
             if child not in skip:
                 found += [child, *_descendants(child, skip)]
     return found
+
+
+def _cpu_s(pid: int | str = "self") -> float:
+    """A process's CPU seconds so far, user and system (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(skip: frozenset[int], sidecar: int | None) -> dict[str, dict[int, float]]:
+    """CPU seconds of the trainer and its DataLoader workers, and of the sidecar, by process."""
+    trainer = {pid: _cpu_s(pid) for pid in [os.getpid(), *_descendants(os.getpid(), skip)]}
+    return {"trainer": trainer, "sidecar": {} if sidecar is None else {sidecar: _cpu_s(sidecar)}}
+
+
+def _cpu_per_item(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], items: int
+) -> dict[str, float]:
+    """µs of CPU per item between two snapshots; a worker that started in between counts from 0."""
+    out = {}
+    for who, end in after.items():
+        if end and items:
+            spent = sum(cpu - before[who].get(pid, 0.0) for pid, cpu in end.items())
+            out[f"{who}_cpu_us_per_item"] = round(spent / items * 1e6, 1)
+    return out
 
 
 def _peak_rss_mb(pid: int | str = "self") -> float:
@@ -317,6 +346,8 @@ def measure(spec: Spec) -> dict[str, Any]:
         started = time.perf_counter()
         loader, set_epoch, sidecar = build(spec, stack)
         skip = frozenset() if sidecar is None else frozenset({sidecar.proc.pid})
+        sidecar_pid = None if sidecar is None else sidecar.proc.pid
+        steady_cpu: dict[str, dict[int, float]] | None = None
         steady_items = steady_bytes = steady_n = 0
         steady_s = 0.0
         rss: list[float] = []
@@ -324,6 +355,9 @@ def measure(spec: Spec) -> dict[str, Any]:
         items = 0
         for epoch in range(spec.max_epochs):
             set_epoch(epoch)
+            cpu = _cpu_snapshot(skip, sidecar_pid)
+            if epoch == 1:
+                steady_cpu = cpu
             t0 = time.perf_counter()
             items = nbytes = 0
             rss = []
@@ -339,7 +373,9 @@ def measure(spec: Spec) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
             if epoch == 0:
                 # Everything a user waits for in a first epoch: workers starting, the first fetches.
-                out["first"] = _epoch_stats(items, nbytes, seconds)
+                out["first"] = _epoch_stats(items, nbytes, seconds) | _cpu_per_item(
+                    cpu, _cpu_snapshot(skip, sidecar_pid), items
+                )
                 if spec.steady_epochs == 0:
                     break
                 continue
@@ -352,6 +388,8 @@ def measure(spec: Spec) -> dict[str, Any]:
                 break
         if steady_n:
             out["steady"] = _epoch_stats(steady_items, steady_bytes, steady_s) | {"epochs": steady_n}
+            assert steady_cpu is not None
+            out["steady"] |= _cpu_per_item(steady_cpu, _cpu_snapshot(skip, sidecar_pid), steady_items)
         out["items_per_epoch"] = items
         out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         out["workers_peak_rss_mb"] = round(workers_rss, 1)
