@@ -23,9 +23,14 @@ This is the only sluicegate module that imports torch.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
+import socket
+import struct
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
@@ -40,7 +45,7 @@ from sluicegate._adapt import LabelMap, annotation_dicts, detection_arrays
 from sluicegate._dataset import Item
 from sluicegate._exceptions import ConfigError
 from sluicegate._mix import Readable
-from sluicegate.core.memfd import write_all
+from sluicegate.core.memfd import received, rights, write_all
 from sluicegate.core.partition import Pass, pass_of
 from sluicegate.core.wait import METER
 
@@ -153,11 +158,26 @@ class DataLoader(tud.DataLoader[Any]):
 
     def __iter__(self) -> Any:
         dataset = self.dataset
+        noted = None
         if isinstance(dataset, IterDataset):
             # Before the workers start: they take what the dataset has left with them.
             dataset._begin(max(1, self.num_workers))
-            return _MeteredIter(super().__iter__(), dataset)
-        return _MeteredIter(super().__iter__())
+            noted = dataset
+        return _MeteredIter(self._start(), noted)
+
+    def _start(self) -> Any:
+        """torch's iterator, whose workers (if it forks them now) take this loader's hand-off along."""
+        global _HANDOFF
+        if not (self.num_workers and _FD_HANDOFF and _forks(self.multiprocessing_context)):
+            return super().__iter__()
+        handoff: _Handoff | None = getattr(self, "_handoff", None)
+        if handoff is None or not self.persistent_workers:  # persistent workers keep the one they have
+            handoff = self._handoff = _Handoff(self.num_workers)
+        _HANDOFF = handoff
+        try:
+            return super().__iter__()
+        finally:
+            _HANDOFF = None  # forked by now; another loader's workers must not inherit it
 
     def state_dict(self) -> dict[str, Any]:
         """What the trainer consumed of its epoch (see :meth:`IterDataset.state_dict`)."""
@@ -566,6 +586,107 @@ class Packed:
         return Packed(self._packed().to(device, non_blocking=non_blocking), self._count, self._dtype)
 
 
+class _Handoff:
+    """The memory files of a DataLoader's worker batches, passed to the trainer over one socket pair per
+    worker made before the workers fork: a message per batch, ``(seq, descriptor)``.
+
+    torch's file_descriptor strategy instead connects to the worker's ``multiprocessing`` resource
+    sharer and runs its HMAC challenge for every storage it rebuilds: measured here, 42% of a 2-worker
+    trainer's time on 100 KB items, and 18% of each worker's. Batches are matched to their message by
+    worker and sequence number, never by arrival alone.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.owner, self.workers = os.getpid(), workers
+        self.key = next(_HANDOFF_KEYS)
+        self._pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(workers)]
+        self._seq = itertools.count()  # a worker's own copy counts its batches
+        self._waiting: dict[tuple[int, int], int] = {}  # received ahead of their batch
+        self._lock = threading.Lock()
+        _HANDOFFS[self.key] = self
+        weakref.finalize(self, _close_handoff, self._pairs, self._waiting)
+
+    def send(self, worker: int, fd: int) -> int:
+        """In worker ``worker``: pass ``fd`` on; returns the sequence number its batch carries."""
+        seq = next(self._seq)
+        self._pairs[worker][1].sendmsg([_SEQ.pack(seq)], rights(fd))
+        return seq
+
+    def receive(self, worker: int, seq: int) -> int:
+        """In the trainer: the descriptor of batch ``seq`` of ``worker`` (the caller closes it)."""
+        with self._lock:
+            while (worker, seq) not in self._waiting:
+                data, ancillary, _, _ = self._pairs[worker][0].recvmsg(_SEQ.size, socket.CMSG_SPACE(4))
+                fds = received(ancillary)
+                if len(data) != _SEQ.size or len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    raise RuntimeError(f"DataLoader worker {worker} sent a malformed batch hand-off")
+                self._waiting[(worker, *_SEQ.unpack(data))] = fds[0]
+            fd = self._waiting.pop((worker, seq))
+            # Far behind this one: batches dropped unread (a pass left early), never to be asked for.
+            for stale in [k for k in self._waiting if k[0] == worker and k[1] < seq - _HANDOFF_WINDOW]:
+                os.close(self._waiting.pop(stale))
+            return fd
+
+
+def _close_handoff(
+    pairs: list[tuple[socket.socket, socket.socket]], waiting: dict[tuple[int, int], int]
+) -> None:
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+    for fd in waiting.values():
+        os.close(fd)
+
+
+def _forks(context: Any) -> bool:
+    """Whether DataLoader workers started with ``context`` are forked (and so inherit the hand-off)."""
+    method = context if isinstance(context, str) else getattr(context, "_name", None)
+    return (method or multiprocessing.get_start_method(allow_none=True) or "fork") == "fork"
+
+
+def _reduce_packed(packed: Packed) -> tuple[Any, ...]:
+    """How a worker's Packed crosses to the trainer (``ForkingPickler``): its memory file over the
+    loader's hand-off where there is one, else as torch shares any storage."""
+    handoff, info = _HANDOFF, tud.get_worker_info()
+    buffer = packed._buffer
+    if (
+        handoff is None
+        or info is None
+        or buffer is None
+        or not buffer.numel()
+        or handoff.owner != os.getppid()
+        or not 0 <= info.id < handoff.workers
+    ):
+        return packed.__reduce__()
+    storage = buffer.untyped_storage()
+    fd, size = storage._share_fd_cpu_()
+    seq = handoff.send(info.id, fd)
+    return (_received_packed, (handoff.key, info.id, seq, int(size), packed._count, packed._dtype))
+
+
+def _received_packed(key: int, worker: int, seq: int, size: int, count: int, dtype: torch.dtype) -> Packed:
+    handoff = _HANDOFFS.get(key)
+    if handoff is None or handoff.owner != os.getpid():
+        raise RuntimeError(
+            "a batch packed in a DataLoader worker was unpickled outside the trainer that started the worker"
+        )
+    fd = handoff.receive(worker, seq)
+    try:
+        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)  # the storage holds its own
+    return Packed(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,)), count, dtype)
+
+
+_SEQ = struct.Struct("<Q")
+_HANDOFF_WINDOW = 64  # batches of one worker unpickled out of order, at most (torch keeps them in order)
+_HANDOFF_KEYS = itertools.count()
+_HANDOFFS: weakref.WeakValueDictionary[int, _Handoff] = weakref.WeakValueDictionary()
+_HANDOFF: _Handoff | None = None  # the loader whose workers fork next (they inherit it)
+
+
 def _pack_buffer(tensors: Sequence[torch.Tensor], *, shared: bool) -> torch.Tensor:
     """One uint8 buffer: int64 offsets (``n + 1``; 8-byte multiples keep any dtype aligned), then values."""
     dtype = tensors[0].dtype
@@ -591,6 +712,9 @@ def _pack_buffer(tensors: Sequence[torch.Tensor], *, shared: bool) -> torch.Tens
 
 # Linux's memory files, and torch's storage over one (the file_descriptor sharing strategy's own).
 _MEMFD = hasattr(os, "memfd_create") and hasattr(torch.UntypedStorage, "_new_shared_fd_cpu")
+_FD_HANDOFF = _MEMFD and hasattr(socket, "SCM_RIGHTS") and hasattr(torch.UntypedStorage, "_share_fd_cpu_")
+if _FD_HANDOFF:
+    multiprocessing.reduction.ForkingPickler.register(Packed, _reduce_packed)
 # dtypes whose tensors NumPy can view (not bfloat16, say), so their bytes can be written out directly
 _NUMPY_DTYPES = frozenset(
     [

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import os
 import pickle
 from typing import Any
 
 import numpy as np
 import pytest
+import sluicegate.torch
 import torch
 from PIL import Image
 from sluicegate import ConfigError, Dataset
@@ -249,3 +252,54 @@ def test_stacked_in_workers_match_torchs_own_stack() -> None:
             assert batch[key].dtype == want.dtype
             assert torch.equal(batch[key], want)
             assert batch[key].untyped_storage().is_shared()
+
+
+_RECEIVE = sluicegate.torch._received_packed
+_HANDED: list[int] = []
+
+
+def _counting_receive(*args: Any) -> Packed:
+    """``_received_packed``, counting the hand-offs (module level: a worker pickles it by name)."""
+    _HANDED.append(args[1])
+    return _RECEIVE(*args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [True, False])
+def test_worker_batches_cross_by_the_loaders_own_hand_off_and_arrive_whole(
+    ds: Dataset, expected: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, persistent: bool
+) -> None:
+    """Each worker batch's memory file reaches the trainer over the loader's own socket pair (not torch's
+    per-storage connection and handshake), every byte intact, epoch after epoch."""
+    monkeypatch.setattr(sluicegate.torch, "_received_packed", _counting_receive)
+    _HANDED.clear()
+    tds = ds.to_pytorch()
+    loader = tds.loader(batch_size=3, num_workers=2, persistent_workers=persistent)
+    batches = 0
+    for epoch in range(2):
+        tds.set_epoch(epoch)
+        seen = {}
+        for batch in loader:
+            assert isinstance(batch["data"], Packed)
+            seen.update({i: bytes(t.numpy()) for i, t in zip(batch["id"], batch["data"], strict=True)})
+            batches += 1
+        assert seen == expected
+    assert len(_HANDED) == batches
+    assert sorted(set(_HANDED)) == [0, 1]  # both workers
+
+
+@pytest.mark.slow
+def test_passes_left_early_leave_no_descriptors_behind(ds: Dataset) -> None:
+    """A pass abandoned after one batch drops its loader's hand-off with the workers: what the workers had
+    already sent for batches nobody asked for is closed, not kept."""
+    loader = ds.to_pytorch().loader(batch_size=2, num_workers=2)
+
+    def open_fds() -> int:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    next(iter(loader))
+    before = open_fds()
+    for _ in range(4):
+        next(iter(loader))
+    assert open_fds() <= before + 2
