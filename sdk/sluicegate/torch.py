@@ -643,7 +643,9 @@ def _close_handoff(
 def _forks(context: Any) -> bool:
     """Whether DataLoader workers started with ``context`` are forked (and so inherit the hand-off)."""
     method = context if isinstance(context, str) else getattr(context, "_name", None)
-    return (method or multiprocessing.get_start_method(allow_none=True) or "fork") == "fork"
+    # Unset, the platform's default (listed first) without fixing it, which would bind the user's program.
+    method = method or multiprocessing.get_start_method(allow_none=True)
+    return (method or multiprocessing.get_all_start_methods()[0]) == "fork"
 
 
 def _reduce_packed(packed: Packed) -> tuple[Any, ...]:
