@@ -163,19 +163,20 @@ class DataLoader(tud.DataLoader[Any]):
             # Before the workers start: they take what the dataset has left with them.
             dataset._begin(max(1, self.num_workers))
             noted = dataset
-        return _MeteredIter(self._start(), noted)
+        inner, handoff = self._start()
+        return _MeteredIter(inner, noted, handoff)
 
-    def _start(self) -> Any:
+    def _start(self) -> tuple[Any, _Handoff | None]:
         """torch's iterator, whose workers (if it forks them now) take this loader's hand-off along."""
         global _HANDOFF
         if not (self.num_workers and _FD_HANDOFF and _forks(self.multiprocessing_context)):
-            return super().__iter__()
+            return super().__iter__(), None
         handoff: _Handoff | None = getattr(self, "_handoff", None)
         if handoff is None or not self.persistent_workers:  # persistent workers keep the one they have
             handoff = self._handoff = _Handoff(self.num_workers)
         _HANDOFF = handoff
         try:
-            return super().__iter__()
+            return super().__iter__(), handoff
         finally:
             _HANDOFF = None  # forked by now; another loader's workers must not inherit it
 
@@ -199,9 +200,10 @@ class _MeteredIter:
     """A DataLoader iterator whose ``next`` counts as waiting for data; anything else is the iterator's.
     Over an :class:`IterDataset`, each batch handed out is noted there."""
 
-    def __init__(self, inner: Any, noted: IterDataset | None = None) -> None:
+    def __init__(self, inner: Any, noted: IterDataset | None = None, handoff: _Handoff | None = None) -> None:
         self._inner = inner
         self._noted = noted
+        self._handoff = handoff  # the workers' hand-off lives as long as the pass, not just its loader
 
     def __iter__(self) -> _MeteredIter:
         return self

@@ -289,6 +289,18 @@ def test_worker_batches_cross_by_the_loaders_own_hand_off_and_arrive_whole(
 
 
 @pytest.mark.slow
+def test_a_loader_dropped_while_its_pass_runs_still_hands_every_batch_over(
+    ds: Dataset, expected: dict[str, bytes]
+) -> None:
+    """``for batch in tds.loader(...)`` keeps no reference to the loader: the pass keeps its hand-off."""
+    seen = {}
+    for batch in ds.to_pytorch().loader(batch_size=3, num_workers=2):
+        gc.collect()
+        seen.update({i: bytes(t.numpy()) for i, t in zip(batch["id"], batch["data"], strict=True)})
+    assert seen == expected
+
+
+@pytest.mark.slow
 def test_passes_left_early_leave_no_descriptors_behind(ds: Dataset) -> None:
     """A pass abandoned after one batch drops its loader's hand-off with the workers: what the workers had
     already sent for batches nobody asked for is closed, not kept."""
