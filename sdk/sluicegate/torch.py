@@ -681,7 +681,7 @@ def _received_packed(key: int, worker: int, seq: int, size: int, count: int, dty
         storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # type: ignore[attr-defined]
     finally:
         os.close(fd)  # the storage holds its own
-    return Packed(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,)), count, dtype)
+    return Packed(_bytes_of(storage, size), count, dtype)
 
 
 _SEQ = struct.Struct("<Q")
@@ -703,15 +703,20 @@ def _pack_buffer(tensors: Sequence[torch.Tensor], *, shared: bool) -> torch.Tens
     if shared and _MEMFD:
         # In a worker, built straight in shared memory (as default_collate does): the hand-off copies nothing.
         storage = _shared_storage([offsets, *parts], nbytes)
-        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+        return _bytes_of(storage, nbytes)
     storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
-    buffer = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+    buffer = _bytes_of(storage, nbytes)
     raw = buffer.numpy()
     raw[:header] = offsets.view(np.uint8)
     # NumPy's single-threaded memcpy, not torch.cat: in the trainer process torch's intra-op threads
     # spin against the training loop for the cores, which made packing 20x slower on 2 busy cores.
     np.concatenate(parts, out=raw[header:])
     return buffer
+
+
+def _bytes_of(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor over the first ``nbytes`` of ``storage``, sharing it."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
 
 
 # Linux's memory files, and torch's storage over one (the file_descriptor sharing strategy's own).
