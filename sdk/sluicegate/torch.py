@@ -748,11 +748,34 @@ def _shared_storage(parts: Sequence[np.ndarray[Any, Any]], nbytes: int) -> torch
     storage's descriptor, which is how a worker's batch crosses to the trainer anyway."""
     fd = os.memfd_create("sluicegate-collate", os.MFD_CLOEXEC)
     try:
-        write_all(fd, [np.ascontiguousarray(p).data.cast("B") for p in parts])
+        views: list[memoryview] = []
+        for part in parts:
+            if part.flags.c_contiguous or part.nbytes > _SCRATCH_LIMIT:
+                views.append(np.ascontiguousarray(part).data.cast("B"))
+                continue
+            # A strided part (a decoded HWC image permuted to CHW) is laid out in a buffer this process
+            # keeps: np.ascontiguousarray's fresh one faults a page per 4 KiB, which cost more than the copy.
+            write_all(fd, views)
+            views = [_laid_out(part)]
+        write_all(fd, views)
         storage: torch.UntypedStorage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
     finally:
         os.close(fd)  # the storage holds its own
     return storage
+
+
+_SCRATCH_LIMIT = 64 << 20  # larger strided parts take a fresh buffer rather than a resident one
+_SCRATCH = threading.local()
+
+
+def _laid_out(part: np.ndarray[Any, Any]) -> memoryview:
+    """``part``'s bytes in C order, in this thread's scratch buffer (valid until its next call)."""
+    scratch: np.ndarray[Any, Any] | None = getattr(_SCRATCH, "buffer", None)
+    if scratch is None or scratch.nbytes < part.nbytes:
+        scratch = _SCRATCH.buffer = np.empty(part.nbytes, dtype=np.uint8)
+    dest = scratch[: part.nbytes].view(part.dtype).reshape(part.shape)
+    np.copyto(dest, part)
+    return scratch[: part.nbytes].data
 
 
 def _stack(batch: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -231,14 +231,16 @@ def test_packed_in_workers_arrives_whole_in_the_trainer() -> None:
 
 
 class _Images(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    """Same-shape tensors as decoders make them (CHW views of HWC arrays, so not contiguous)."""
+    """Same-shape tensors as decoders make them (CHW views of HWC arrays, so not contiguous), with every
+    third one laid out afresh, so a batch mixes strided and contiguous parts."""
 
     def __len__(self) -> int:
         return 6
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         hwc = torch.arange(4 * 5 * 3, dtype=torch.int64).reshape(4, 5, 3) + i
-        return {"image": hwc.permute(2, 0, 1).to(torch.uint8), "weight": torch.tensor([i / 2, i])}
+        image = hwc.permute(2, 0, 1).to(torch.uint8)
+        return {"image": image.contiguous() if i % 3 == 1 else image, "weight": torch.tensor([i / 2, i])}
 
 
 def test_stacked_in_workers_match_torchs_own_stack() -> None:
